@@ -1,0 +1,1 @@
+"""Speech and language engines (STT, LLM, TTS) behind small interfaces."""

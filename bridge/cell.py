@@ -1,0 +1,265 @@
+"""A cell: one process, one SIP engine, at most 3 calls, one asyncio loop.
+
+Threads and hand-offs:
+- the SIP engine thread owns pjsua2 and posts events here with
+  ``call_soon_threadsafe`` (a few per call, never per frame);
+- pjmedia's clock thread moves frames through each call's ``CallMedia``;
+- this loop runs a 20 ms tick that drains every call's uplink into its app
+  and serves HTTP. An app that raises ends its own call only.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from bridge.apps import make_app
+from bridge.config import CODEC_IDS, Config
+from bridge.logs import event
+from bridge.metrics import Metrics
+from bridge.records import CallRecords
+from bridge.session import Session
+from sip import commands as cmd
+from sip import events as ev
+from sip.engine import Engine, EngineConfig, TrunkSpec
+
+log = logging.getLogger("trunkline.cell")
+calls_log = logging.getLogger("trunkline.call")
+
+TICK = 0.020
+
+
+def engine_config(cfg: Config) -> EngineConfig:
+    sip, media = cfg.raw["sip"], cfg.raw["media"]
+    host, _, port = sip["listen"].rpartition(":")
+    lo, _, hi = media["rtp_ports"].partition("-")
+    return EngineConfig(
+        host=host.strip("[]"), port=int(port), public_address=sip["public_address"],
+        user_agent=sip["user_agent"], rtp_low=int(lo), rtp_high=int(hi),
+        clock_rate=media["clock_rate"], codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
+        capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
+        rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
+        trunks=[TrunkSpec(t.name, t.address, t.allow, t.username, t.password, t.realm, t.register, t.expires)
+                for t in cfg.trunks],
+    )
+
+
+class Cell:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.metrics.capacity.set(cfg.raw["sip"]["capacity"])
+        self.sessions: dict[str, Session] = {}
+        self.ready = False
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self.engine_failed: str | None = None
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self.records = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc)
+        self.engine = Engine(engine_config(cfg), self._post_event)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_task: asyncio.Task | None = None
+        self.ended: list[ev.CallEnded] = []     # for `trunkline call` and tests
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(None, self.engine.start)
+        self._tick_task = asyncio.create_task(self._ticker(), name="cell-tick")
+        self.ready = True
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new calls (503), let live ones finish, then hang up the rest."""
+        timeout = self.cfg.raw["drain_timeout"] if timeout is None else timeout
+        self.draining = True
+        self.engine.draining = True
+        self.metrics.draining.set(1)
+        event(log, "drain_started", calls=len(self.sessions), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline and self.engine.alive():
+            await asyncio.sleep(0.1)
+        for s in list(self.sessions.values()):
+            s.hangup("drain timeout")
+        deadline = time.monotonic() + 5
+        while self.sessions and time.monotonic() < deadline and self.engine.alive():
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._tick_task:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        self.stopped.set()
+
+    async def make_call(self, uri: str, trunk: str | None = None) -> str:
+        fut = self.engine.submit(cmd.MakeCall(uri, trunk))
+        return await asyncio.wrap_future(fut)
+
+    # -- events from the engine thread ---------------------------------------
+    def _post_event(self, e) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_event, e)
+
+    def _on_event(self, e) -> None:
+        handler = getattr(self, "_ev_" + type(e).__name__, None)
+        if handler is not None:
+            handler(e)
+
+    def _ev_CallOffered(self, e: ev.CallOffered) -> None:
+        s = Session(self, e)
+        self.sessions[e.call_id] = s
+        self.metrics.calls_active.set(len(self.sessions))
+        event(calls_log, "call_offered", call_id=e.call_id, direction=e.direction,
+              **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk)
+        try:
+            s.app = make_app(self.cfg.app, s, self.cfg.raw["app"])
+            s.app.on_start()
+        except Exception as exc:  # noqa: BLE001 - a bad app/prompt ends this call only
+            self._app_failed(s, exc)
+
+    def _ev_CallAnswered(self, e: ev.CallAnswered) -> None:
+        s = self.sessions.get(e.call_id)
+        if s is None:
+            return
+        s.answered_at = time.monotonic()
+        s.codec = e.codec
+        event(calls_log, "call_answered", call_id=e.call_id, codec=e.codec)
+
+    def _ev_CallRejected(self, e: ev.CallRejected) -> None:
+        self.metrics.sip_rejected.labels(e.reason).inc()
+        self.metrics.calls_total.labels("inbound", "rejected").inc()
+        event(calls_log, "call_rejected", source=e.source, **{"from": e.from_uri}, to=e.to_uri,
+              status=e.status, reason=e.reason)
+
+    def _ev_CallHold(self, e: ev.CallHold) -> None:
+        event(calls_log, "call_hold" if e.held else "call_unhold", call_id=e.call_id)
+
+    def _ev_Dtmf(self, e: ev.Dtmf) -> None:
+        self.metrics.dtmf.labels(e.method).inc()
+        s = self.sessions.get(e.call_id)
+        event(calls_log, "dtmf", call_id=e.call_id, digit=e.digit, method=e.method, duration_ms=e.duration_ms)
+        if s is None:
+            return
+        s.dtmf += e.digit
+        target = self.cfg.raw["app"]["dtmf_transfer"].get(e.digit)
+        if target:
+            s.transfer(target)
+        elif s.app is not None:
+            try:
+                s.app.on_dtmf(e.digit)
+            except Exception as exc:  # noqa: BLE001
+                self._app_failed(s, exc)
+
+    def _ev_TransferStatus(self, e: ev.TransferStatus) -> None:
+        event(calls_log, "transfer_status", call_id=e.call_id, status=e.status, reason=e.reason, final=e.final)
+
+    def _ev_Registration(self, e: ev.Registration) -> None:
+        event(log, "registration", trunk=e.trunk, status=e.status, reason=e.reason, registered=e.registered)
+
+    def _ev_EngineStopped(self, e: ev.EngineStopped) -> None:
+        if e.error:
+            self.engine_failed = e.error
+            log.error("SIP engine stopped: %s", e.error)
+            self.stopped.set()
+
+    def _ev_CallEnded(self, e: ev.CallEnded) -> None:
+        s = self.sessions.pop(e.call_id, None)
+        self.metrics.calls_active.set(len(self.sessions))
+        if s is not None:
+            self._flush_timing(s)
+        result = "answered" if e.answered else ("cancelled" if e.reason == "cancelled" else "failed")
+        self.metrics.calls_total.labels(e.direction, result).inc()
+        q = e.quality
+        if e.answered:
+            self.metrics.duration.observe(e.duration)
+            if q.rx_packets:
+                self.metrics.mos.observe(q.mos)
+                self.metrics.jitter.observe(q.rx_jitter_ms / 1000)
+                self.metrics.loss.observe(q.loss_ratio)
+        timing = e.timing
+        rec = {
+            "call_id": e.call_id, "direction": e.direction, "result": result, "reason": e.reason,
+            "status": e.status, "duration": round(e.duration, 3),
+            "from": s.from_uri if s else "", "to": s.to_uri if s else "", "trunk": s.trunk if s else None,
+            "source": s.source if s else "", "dtmf": s.dtmf if s else "",
+            "codec": q.codec, "mos": round(q.mos, 2) if q.rx_packets else None,
+            "jitter_ms": round(q.rx_jitter_ms, 2), "loss": round(q.loss_ratio, 4),
+            "rtt_ms": q.rtt_ms, "rx_packets": q.rx_packets, "tx_packets": q.tx_packets,
+            "frames": timing.frames if timing else 0,
+            "frame_rate": round(timing.rate, 2) if timing else 0.0,
+            "frame_p99_ms": round(timing.p99 * 1000, 2) if timing else None,
+            "frame_gaps": timing.gaps if timing else 0,
+            "media_errors": s.media.errors if s else 0,
+        }
+        self.ended.append(e)
+        event(calls_log, "call_ended", **rec)
+        self.records.append({"event": "call_ended", "ended_at": time.time(), **rec})
+
+    # -- the 20 ms tick ----------------------------------------------------------
+    async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        max_duration = self.cfg.raw["app"]["max_duration"]
+        while True:
+            next_at += TICK
+            delay = next_at - loop.time()
+            if delay < -0.2:               # fell far behind (suspended?): resync
+                next_at = loop.time()
+            await asyncio.sleep(max(0.0, delay))
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                if s.app is None or s.ending:
+                    s.media.uplink.drain()
+                    continue
+                try:
+                    frames = s.media.uplink.drain()
+                    if frames:
+                        s.app.on_frames(frames, now)
+                    s.app.on_tick(now)
+                except Exception as exc:  # noqa: BLE001
+                    self._app_failed(s, exc)
+                if max_duration and s.answered_at and now - s.answered_at > max_duration:
+                    s.hangup("max duration")
+            self._flush_all_timing()
+
+    def _flush_all_timing(self) -> None:
+        for s in self.sessions.values():
+            self._flush_timing(s)
+
+    def _flush_timing(self, s: Session) -> None:
+        observe = self.metrics.frame_interval.observe
+        gap = 0
+        for d in s.media.rx_timer.take_intervals():
+            observe(d)
+            if d > 0.040:
+                gap += 1
+        if gap:
+            self.metrics.frame_gaps.inc(gap)
+        up, down = s.drops()
+        if up:
+            self.metrics.frames_dropped.labels("uplink").inc(up)
+        if down:
+            self.metrics.frames_dropped.labels("downlink").inc(down)
+
+    def _app_failed(self, s: Session, exc: BaseException) -> None:
+        self.metrics.app_errors.inc()
+        log.error("app failed on call %s: %s", s.call_id, exc, exc_info=exc,
+                  extra={"fields": {"call_id": s.call_id}})
+        s.app = None
+        s.hangup("app error", 500 if not s.answered_at else 0)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass

@@ -1,0 +1,86 @@
+"""The ``trunkline`` command."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from bridge import __version__
+from bridge.config import ConfigError, load
+
+log = logging.getLogger("trunkline")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--data-dir", metavar="DIR", help="where the bridge writes everything (default ./data)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="trunkline", description="SIP/RTP media bridge with a local voice agent")
+    ap.add_argument("--version", action="version", version=f"trunkline {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a cell that answers SIP calls")
+    _common(s)
+    s.add_argument("--sip", metavar="HOST:PORT", help="SIP listen address, UDP and TCP")
+    s.add_argument("--http", metavar="HOST:PORT", help="health/metrics listen address")
+    s.add_argument("--app", choices=["echo", "playback", "agent"])
+    s.add_argument("--prompt", metavar="WAV", help="prompt for the playback app")
+    s.add_argument("--rtp-ports", metavar="LOW-HIGH")
+
+    c = sub.add_parser("call", help="place one outbound call through a trunk and run the app on it")
+    _common(c)
+    c.add_argument("uri", help="sip:user@host[:port], or a number when --trunk has an address")
+    c.add_argument("--trunk", help="trunk name from the config")
+    c.add_argument("--sip", metavar="HOST:PORT", help="local SIP address (default 0.0.0.0:5070)")
+    c.add_argument("--app", choices=["echo", "playback"])
+    c.add_argument("--prompt", metavar="WAV")
+    c.add_argument("--rtp-ports", metavar="LOW-HIGH")
+    c.add_argument("--duration", type=float, default=30.0, help="hang up after this many seconds")
+
+    k = sub.add_parser("check-config", help="validate the configuration and print it")
+    _common(k)
+    return ap
+
+
+def _overrides(args) -> dict:
+    return {
+        "sip.listen": getattr(args, "sip", None), "http.listen": getattr(args, "http", None),
+        "app.name": getattr(args, "app", None), "app.prompt": getattr(args, "prompt", None),
+        "media.rtp_ports": getattr(args, "rtp_ports", None), "data_dir": getattr(args, "data_dir", None),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        overrides = _overrides(args)
+        if args.command == "call" and overrides["sip.listen"] is None:
+            overrides["sip.listen"] = "0.0.0.0:5070"
+        cfg = load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"trunkline: config error: {exc}", file=sys.stderr)
+        return 2
+    from bridge import logs
+    logs.setup(cfg.raw["log_level"])
+    if args.command == "check-config":
+        import json
+        print(json.dumps(cfg.raw, indent=2))
+        return 0
+    if cfg.app == "agent":
+        print("trunkline: config error: app.name: the agent app is not in this build yet "
+              "(use echo or playback)", file=sys.stderr)
+        return 2
+    from bridge.run import run_call, run_serve
+    try:
+        if args.command == "serve":
+            return asyncio.run(run_serve(cfg))
+        return asyncio.run(run_call(cfg, args.uri, args.trunk, args.duration))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

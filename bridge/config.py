@@ -1,0 +1,275 @@
+"""Configuration: defaults < TOML file < TRUNKLINE_* environment < CLI flags.
+
+Every key is declared in ``SCHEMA`` with its type; anything unknown or of
+the wrong type stops the start with one line naming the key, e.g.
+``config error: sip.listen: expected HOST:PORT, got 'nowhere'``.
+"""
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _hostport(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected HOST:PORT, got {v!r}")
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TypeError(f"expected HOST:PORT, got {v!r}")
+    return v
+
+
+def _port_range(v: Any) -> str:
+    if isinstance(v, str) and "-" in v:
+        lo, _, hi = v.partition("-")
+        if lo.isdigit() and hi.isdigit() and 1024 <= int(lo) < int(hi) < 65536:
+            return v
+    raise TypeError(f"expected LOW-HIGH with 1024 <= LOW < HIGH < 65536, got {v!r}")
+
+
+def _int(lo: int, hi: int):
+    def check(v: Any) -> int:
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise TypeError(f"expected an integer {lo}..{hi}, got {v!r}")
+        return v
+    return check
+
+
+def _float(lo: float, hi: float):
+    def check(v: Any) -> float:
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise TypeError(f"expected a number {lo}..{hi}, got {v!r}")
+        return float(v)
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return v.lower() in ("1", "true", "yes", "on")
+    if not isinstance(v, bool):
+        raise TypeError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {v!r}")
+    return v
+
+
+def _choice(*options: str):
+    def check(v: Any) -> str:
+        if v not in options:
+            raise TypeError(f"expected one of {', '.join(options)}, got {v!r}")
+        return v
+    return check
+
+
+def _str_list(v: Any) -> list[str]:
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError(f"expected a list of strings, got {v!r}")
+    return v
+
+
+def _cidrs(v: Any) -> list[str]:
+    v = _str_list(v)
+    for c in v:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            raise TypeError(f"not an IP network: {c!r}") from None
+    return v
+
+
+def _digit_map(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k in "0123456789*#ABCD" and len(k) == 1
+                                          and isinstance(x, str) for k, x in v.items()):
+        raise TypeError(f"expected a table of DTMF digit = \"sip:uri\", got {v!r}")
+    return v
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "": {"data_dir": _str, "log_level": _choice("debug", "info", "warning", "error"),
+         "drain_timeout": _float(0, 86400)},
+    "sip": {"listen": _hostport, "public_address": _str, "user_agent": _str,
+            "capacity": _int(1, 3), "retry_after": _int(1, 3600), "answer_delay": _float(0, 60),
+            "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6)},
+    "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
+              "realtime_clock": _bool},
+    "http": {"listen": _hostport},
+    "app": {"name": _choice("echo", "playback", "agent"), "prompt": _str, "loop": _bool,
+            "dtmf_transfer": _digit_map, "max_duration": _float(0, 86400)},
+}
+
+TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str,
+                "password": _str, "password_env": _str, "realm": _str, "register": _bool,
+                "expires": _int(60, 86400)}
+
+DEFAULTS: dict[str, Any] = {
+    "data_dir": "./data",
+    "log_level": "info",
+    "drain_timeout": 60.0,
+    "sip": {"listen": "0.0.0.0:5060", "public_address": "", "user_agent": "Trunkline",
+            "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
+            "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1},
+    "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
+    "http": {"listen": "127.0.0.1:8080"},
+    "app": {"name": "echo", "prompt": "", "loop": False, "dtmf_transfer": {}, "max_duration": 3600.0},
+    "trunks": [{"name": "local", "allow": ["127.0.0.0/8", "::1/128"]}],
+}
+
+CODEC_IDS = {"PCMU": "PCMU/8000", "PCMA": "PCMA/8000", "G722": "G722/16000",
+             "GSM": "GSM/8000", "SPEEX": "speex", "ILBC": "iLBC/8000", "L16": "L16"}
+
+
+@dataclass
+class Trunk:
+    name: str
+    address: str = ""
+    allow: list[str] = field(default_factory=list)
+    username: str = ""
+    password: str = ""
+    realm: str = "*"
+    register: bool = False
+    expires: int = 300
+
+
+@dataclass
+class Config:
+    raw: dict
+    trunks: list[Trunk]
+
+    def get(self, section: str, key: str) -> Any:
+        return self.raw[key] if section == "" else self.raw[section][key]
+
+    @property
+    def data_dir(self) -> str:
+        return self.raw["data_dir"]
+
+    @property
+    def app(self) -> str:
+        return self.raw["app"]["name"]
+
+
+def _check(section: str, key: str, value: Any) -> Any:
+    name = f"{section}.{key}" if section else key
+    checks = SCHEMA.get(section)
+    if checks is None or key not in checks:
+        raise ConfigError(f"{name}: unknown key")
+    try:
+        return checks[key](value)
+    except TypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _trunk(i: int, t: Any) -> Trunk:
+    where = f"trunks[{i}]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: expected a table")
+    out: dict[str, Any] = {}
+    for k, v in t.items():
+        if k not in TRUNK_SCHEMA:
+            raise ConfigError(f"{where}.{k}: unknown key")
+        try:
+            out[k] = TRUNK_SCHEMA[k](v)
+        except TypeError as exc:
+            raise ConfigError(f"{where}.{k}: {exc}") from None
+    if not out.get("name"):
+        raise ConfigError(f"{where}.name: required")
+    env = out.pop("password_env", "")
+    if env:
+        if env not in os.environ:
+            raise ConfigError(f"{where}.password_env: environment variable {env} is not set")
+        out["password"] = os.environ[env]
+    if not out.get("allow") and out.get("address"):
+        # A trunk with an IP-literal address and no allow-list trusts that address.
+        host = out["address"].removeprefix("sip:").split(";")[0].split("@")[-1]
+        host = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        try:
+            out["allow"] = [str(ipaddress.ip_network(host))]
+        except ValueError:
+            pass
+    if out.get("register") and not (out.get("address") and out.get("username")):
+        raise ConfigError(f"{where}.register: needs address and username")
+    return Trunk(**out)
+
+
+def _merge_file(raw: dict, data: dict) -> None:
+    for key, value in data.items():
+        if key == "trunks":
+            if not isinstance(value, list):
+                raise ConfigError("trunks: expected an array of tables ([[trunks]])")
+            raw["trunks"] = value
+        elif isinstance(value, dict) and key in SCHEMA and key != "":
+            for k, v in value.items():
+                raw[key][k] = _check(key, k, v)
+        else:
+            raw[key] = _check("", key, value)
+
+
+def _env_overrides(raw: dict, environ: dict[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("TRUNKLINE_"):
+            continue
+        rest = name[len("TRUNKLINE_"):].lower()
+        if rest in SCHEMA[""]:
+            raw[rest] = _check("", rest, value)
+            continue
+        section, _, key = rest.partition("_")
+        if section in SCHEMA and section and key:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{name}: unknown setting {section}.{key}")
+            raw[section][key] = _check(section, key, value)
+        else:
+            raise ConfigError(f"{name}: unknown setting")
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None,
+         environ: dict[str, str] | None = None) -> Config:
+    """``overrides`` maps 'section.key' (or 'key') to values from CLI flags."""
+    raw = copy.deepcopy(DEFAULTS)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        _merge_file(raw, data)
+    _env_overrides(raw, dict(os.environ if environ is None else environ))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        if section:
+            raw[section][key] = _check(section, key, value)
+        else:
+            raw[key] = _check("", key, value)
+    for c in raw["sip"]["codecs"]:
+        if c.upper() not in CODEC_IDS:
+            raise ConfigError(f"sip.codecs: unknown codec {c!r} (known: {', '.join(CODEC_IDS)})")
+    trunks = [_trunk(i, t) for i, t in enumerate(raw["trunks"])]
+    names = [t.name for t in trunks]
+    if len(set(names)) != len(names):
+        raise ConfigError("trunks: names must be unique")
+    if raw["app"]["name"] == "playback" and not raw["app"]["prompt"]:
+        raise ConfigError("app.prompt: required for the playback app")
+    return Config(raw, trunks)

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one cell, in their own registry."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MOS_BUCKETS = (1.0, 2.0, 2.5, 3.0, 3.5, 3.8, 4.0, 4.1, 4.2, 4.3, 4.4, 4.5)
+FRAME_BUCKETS = (0.005, 0.010, 0.015, 0.019, 0.021, 0.025, 0.030, 0.040, 0.060, 0.100, 0.250)
+JITTER_BUCKETS = (0.001, 0.002, 0.005, 0.010, 0.020, 0.030, 0.050, 0.100, 0.200)
+LOSS_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.calls_active = Gauge("trunkline_calls_active", "Calls admitted and not yet ended", registry=r)
+        self.capacity = Gauge("trunkline_cell_capacity", "Calls this cell accepts at once", registry=r)
+        self.draining = Gauge("trunkline_cell_draining", "1 while the cell refuses new calls to drain", registry=r)
+        self.calls_total = Counter("trunkline_calls_total", "Calls by direction and result",
+                                   ["direction", "result"], registry=r)
+        self.sip_rejected = Counter("trunkline_sip_rejected_total", "INVITEs refused before a call",
+                                    ["reason"], registry=r)
+        self.mos = Histogram("trunkline_call_mos", "E-model MOS per call, observed at hangup",
+                             buckets=MOS_BUCKETS, registry=r)
+        self.jitter = Histogram("trunkline_rtp_jitter_seconds", "Mean RTP interarrival jitter per call (received)",
+                                buckets=JITTER_BUCKETS, registry=r)
+        self.loss = Histogram("trunkline_rtp_loss_ratio", "RTP packet loss ratio per call (received)",
+                              buckets=LOSS_BUCKETS, registry=r)
+        self.frame_interval = Histogram("trunkline_media_frame_interval_seconds",
+                                        "Interval between 20 ms frames delivered by the media clock",
+                                        buckets=FRAME_BUCKETS, registry=r)
+        self.frame_gaps = Counter("trunkline_media_frame_gaps_total",
+                                  "Frame intervals over 40 ms (the clock was stalled)", registry=r)
+        self.frames_dropped = Counter("trunkline_media_frames_dropped_total",
+                                      "Frames dropped by a full hand-off queue", ["direction"], registry=r)
+        self.duration = Histogram("trunkline_call_duration_seconds", "Connected time per answered call",
+                                  buckets=DURATION_BUCKETS, registry=r)
+        self.dtmf = Counter("trunkline_dtmf_total", "DTMF digits received", ["method"], registry=r)
+        self.app_errors = Counter("trunkline_app_errors_total", "Calls ended by an application error",
+                                  registry=r)
+        self.record_errors = Counter("trunkline_record_write_errors_total",
+                                     "Call records that could not be written", registry=r)

@@ -1,0 +1,46 @@
+"""The per-call hand-off between the media clock thread and the application.
+
+The clock thread (inside pjmedia) calls ``rx`` with each 20 ms frame the
+caller sent and ``tx`` for each frame it must send; the application drains
+``uplink`` and fills ``downlink`` on its own schedule. Both queues are
+bounded and drop the oldest frame (counted) when the other side stalls.
+"""
+from __future__ import annotations
+
+from media.frames import FrameQueue, FrameTimer, bytes_per_frame
+
+
+class CallMedia:
+    __slots__ = ("rate", "frame_bytes", "uplink", "downlink", "rx_timer",
+                 "tx_frames", "tx_silence", "errors")
+
+    def __init__(self, rate: int, uplink_frames: int = 250, downlink_frames: int = 1500):
+        self.rate = rate
+        self.frame_bytes = bytes_per_frame(rate)
+        self.uplink = FrameQueue(uplink_frames)
+        self.downlink = FrameQueue(downlink_frames)
+        self.rx_timer = FrameTimer()
+        self.tx_frames = 0
+        self.tx_silence = 0     # frames requested while nothing was queued
+        self.errors = 0         # callback errors swallowed to protect the clock
+
+    # -- clock-thread side -------------------------------------------------
+    def rx(self, pcm: bytes, now: float) -> None:
+        self.rx_timer.tick(now)
+        self.uplink.push(pcm)
+
+    def tx(self) -> bytes | None:
+        pcm = self.downlink.pop()
+        if pcm is None:
+            self.tx_silence += 1
+        else:
+            self.tx_frames += 1
+        return pcm
+
+    # -- application side --------------------------------------------------
+    def queued_out(self) -> int:
+        return len(self.downlink)
+
+    def flush_out(self) -> int:
+        """Drop queued outgoing audio now (barge-in); returns frames dropped."""
+        return self.downlink.clear()

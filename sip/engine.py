@@ -1,0 +1,650 @@
+"""The SIP engine: one pjsua2 Endpoint, owned by one thread.
+
+Everything pjsua2 happens in ``Engine._thread`` (``threadCnt=0``, polled with
+``libHandleEvents``) except the frame callbacks, which pjmedia's clock thread
+runs on the pooled ports. Other threads talk to the engine only through
+``submit(command)`` and receive events through the ``on_event`` callback.
+
+Capacity: the wheel allows 4 pjsua calls. One slot is always kept free so a
+call over capacity can still be answered ``503`` with ``Retry-After`` (pjsua
+itself would answer ``486`` when every slot is taken), so a cell holds 3.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pjsua2 as pj
+
+from media.callmedia import CallMedia
+from media.quality import Quality
+from sip import commands as cmd
+from sip import events as ev
+from sip.acl import SourceFilter
+from sip.port import FramePort, PortPool, choose_copy
+from sip.stats import read_quality
+
+log = logging.getLogger("trunkline.sip")
+
+PJSUA_SLOTS = 4
+MAX_CAPACITY = PJSUA_SLOTS - 1
+
+DEFAULT_CODECS = ("PCMU/8000", "PCMA/8000", "G722/16000")
+
+
+@dataclass
+class TrunkSpec:
+    name: str
+    address: str = ""                 # sip:host[:port] the trunk sends from / we send to
+    allow: list[str] = field(default_factory=list)
+    username: str = ""
+    password: str = ""
+    realm: str = "*"
+    register: bool = False
+    expires: int = 300
+
+
+@dataclass
+class EngineConfig:
+    host: str = "127.0.0.1"
+    port: int = 5060
+    public_address: str = ""
+    user_agent: str = "Trunkline"
+    rtp_low: int = 10000
+    rtp_high: int = 10999
+    clock_rate: int = 16000
+    codecs: tuple[str, ...] = DEFAULT_CODECS
+    capacity: int = MAX_CAPACITY
+    retry_after: int = 5
+    answer_delay: float = 0.0
+    rtp_timeout: float = 30.0         # 0 disables
+    stats_interval: float = 1.0
+    trunks: list[TrunkSpec] = field(default_factory=list)
+    realtime_clock: bool = True
+    log_level: int = 1
+    uplink_frames: int = 250
+    downlink_frames: int = 1500
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class _LogWriter(pj.LogWriter):
+    def write(self, entry):
+        msg = entry.msg.rstrip()
+        if entry.level <= 1:
+            log.error("pjsip: %s", msg)
+        elif entry.level == 2:
+            log.warning("pjsip: %s", msg)
+        else:
+            log.debug("pjsip: %s", msg)
+
+
+class _Account(pj.Account):
+    def __init__(self, engine: "Engine", trunk: str | None):
+        super().__init__()
+        self.engine = engine
+        self.trunk = trunk
+
+    def onIncomingCall(self, prm):
+        self.engine._on_incoming(self, prm)
+
+    def onRegState(self, prm):
+        self.engine._emit(ev.Registration(self.trunk or "", prm.code, prm.reason,
+                                          prm.code // 100 == 2 and prm.expiration > 0))
+
+
+class _Call(pj.Call):
+    """Forwards pjsua2 call callbacks to the engine, tagged with itself."""
+
+    def __init__(self, engine: "Engine", acc: _Account, call_id: int = pj.PJSUA_INVALID_ID):
+        super().__init__(acc, call_id)
+        self.engine = engine
+        self.acc = acc
+
+    def onCallState(self, prm):
+        self.engine._on_state(self)
+
+    def onCallMediaState(self, prm):
+        self.engine._on_media(self)
+
+    def onDtmfDigit(self, prm):
+        self.engine._on_dtmf(self, prm)
+
+    def onCallTransferStatus(self, prm):
+        self.engine._on_xfer(self, prm)
+
+    def onStreamDestroyed(self, prm):
+        self.engine._on_stream_destroyed(self, prm.streamIdx)
+
+
+@dataclass
+class _Leg:
+    """What the engine knows of one live call."""
+    call: _Call
+    call_id: str
+    direction: str
+    trunk: str | None
+    media: CallMedia | None
+    admitted: bool                    # False for calls answered 403/503
+    answer_at: float | None = None
+    answered: bool = False
+    port: FramePort | None = None
+    aud: pj.AudioMedia | None = None
+    med_idx: int = -1
+    held: bool = False
+    quality: Quality = field(default_factory=Quality)
+    last_rx_pkts: int = -1
+    last_rx_change: float = 0.0
+    end_reason: str = ""
+    transfer_pending: bool = False
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, on_event: Callable[[object], None]):
+        if not 1 <= config.capacity <= MAX_CAPACITY:
+            raise EngineError(f"capacity must be 1..{MAX_CAPACITY} (pjsua has {PJSUA_SLOTS} call slots, one is held back for 503)")
+        self.cfg = config
+        self._emit_cb = on_event
+        self._cmds: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="sip-engine", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.draining = False
+        self.legs: dict[int, _Leg] = {}       # pjsua call index -> leg
+        self.by_call_id: dict[str, _Leg] = {}
+        self._dead: list[_Call] = []
+        self.filters = [(t.name, SourceFilter(t.allow)) for t in config.trunks if t.allow]
+        self.fast_copy = False
+
+    # -- public API (any thread) -------------------------------------------
+    def start(self, timeout: float = 15.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise EngineError("SIP engine did not start in time")
+        if self._error is not None:
+            raise EngineError(str(self._error)) from self._error
+
+    def submit(self, command: cmd.Command):
+        if not self._thread.is_alive():
+            command.future.set_exception(EngineError("SIP engine is not running"))
+        else:
+            self._cmds.put(command)
+        return command.future
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._thread.is_alive():
+            self.submit(cmd.Shutdown())
+            self._thread.join(timeout)
+
+    def trunk_for(self, source: str) -> str | None:
+        """Name of the first trunk whose allow-list covers ``source``."""
+        for name, f in self.filters:
+            if f.allows(source):
+                return name
+        return None
+
+    @property
+    def active_calls(self) -> int:
+        return sum(1 for leg in list(self.legs.values()) if leg.admitted)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- engine thread -------------------------------------------------------
+    def _emit(self, event) -> None:
+        try:
+            self._emit_cb(event)
+        except Exception:  # noqa: BLE001
+            log.exception("event handler failed for %s", type(event).__name__)
+
+    def _run(self) -> None:
+        try:
+            self._start_lib()
+        except BaseException as exc:  # noqa: BLE001
+            self._error = exc
+            self._ready.set()
+            self._destroy()
+            return
+        self._ready.set()
+        error = None
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("SIP engine loop failed")
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._destroy()
+            self._emit(ev.EngineStopped(error))
+
+    def _start_lib(self) -> None:
+        c = self.cfg
+        self.fast_copy = choose_copy()
+        FramePort.realtime = c.realtime_clock
+        ep = self.ep = pj.Endpoint()
+        with _quiet_stdout():          # pjlib prints its banner before any log config applies
+            ep.libCreate()
+        ep_cfg = pj.EpConfig()
+        ep_cfg.uaConfig.threadCnt = 0
+        ep_cfg.uaConfig.mainThreadOnly = False
+        ep_cfg.uaConfig.maxCalls = PJSUA_SLOTS
+        ep_cfg.uaConfig.userAgent = c.user_agent
+        self._log_writer = _LogWriter()
+        ep_cfg.logConfig.writer = self._log_writer
+        ep_cfg.logConfig.level = c.log_level
+        ep_cfg.logConfig.consoleLevel = c.log_level
+        ep_cfg.logConfig.decor = 0
+        mc = ep_cfg.medConfig
+        mc.clockRate = c.clock_rate
+        mc.sndClockRate = c.clock_rate
+        mc.channelCount = 1
+        mc.audioFramePtime = 20
+        mc.noVad = True
+        mc.ecTailLen = 0
+        mc.threadCnt = 1
+        mc.maxMediaPorts = 32
+        ep.libInit(ep_cfg)
+        for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP):
+            tc = pj.TransportConfig()
+            tc.port = c.port
+            tc.boundAddress = c.host
+            if c.public_address:
+                tc.publicAddress = c.public_address
+            try:
+                ep.transportCreate(kind, tc)
+            except pj.Error as exc:
+                raise EngineError(f"cannot listen on {c.host}:{c.port}: {exc.info()}") from None
+        ep.libStart()
+        ep.audDevManager().setNullDev()
+        self._set_codecs()
+        self.pool = PortPool(PJSUA_SLOTS, c.clock_rate)
+        self.accounts: dict[str | None, _Account] = {}
+        self._add_account(None, None)
+        for t in c.trunks:
+            if t.register or t.address:
+                self._add_account(t.name, t)
+        log.info("SIP engine listening on %s:%d udp+tcp (capacity %d calls)", c.host, c.port, c.capacity)
+
+    def _set_codecs(self) -> None:
+        wanted = [w.upper() for w in self.cfg.codecs]
+        for info in self.ep.codecEnum2():
+            cid = info.codecId
+            name = cid.upper()
+            prio = 0
+            for i, w in enumerate(wanted):
+                if name == w or name.startswith(w + "/"):
+                    prio = 250 - i
+            self.ep.codecSetPriority(cid, prio)
+
+    def _rtp_transport(self) -> pj.TransportConfig:
+        c = self.cfg
+        tc = pj.TransportConfig()
+        tc.port = c.rtp_low
+        tc.portRange = max(0, c.rtp_high - c.rtp_low)
+        tc.boundAddress = c.host
+        if c.public_address:
+            tc.publicAddress = c.public_address
+        return tc
+
+    def _add_account(self, name: str | None, trunk: TrunkSpec | None) -> None:
+        c = self.cfg
+        ac = pj.AccountConfig()
+        host = c.public_address or c.host
+        hostport = f"[{host}]" if ":" in host else host
+        ac.idUri = f"sip:trunkline@{hostport}:{c.port}"
+        ac.mediaConfig.transportConfig = self._rtp_transport()
+        ac.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
+        ac.natConfig.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
+        ac.natConfig.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
+        if trunk is not None:
+            if trunk.username:
+                ac.idUri = f"sip:{trunk.username}@{_uri_host(trunk.address) or hostport}"
+                ac.sipConfig.authCreds.append(
+                    pj.AuthCredInfo("digest", trunk.realm or "*", trunk.username, 0, trunk.password))
+            if trunk.address:
+                ac.sipConfig.proxies.append(_loose_route(trunk.address))
+            if trunk.register:
+                ac.regConfig.registrarUri = _registrar(trunk.address)
+                ac.regConfig.timeoutSec = trunk.expires
+                ac.regConfig.registerOnAdd = True
+            else:
+                ac.regConfig.registerOnAdd = False
+        acc = _Account(self, name)
+        acc.create(ac, name is None)
+        self.accounts[name] = acc
+
+    def _loop(self) -> None:
+        next_stats = time.monotonic() + self.cfg.stats_interval
+        while True:
+            self.ep.libHandleEvents(10)
+            if self._drain_commands():
+                return
+            now = time.monotonic()
+            self._answer_due(now)
+            if now >= next_stats:
+                next_stats = now + self.cfg.stats_interval
+                self._poll_stats(now)
+            if self._dead:
+                self._dead.clear()   # pjsua is done with these: drop our last reference
+
+    def _drain_commands(self) -> bool:
+        while True:
+            try:
+                c = self._cmds.get_nowait()
+            except queue.Empty:
+                return False
+            if isinstance(c, cmd.Shutdown):
+                c.future.set_result(None)
+                return True
+            if c.future.set_running_or_notify_cancel():
+                try:
+                    c.future.set_result(self._execute(c))
+                except Exception as exc:  # noqa: BLE001
+                    c.future.set_exception(exc)
+
+    def _leg(self, call_id: str) -> _Leg:
+        leg = self.by_call_id.get(call_id)
+        if leg is None:
+            raise KeyError(f"no such call: {call_id}")
+        return leg
+
+    def _execute(self, c: cmd.Command):
+        if isinstance(c, cmd.Hangup):
+            leg = self._leg(c.call_id)
+            leg.end_reason = leg.end_reason or c.reason
+            prm = pj.CallOpParam()
+            prm.statusCode = c.status or (pj.PJSIP_SC_OK if leg.answered else pj.PJSIP_SC_DECLINE)
+            leg.call.hangup(prm)
+            return None
+        if isinstance(c, cmd.Transfer):
+            leg = self._leg(c.call_id)
+            if not leg.answered:
+                raise EngineError("call is not answered")
+            leg.transfer_pending = True
+            leg.call.xfer(c.target, pj.CallOpParam(True))
+            return None
+        if isinstance(c, cmd.SendDtmf):
+            leg = self._leg(c.call_id)
+            prm = pj.CallSendDtmfParam()
+            prm.digits = c.digits
+            prm.method = pj.PJSUA_DTMF_METHOD_RFC2833
+            leg.call.sendDtmf(prm)
+            return None
+        if isinstance(c, cmd.MakeCall):
+            return self._make_call(c)
+        raise EngineError(f"unknown command {type(c).__name__}")
+
+    def _make_call(self, c: cmd.MakeCall) -> str:
+        if self.draining:
+            raise EngineError("cell is draining")
+        if self.active_calls >= self.cfg.capacity:
+            raise EngineError("cell is full")
+        if c.trunk is not None and c.trunk not in self.accounts:
+            raise EngineError(f"unknown or unroutable trunk: {c.trunk}")
+        acc = self.accounts[c.trunk] if c.trunk is not None else self.accounts[None]
+        uri = c.uri if c.uri.startswith(("sip:", "sips:", "tel:")) else _number_uri(c.uri, c.trunk, self.cfg)
+        call = _Call(self, acc)
+        media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
+        prm = pj.CallOpParam(True)
+        call.makeCall(uri, prm)
+        info = call.getInfo()
+        leg = _Leg(call, info.callIdString, "outbound", c.trunk, media, admitted=True)
+        self.legs[info.id] = leg
+        self.by_call_id[leg.call_id] = leg
+        self._emit(ev.CallOffered(leg.call_id, "outbound", info.localUri, info.remoteUri, "", c.trunk, media))
+        return leg.call_id
+
+    # -- pjsua2 callbacks (engine thread) ----------------------------------
+    def _on_incoming(self, acc: _Account, prm) -> None:
+        call = _Call(self, acc, prm.callId)
+        info = call.getInfo()
+        source = prm.rdata.srcAddress
+        reason = None
+        status = 0
+        trunk = self.trunk_for(source)
+        if trunk is None:
+            reason, status = "untrusted", pj.PJSIP_SC_FORBIDDEN
+        elif self.draining:
+            reason, status = "draining", pj.PJSIP_SC_SERVICE_UNAVAILABLE
+        elif self.active_calls >= self.cfg.capacity:
+            reason, status = "full", pj.PJSIP_SC_SERVICE_UNAVAILABLE
+        if reason:
+            leg = _Leg(call, info.callIdString, "inbound", trunk, None, admitted=False, end_reason=reason)
+            self.legs[info.id] = leg
+            extra = {"Retry-After": str(self.cfg.retry_after)} if status == pj.PJSIP_SC_SERVICE_UNAVAILABLE else {}
+            self._answer(call, status, extra)
+            self._emit(ev.CallRejected(source, info.remoteUri, info.localUri, status, reason))
+            return
+        media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
+        leg = _Leg(call, info.callIdString, "inbound", trunk, media, admitted=True)
+        self.legs[info.id] = leg
+        self.by_call_id[leg.call_id] = leg
+        self._answer(call, pj.PJSIP_SC_RINGING)
+        leg.answer_at = time.monotonic() + self.cfg.answer_delay
+        self._emit(ev.CallOffered(leg.call_id, "inbound", info.remoteUri, info.localUri, source, trunk, media))
+        self._answer_due(time.monotonic())
+
+    def _answer(self, call: _Call, status: int, headers: dict[str, str] | None = None) -> None:
+        """Answer with ``status``; every response names the product, never a version."""
+        op = pj.CallOpParam(True)
+        op.statusCode = status
+        for name, value in {"Server": self.cfg.user_agent, **(headers or {})}.items():
+            h = pj.SipHeader()
+            h.hName, h.hValue = name, value
+            op.txOption.headers.append(h)
+        call.answer(op)
+
+    def _answer_due(self, now: float) -> None:
+        for leg in list(self.legs.values()):
+            if leg.answer_at is not None and now >= leg.answer_at:
+                leg.answer_at = None
+                try:
+                    self._answer(leg.call, pj.PJSIP_SC_OK)
+                except pj.Error as exc:      # e.g. CANCELled meanwhile
+                    log.debug("answer %s failed: %s", leg.call_id, exc.info())
+
+    def _on_state(self, call: _Call) -> None:
+        info = call.getInfo()
+        leg = self.legs.get(info.id)
+        if leg is None or leg.call is not call:
+            return
+        if info.state == pj.PJSIP_INV_STATE_CONFIRMED and leg.admitted and not leg.answered:
+            leg.answered = True
+            self._emit(ev.CallAnswered(leg.call_id, leg.quality.codec, leg.quality.clock_rate))
+        elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self._on_disconnected(leg, info)
+
+    def _on_media(self, call: _Call) -> None:
+        info = call.getInfo()
+        leg = self.legs.get(info.id)
+        if leg is None or leg.media is None:
+            return
+        for mi in info.media:
+            if mi.type != pj.PJMEDIA_TYPE_AUDIO:
+                continue
+            held = mi.status == pj.PJSUA_CALL_MEDIA_REMOTE_HOLD
+            if mi.status in (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD):
+                self._connect(leg, call, mi.index)
+            if held != leg.held:
+                leg.held = held
+                self._emit(ev.CallHold(leg.call_id, held))
+            break
+
+    def _connect(self, leg: _Leg, call: _Call, idx: int) -> None:
+        aud = call.getAudioMedia(idx)
+        if leg.aud is not None and leg.med_idx == idx and leg.aud.getPortId() == aud.getPortId():
+            return
+        if leg.port is None:
+            leg.port = self.pool.take(leg.media)
+        leg.aud, leg.med_idx = aud, idx
+        aud.startTransmit(leg.port)
+        leg.port.startTransmit(aud)
+        try:
+            leg.quality = read_quality(call, idx)
+        except pj.Error:
+            pass
+        leg.last_rx_change = time.monotonic()
+
+    def _on_dtmf(self, call: _Call, prm) -> None:
+        leg = self.legs.get(call.getId())
+        if leg is None:
+            return
+        method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
+        duration = int(prm.duration)
+        self._emit(ev.Dtmf(leg.call_id, prm.digit, method, duration if 0 <= duration < 600_000 else 0))
+
+    def _on_xfer(self, call: _Call, prm) -> None:
+        leg = self.legs.get(call.getId())
+        if leg is None:
+            return
+        self._emit(ev.TransferStatus(leg.call_id, prm.statusCode, prm.reason, prm.finalNotify))
+        if prm.finalNotify:
+            leg.transfer_pending = False
+            prm.cont = False
+            if prm.statusCode // 100 == 2:
+                leg.end_reason = "transferred"
+                op = pj.CallOpParam()
+                call.hangup(op)
+
+    def _on_stream_destroyed(self, call: _Call, idx: int) -> None:
+        leg = self.legs.get(call.getId())
+        if leg is None or idx != leg.med_idx:
+            return
+        self._refresh_quality(leg)
+        self._disconnect(leg)
+
+    def _refresh_quality(self, leg: _Leg) -> None:
+        try:
+            leg.quality = read_quality(leg.call, leg.med_idx, leg.quality)
+        except pj.Error:
+            pass
+
+    def _disconnect(self, leg: _Leg) -> None:
+        if leg.port is not None and leg.aud is not None:
+            for a, b in ((leg.aud, leg.port), (leg.port, leg.aud)):
+                try:
+                    a.stopTransmit(b)
+                except pj.Error:
+                    pass
+        leg.aud = None
+
+    def _on_disconnected(self, leg: _Leg, info) -> None:
+        if leg.aud is not None:
+            self._refresh_quality(leg)
+            self._disconnect(leg)
+        if leg.port is not None:
+            self.pool.give(leg.port)
+            leg.port = None
+        self.legs.pop(info.id, None)
+        if self.by_call_id.get(leg.call_id) is leg:
+            del self.by_call_id[leg.call_id]
+        self._dead.append(leg.call)
+        if not leg.admitted:
+            return
+        reason = leg.end_reason
+        if not reason:
+            if not leg.answered:
+                reason = "cancelled" if info.role == pj.PJSIP_ROLE_UAS else f"failed {info.lastStatusCode}"
+            else:
+                reason = "remote bye"
+        self._emit(ev.CallEnded(
+            leg.call_id, leg.direction, info.lastStatusCode, reason, leg.answered,
+            float(info.connectDuration.sec) + info.connectDuration.msec / 1000.0,
+            leg.quality, leg.media.rx_timer.summary() if leg.media and leg.media.rx_timer.count else None))
+
+    def _poll_stats(self, now: float) -> None:
+        for leg in list(self.legs.values()):
+            if leg.aud is None:
+                continue
+            self._refresh_quality(leg)
+            if leg.quality.rx_packets != leg.last_rx_pkts or leg.held:
+                leg.last_rx_pkts = leg.quality.rx_packets
+                leg.last_rx_change = now
+            elif self.cfg.rtp_timeout and now - leg.last_rx_change > self.cfg.rtp_timeout and leg.answered:
+                log.info("call %s: no RTP for %.0f s, hanging up", leg.call_id, now - leg.last_rx_change)
+                leg.end_reason = "rtp timeout"
+                leg.last_rx_change = now
+                try:
+                    leg.call.hangup(pj.CallOpParam())
+                except pj.Error as exc:
+                    log.warning("hangup after RTP timeout failed: %s", exc.info())
+
+    def live_quality(self) -> dict[str, Quality]:
+        """Latest polled quality per answered call (read from any thread)."""
+        return {leg.call_id: leg.quality for leg in list(self.legs.values()) if leg.admitted}
+
+    def _destroy(self) -> None:
+        ep = getattr(self, "ep", None)
+        if ep is None:
+            return
+        try:
+            if self.legs:
+                ep.hangupAllCalls()
+                deadline = time.monotonic() + 3.0
+                while self.legs and time.monotonic() < deadline:
+                    ep.libHandleEvents(10)
+            for leg in list(self.legs.values()):
+                self._disconnect(leg)
+            self.legs.clear()
+            self.by_call_id.clear()
+            self._dead.clear()
+            for acc in getattr(self, "accounts", {}).values():
+                try:
+                    acc.shutdown()
+                except pj.Error:
+                    pass
+            self.accounts = {}
+            pool = getattr(self, "pool", None)
+            if pool is not None:
+                pool.close()
+                self.pool = None
+            import gc
+            gc.collect()
+            ep.libDestroy()
+        except pj.Error as exc:
+            log.error("pjsua shutdown: %s", exc.info())
+        finally:
+            self.ep = None
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _uri_host(address: str) -> str:
+    a = address.split(":", 1)[1] if address.startswith("sip:") else address
+    return a.split(";")[0].split("@")[-1]
+
+
+def _loose_route(address: str) -> str:
+    uri = address if address.startswith("sip:") else f"sip:{address}"
+    return uri if ";lr" in uri else uri + ";lr"
+
+
+def _registrar(address: str) -> str:
+    uri = address if address.startswith("sip:") else f"sip:{address}"
+    return uri.split(";")[0]
+
+
+def _number_uri(number: str, trunk: str | None, cfg: EngineConfig) -> str:
+    for t in cfg.trunks:
+        if t.name == trunk and t.address:
+            return f"sip:{number}@{_uri_host(t.address)}"
+    raise EngineError(f"'{number}' is not a SIP URI and no trunk address to send it to")

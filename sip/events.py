@@ -1,0 +1,83 @@
+"""Plain events the SIP engine emits. No pjsua2 objects ever leave ``sip/``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from media.callmedia import CallMedia
+from media.frames import TimingSummary
+from media.quality import Quality
+
+
+@dataclass(frozen=True)
+class CallOffered:
+    """An accepted INVITE (or an outbound call being placed)."""
+    call_id: str            # SIP Call-ID: stable, unique, shown in logs
+    direction: str          # "inbound" | "outbound"
+    from_uri: str
+    to_uri: str
+    source: str             # ip:port the INVITE came from ("" for outbound)
+    trunk: str | None
+    media: CallMedia = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class CallRejected:
+    source: str
+    from_uri: str
+    to_uri: str
+    status: int
+    reason: str             # untrusted | full | draining
+
+
+@dataclass(frozen=True)
+class CallAnswered:
+    call_id: str
+    codec: str
+    clock_rate: int
+
+
+@dataclass(frozen=True)
+class CallHold:
+    call_id: str
+    held: bool              # True while the peer has put us on hold
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    call_id: str
+    digit: str
+    method: str             # rfc4733 | info
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class TransferStatus:
+    call_id: str
+    status: int
+    reason: str
+    final: bool
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    call_id: str
+    direction: str
+    status: int             # last SIP status of the dialog
+    reason: str             # why it ended: "remote bye", "local hangup", "rtp timeout", ...
+    answered: bool
+    duration: float         # connected seconds
+    quality: Quality
+    timing: TimingSummary | None
+
+
+@dataclass(frozen=True)
+class Registration:
+    trunk: str
+    status: int
+    reason: str
+    registered: bool
+
+
+@dataclass(frozen=True)
+class EngineStopped:
+    error: str | None = None

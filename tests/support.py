@@ -1,0 +1,202 @@
+"""Real peers for the tests: a cell subprocess, SIPp, and a tiny RTP endpoint."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "sipp-scenarios"
+SHARED = ROOT.parent / "shared"
+
+_ports = itertools.count(21000 + (os.getpid() % 50) * 400, 40)
+
+
+def next_ports() -> dict:
+    """A fresh block of ports per cell so tests never trip over each other."""
+    base = next(_ports)
+    return {"sip": base, "http": base + 1, "sipp": base + 2, "rtp_peer": base + 4,
+            "rtp_lo": base + 10, "rtp_hi": base + 38}
+
+
+class CellProcess:
+    def __init__(self, tmp: Path, config: str = "", args: tuple = (), env: dict | None = None):
+        self.ports = next_ports()
+        self.tmp = tmp
+        self.data = tmp / "data"
+        self.log_path = tmp / f"cell-{self.ports['sip']}.log"
+        self.config_path = tmp / f"cell-{self.ports['sip']}.toml"
+        self.config_path.write_text(config)
+        self.cmd = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(self.config_path),
+                    "--sip", f"127.0.0.1:{self.ports['sip']}", "--http", f"127.0.0.1:{self.ports['http']}",
+                    "--rtp-ports", f"{self.ports['rtp_lo']}-{self.ports['rtp_hi']}",
+                    "--data-dir", str(self.data), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "CellProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cell exited {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if self.http_get("/healthz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("cell did not become healthy:\n" + self.log_path.read_text())
+
+    @property
+    def sip(self) -> str:
+        return f"127.0.0.1:{self.ports['sip']}"
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in self.http_get("/metrics")[1].splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def events(self, name: str | None = None) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if name is None or e.get("event") == name:
+                    out.append(e)
+        return out
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.events(name)
+            if len(got) >= count:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"waited {timeout}s for {count} x {name}; log:\n" + self.log_path.read_text()[-4000:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError("cell did not stop on SIGTERM:\n" + self.log_path.read_text()[-3000:])
+        self._log.close()
+        return self.proc.returncode
+
+
+def sipp(scenario: str, target: str, tmp: Path, *args: str, local_port: int, rtpport: int = 0,
+         calls: int = 1, timeout: float = 30.0, background: bool = False, local_ip: str = "127.0.0.1"):
+    """Run SIPp (``sip-tester``) with one of our scenarios (or a built-in/-sf path)."""
+    if scenario.startswith("builtin:"):
+        sc = ["-sn", scenario.split(":", 1)[1]]
+    else:
+        path = Path(scenario) if os.path.isabs(scenario) else SCENARIOS / scenario
+        sc = ["-sf", str(path)]
+    cmd = ["sipp", *sc, target, "-i", local_ip, "-p", str(local_port), "-m", str(calls),
+           "-timeout", f"{int(timeout)}s", "-timeout_error", "-nostdin", "-trace_err", "-trace_logs",
+           "-trace_msg", *args]
+    if not scenario.startswith("builtin:") and "$rtpport" in Path(sc[1]).read_text():
+        cmd += ["-set", "rtpport", str(rtpport or 9)]
+    if background:
+        return subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=timeout + 15)
+
+
+def sipp_file(tmp: Path, suffix: str) -> str:
+    """Concatenated contents of SIPp's trace files ending in ``suffix`` in ``tmp``."""
+    return "".join(p.read_text(errors="replace") for p in sorted(tmp.glob(f"*{suffix}")))
+
+
+class RtpPeer:
+    """Our own RTP endpoint: learns the cell's address from its first packet."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.02)
+        self.remote = None
+        self.received: list[tuple[float, int, int, bytes]] = []   # (t, pt, seq, payload)
+        self.seq = random.randint(0, 1000)
+        self.ts = random.randint(0, 1 << 20)
+        self.ssrc = random.getrandbits(32)
+
+    def _recv_once(self) -> bool:
+        try:
+            data, addr = self.sock.recvfrom(2048)
+        except (socket.timeout, BlockingIOError, ConnectionRefusedError):
+            return False
+        if len(data) >= 12 and data[0] >> 6 == 2:
+            self.remote = self.remote or addr
+            pt = data[1] & 0x7F
+            seq = struct.unpack("!H", data[2:4])[0]
+            self.received.append((time.monotonic(), pt, seq, data[12:]))
+        return True
+
+    def wait_remote(self, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while self.remote is None and time.monotonic() < deadline:
+            self._recv_once()
+        if self.remote is None:
+            raise AssertionError("no RTP from the cell")
+        return self.remote
+
+    def send(self, payload: bytes, pt: int = 0, marker: bool = False, ts_step: int = 160, raw: bytes | None = None):
+        pkt = raw if raw is not None else struct.pack("!BBHII", 0x80, (0x80 if marker else 0) | pt,
+                                                      self.seq & 0xFFFF, self.ts & 0xFFFFFFFF, self.ssrc) + payload
+        self.sock.sendto(pkt, self.remote)
+        self.seq += 1
+        self.ts += ts_step
+
+    def stream(self, payloads: list[bytes], pt: int = 0, ptime: float = 0.020):
+        """Send payloads paced in real time while collecting what comes back."""
+        start = time.monotonic()
+        for i, p in enumerate(payloads):
+            self.send(p, pt, marker=(i == 0))
+            while time.monotonic() < start + (i + 1) * ptime:
+                self._recv_once()
+
+    def collect(self, seconds: float):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self._recv_once()
+
+    def close(self):
+        self.sock.close()
