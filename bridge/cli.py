@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         print("trunkline: config error: app.name: the agent app is not in this build yet "
               "(use echo or playback)", file=sys.stderr)
         return 2
+    if cfg.app == "playback":
+        from bridge.apps import load_prompt
+        from media.wav import WavError
+        try:
+            load_prompt(cfg.raw["app"]["prompt"], cfg.raw["media"]["clock_rate"])
+        except WavError as exc:
+            print(f"trunkline: config error: app.prompt: {exc}", file=sys.stderr)
+            return 2
     from bridge.run import run_call, run_serve
     try:
         if args.command == "serve":

@@ -72,10 +72,12 @@ def _str(v: Any) -> str:
     return v
 
 
-def _choice(*options: str):
-    def check(v: Any) -> str:
-        if v not in options:
-            raise TypeError(f"expected one of {', '.join(options)}, got {v!r}")
+def _choice(*options):
+    def check(v: Any):
+        if isinstance(v, str) and all(isinstance(o, int) for o in options) and v.isdigit():
+            v = int(v)
+        if isinstance(v, bool) or v not in options:
+            raise TypeError(f"expected one of {', '.join(map(str, options))}, got {v!r}")
         return v
     return check
 

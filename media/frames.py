@@ -7,6 +7,7 @@ and when the consumer falls behind the oldest frame is dropped and counted.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -154,5 +155,5 @@ def percentile(sorted_values, pct: float) -> float:
     n = len(sorted_values)
     if n == 0:
         return 0.0
-    k = max(0, min(n - 1, int(round(pct / 100.0 * n + 0.5)) - 1))
+    k = max(0, min(n - 1, math.ceil(pct / 100.0 * n) - 1))
     return sorted_values[k]

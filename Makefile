@@ -1,0 +1,49 @@
+# Trunkline: `make run` and `make test` do all set-up on a fresh Debian 12 machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= $(wildcard trunkline.toml)
+ARGS ?=
+
+# Debian packages: what the bridge needs to run, and what the tests add.
+RUN_DEBS := libopus0 ca-certificates
+TEST_DEBS := $(RUN_DEBS) sip-tester
+
+.PHONY: run test test-all bench deps test-deps clean
+
+# ---- set-up -----------------------------------------------------------------
+$(BIN)/python:
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || deploy/ensure-debs.sh python3-venv python3-pip
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+deps:
+	@deploy/ensure-debs.sh $(RUN_DEBS)
+	@$(MAKE) -s $(VENV)/.deps
+
+test-deps:
+	@deploy/ensure-debs.sh $(TEST_DEBS)
+	@$(MAKE) -s $(VENV)/.deps
+
+# ---- use --------------------------------------------------------------------
+run: deps
+	$(BIN)/trunkline serve $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+# The default suite: everything but the tests marked slow, plus the slow
+# tests also marked `sample` (a real load/fault sample in every CI run).
+test: test-deps
+	$(BIN)/python -m pytest -q -m "not slow or sample" $(ARGS)
+
+test-all: test-deps
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: test-deps
+	$(BIN)/python tests/bench/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,66 @@
+import pytest
+
+from bridge.config import ConfigError, load
+from sip.acl import SourceFilter, split_hostport
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_are_valid_and_trust_only_loopback():
+    cfg = load(None, environ={})
+    assert cfg.app == "echo" and cfg.raw["sip"]["capacity"] == 3
+    assert [t.allow for t in cfg.trunks] == [["127.0.0.0/8", "::1/128"]]
+
+
+def test_precedence_file_env_flags(tmp_path):
+    path = _write(tmp_path, '[sip]\nretry_after = 7\nanswer_delay = 1.5\n[http]\nlisten = "127.0.0.1:9000"\n')
+    cfg = load(path, {"http.listen": "127.0.0.1:9100"}, environ={"TRUNKLINE_SIP_RETRY_AFTER": "8"})
+    assert cfg.raw["sip"]["retry_after"] == 8
+    assert cfg.raw["sip"]["answer_delay"] == 1.5
+    assert cfg.raw["http"]["listen"] == "127.0.0.1:9100"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[sip]\ncapacity = 4\n', "sip.capacity: expected an integer 1..3, got 4"),
+    ('[media]\nrtp_ports = "9000"\n', "media.rtp_ports: expected LOW-HIGH"),
+    ('[media]\nclock_rate = 44100\n', "media.clock_rate: expected one of"),
+    ('[sip]\ncodecs = ["PCMU", "AMR"]\n', "sip.codecs: unknown codec 'AMR'"),
+    ('[nope]\nx = 1\n', "nope: unknown key"),
+    ('[[trunks]]\nallow = ["10.0.0.0/8"]\n', "trunks[0].name: required"),
+    ('[[trunks]]\nname = "a"\nallow = ["10.0.0.300/8"]\n', "trunks[0].allow: not an IP network"),
+    ('[[trunks]]\nname = "a"\nregister = true\n', "trunks[0].register: needs address and username"),
+    ('[[trunks]]\nname = "a"\npassword_env = "NOPE_NOT_SET"\n', "NOPE_NOT_SET is not set"),
+    ('[app]\nname = "playback"\n', "app.prompt: required"),
+    ('[app]\ndtmf_transfer = { "x" = "sip:a@b" }\n', "app.dtmf_transfer"),
+])
+def test_bad_config_names_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        load(_write(tmp_path, text), environ={})
+
+
+def test_unknown_env_setting_is_an_error():
+    with pytest.raises(ConfigError, match="TRUNKLINE_SIP_LISEN"):
+        load(None, environ={"TRUNKLINE_SIP_LISEN": "0.0.0.0:5060"})
+
+
+def test_trunk_password_from_environment(tmp_path):
+    path = _write(tmp_path, '[[trunks]]\nname = "c"\naddress = "sip:192.0.2.1"\nusername = "u"\n'
+                            'password_env = "PW"\nregister = true\n')
+    import os
+    os.environ["PW"] = "pw1"
+    try:
+        t = load(path, environ={}).trunks[0]
+    finally:
+        del os.environ["PW"]
+    assert t.password == "pw1" and t.allow == ["192.0.2.1/32"]
+
+
+def test_source_filter():
+    f = SourceFilter(["192.0.2.0/24", "2001:db8::/32"])
+    assert f.allows("192.0.2.7:5060") and f.allows("[2001:db8::1]:5060") and f.allows("::ffff:192.0.2.9")
+    assert not f.allows("198.51.100.1:5060") and not f.allows("garbage") and not f.allows("[::1]:5060")
+    assert split_hostport("[::1]:5080") == ("::1", 5080) and split_hostport("h") == ("h", None)
