@@ -184,3 +184,13 @@ def test_dtmf_info_triggers_blind_transfer(cell_factory, tmp_path):
     dtmf = cell.wait_event("dtmf")[0]
     assert dtmf["method"] == "info" and dtmf["digit"] == "0"
     assert cell.wait_event("call_ended")[0]["reason"] == "transferred"
+
+
+def test_codec_offer_answers_only_configured_codecs(cell, tmp_path):
+    _ok(sipp("offer_many.xml", cell.sip, tmp_path, "-d", "300", local_port=cell.ports["sipp"]))
+    answered = [l for l in sipp_file(tmp_path, "_logs.log").splitlines() if l.startswith("ANSWERED")][0]
+    pts = answered.split("RTP/AVP")[1].split()
+    assert pts[0] in ("9", "8", "0") and set(pts) <= {"9", "8", "0", "101"}, answered
+    assert not {"3", "97", "98"} & set(pts)
+    msgs = sipp_file(tmp_path, "_messages.log")
+    assert "telephone-event/8000" in msgs.split("SIP/2.0 200 OK")[1]
