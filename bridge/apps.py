@@ -23,13 +23,20 @@ class App:
     def on_start(self) -> None:
         pass
 
-    def on_frames(self, frames: list[bytes], now: float) -> None:
+    def on_answered(self) -> None:
+        pass
+
+    def on_frames(self, frames: list[tuple[float, bytes]], now: float) -> None:
+        """``frames``: (arrival time, 20 ms PCM) in order."""
         pass
 
     def on_tick(self, now: float) -> None:
         pass
 
     def on_dtmf(self, digit: str) -> None:
+        pass
+
+    def on_end(self) -> None:
         pass
 
 
@@ -39,8 +46,8 @@ class EchoApp(App):
 
     def on_frames(self, frames, now):
         push = self.session.media.downlink.push
-        for f in frames:
-            push(f)
+        for _, pcm in frames:
+            push(pcm)
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,9 +80,13 @@ class PlaybackApp(App):
                 self.session.hangup("playback finished")
 
 
-def make_app(name: str, session, app_cfg: dict) -> App:
+def make_app(name: str, session, cell) -> App:
+    app_cfg = cell.cfg.raw["app"]
     if name == "echo":
         return EchoApp(session)
     if name == "playback":
         return PlaybackApp(session, app_cfg["prompt"], app_cfg["loop"])
+    if name == "agent":
+        from bridge.agent import AgentApp
+        return AgentApp(session, cell.hub, cell.cfg.raw["agent"], cell.metrics, cell.turns)
     raise ValueError(f"app {name!r} is not available in this build")

@@ -58,6 +58,8 @@ class Cell:
         self.engine_failed: str | None = None
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.records = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc)
+        self.turns = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc, name="turns.jsonl")
+        self.hub = None                          # the inference process, for the agent app
         self.engine = Engine(engine_config(cfg), self._post_event)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
@@ -65,7 +67,16 @@ class Cell:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
+        """Load the models (agent app), then start SIP. Raises EngineLoadError / EngineError."""
         self._loop = asyncio.get_running_loop()
+        if self.cfg.app == "agent":
+            from bridge.ai_hub import AiHub
+            self.hub = AiHub(self.cfg, self.metrics, self.cfg.raw["media"]["clock_rate"])
+            try:
+                await self.hub.start()
+            except BaseException:
+                await self.hub.stop()
+                raise
         await self._loop.run_in_executor(None, self.engine.start)
         self._tick_task = asyncio.create_task(self._ticker(), name="cell-tick")
         self.ready = True
@@ -95,6 +106,8 @@ class Cell:
             except asyncio.CancelledError:
                 pass
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        if self.hub is not None:
+            await self.hub.stop()
         self.stopped.set()
 
     async def make_call(self, uri: str, trunk: str | None = None) -> str:
@@ -119,7 +132,7 @@ class Cell:
         event(calls_log, "call_offered", call_id=e.call_id, direction=e.direction,
               **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk)
         try:
-            s.app = make_app(self.cfg.app, s, self.cfg.raw["app"])
+            s.app = make_app(self.cfg.app, s, self)
             s.app.on_start()
         except Exception as exc:  # noqa: BLE001 - a bad app/prompt ends this call only
             self._app_failed(s, exc)
@@ -131,6 +144,11 @@ class Cell:
         s.answered_at = time.monotonic()
         s.codec = e.codec
         event(calls_log, "call_answered", call_id=e.call_id, codec=e.codec)
+        if s.app is not None:
+            try:
+                s.app.on_answered()
+            except Exception as exc:  # noqa: BLE001
+                self._app_failed(s, exc)
 
     def _ev_CallRejected(self, e: ev.CallRejected) -> None:
         self.metrics.sip_rejected.labels(e.reason).inc()
@@ -174,6 +192,11 @@ class Cell:
         self.metrics.calls_active.set(len(self.sessions))
         if s is not None:
             self._flush_timing(s)
+            if s.app is not None:
+                try:
+                    s.app.on_end()
+                except Exception:  # noqa: BLE001
+                    log.exception("app cleanup failed on call %s", e.call_id)
         result = "answered" if e.answered else ("cancelled" if e.reason == "cancelled" else "failed")
         self.metrics.calls_total.labels(e.direction, result).inc()
         q = e.quality

@@ -69,10 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         import json
         print(json.dumps(cfg.raw, indent=2))
         return 0
-    if cfg.app == "agent":
-        print("trunkline: config error: app.name: the agent app is not in this build yet "
-              "(use echo or playback)", file=sys.stderr)
-        return 2
     if cfg.app == "playback":
         from bridge.apps import load_prompt
         from media.wav import WavError

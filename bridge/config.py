@@ -118,6 +118,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "http": {"listen": _hostport},
     "app": {"name": _choice("echo", "playback", "agent"), "prompt": _str, "loop": _bool,
             "dtmf_transfer": _digit_map, "max_duration": _float(0, 86400)},
+    "agent": {"system_prompt": _str, "greeting": _str, "language": _str, "reprompt_text": _str,
+              "reprompt_after": _float(0, 3600), "hangup_after": _float(0, 3600), "goodbye_text": _str,
+              "goodbye_phrases": _str_list, "not_understood_text": _str, "apology_text": _str,
+              "max_reply_tokens": _int(8, 1024), "temperature": _float(0, 2), "repeat_penalty": _float(1, 3),
+              "history_turns": _int(1, 100), "silence": _float(0.2, 5), "pause": _float(0.1, 2),
+              "min_speech": _float(0.04, 1), "min_utterance": _float(0.05, 5), "bargein_floor_dbfs": _float(-90, 0),
+              "vad_mode": _int(0, 3), "interim_every": _float(0, 30), "digits_extra": _float(0, 5),
+              "speculate": _bool},
+    "models": {"stt": _str, "stt_compute_type": _choice("int8", "int8_float32", "float32"),
+               "llm_backend": _choice("llama", "openai"), "llm": _str, "llm_context": _int(256, 32768),
+               "llm_url": _str, "llm_model": _str, "llm_api_key_env": _str, "tts": _str, "tts_config": _str,
+               "threads": _int(1, 64), "tts_threads": _int(1, 64), "load_timeout": _float(1, 3600)},
 }
 
 TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str,
@@ -134,6 +146,26 @@ DEFAULTS: dict[str, Any] = {
     "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
     "http": {"listen": "127.0.0.1:8080"},
     "app": {"name": "echo", "prompt": "", "loop": False, "dtmf_transfer": {}, "max_duration": 3600.0},
+    "agent": {
+        "system_prompt": ("You are a helpful receptionist answering the phone. Answer in one or two short, "
+                          "plain sentences that sound natural when spoken. Never use lists or markdown."),
+        "greeting": "Hello! How can I help you today?",
+        "language": "en",
+        "reprompt_text": "Are you still there?",
+        "reprompt_after": 8.0,
+        "hangup_after": 25.0,
+        "goodbye_text": "Thank you for calling. Goodbye!",
+        "goodbye_phrases": ["goodbye", "bye", "that's all", "hang up"],
+        "not_understood_text": "Sorry, could you repeat that?",
+        "apology_text": "Sorry, I'm having trouble right now. Please bear with me.",
+        "max_reply_tokens": 60, "temperature": 0.3, "repeat_penalty": 1.3, "history_turns": 6,
+        "silence": 0.6, "pause": 0.2, "min_speech": 0.12, "min_utterance": 0.25,
+        "bargein_floor_dbfs": -38.0, "vad_mode": 3, "interim_every": 1.0, "digits_extra": 0.8,
+        "speculate": True,
+    },
+    "models": {"stt": "", "stt_compute_type": "int8", "llm_backend": "llama", "llm": "", "llm_context": 2048,
+               "llm_url": "", "llm_model": "", "llm_api_key_env": "OPENAI_API_KEY", "tts": "", "tts_config": "",
+               "threads": 2, "tts_threads": 1, "load_timeout": 180.0},
     "trunks": [{"name": "local", "allow": ["127.0.0.0/8", "::1/128"]}],
 }
 
@@ -272,6 +304,14 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
     names = [t.name for t in trunks]
     if len(set(names)) != len(names):
         raise ConfigError("trunks: names must be unique")
+    m = raw["models"]
+    for key, is_dir in (("stt", True), ("llm", False), ("tts", False), ("tts_config", False)):
+        if m[key] and not os.path.exists(os.path.expanduser(m[key])):
+            raise ConfigError(f"models.{key}: {m[key]} does not exist")
+        if m[key] and is_dir and not os.path.isdir(os.path.expanduser(m[key])):
+            raise ConfigError(f"models.{key}: {m[key]} is not a CTranslate2 model directory")
+    if m["llm_backend"] == "openai" and not (m["llm_url"] and m["llm_model"]):
+        raise ConfigError("models.llm_url: the openai backend needs llm_url and llm_model")
     if raw["app"]["name"] == "playback" and not raw["app"]["prompt"]:
         raise ConfigError("app.prompt: required for the playback app")
     return Config(raw, trunks)

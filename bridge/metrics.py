@@ -7,6 +7,7 @@ MOS_BUCKETS = (1.0, 2.0, 2.5, 3.0, 3.5, 3.8, 4.0, 4.1, 4.2, 4.3, 4.4, 4.5)
 FRAME_BUCKETS = (0.005, 0.010, 0.015, 0.019, 0.021, 0.025, 0.030, 0.040, 0.060, 0.100, 0.250)
 JITTER_BUCKETS = (0.001, 0.002, 0.005, 0.010, 0.020, 0.030, 0.050, 0.100, 0.200)
 LOSS_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -38,5 +39,17 @@ class Metrics:
         self.dtmf = Counter("trunkline_dtmf_total", "DTMF digits received", ["method"], registry=r)
         self.app_errors = Counter("trunkline_app_errors_total", "Calls ended by an application error",
                                   registry=r)
+        self.turn_latency = Histogram("trunkline_turn_latency_seconds", "Voice agent latency per turn and stage",
+                                      ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.bargein_latency = Histogram("trunkline_bargein_latency_seconds",
+                                         "Caller speech onset to agent audio stopped", buckets=LATENCY_BUCKETS,
+                                         registry=r)
+        self.interruptions = Counter("trunkline_agent_interruptions_total", "Barge-ins", registry=r)
+        self.reprompts = Counter("trunkline_agent_reprompts_total", "Reprompts by kind", ["kind"], registry=r)
+        self.model_errors = Counter("trunkline_model_errors_total", "Model/engine errors", ["engine"], registry=r)
+        self.rtf = Histogram("trunkline_engine_rtf", "Engine real-time factor (processing / audio seconds)",
+                             ["engine"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0), registry=r)
+        self.llm_tokens_per_second = Histogram("trunkline_llm_tokens_per_second", "LLM generation speed per reply",
+                                               buckets=(5, 10, 20, 40, 60, 80, 100, 150, 200, 300), registry=r)
         self.record_errors = Counter("trunkline_record_write_errors_total",
                                      "Call records that could not be written", registry=r)

@@ -1,4 +1,5 @@
-"""Durable call records: one JSON line per finished call in DATA_DIR/calls.jsonl.
+"""Durable records: one JSON line per finished call (DATA_DIR/calls.jsonl) or
+per conversation turn (DATA_DIR/turns.jsonl), fsynced as they are written.
 
 A write that fails (full disk, read-only mount) is logged and counted and the
 record is kept in memory to retry with the next write; calls go on.
@@ -13,8 +14,8 @@ log = logging.getLogger("trunkline.records")
 
 
 class CallRecords:
-    def __init__(self, data_dir: str, on_error=None):
-        self.path = os.path.join(data_dir, "calls.jsonl")
+    def __init__(self, data_dir: str, on_error=None, name: str = "calls.jsonl"):
+        self.path = os.path.join(data_dir, name)
         self.pending: list[str] = []
         self.on_error = on_error
 

@@ -9,6 +9,7 @@ from bridge.cell import Cell, install_signal_handlers
 from bridge.config import Config
 from bridge.http import make_app, start_http
 from bridge.logs import event
+from ai.client import EngineLoadError
 from sip.engine import EngineError
 
 log = logging.getLogger("trunkline")
@@ -18,6 +19,9 @@ async def run_serve(cfg: Config) -> int:
     cell = Cell(cfg)
     try:
         await cell.start()
+    except EngineLoadError as exc:
+        print(f"trunkline: cannot load models: {exc}", file=sys.stderr)
+        return 2
     except EngineError as exc:
         print(f"trunkline: cannot start SIP: {exc}", file=sys.stderr)
         return 1

@@ -143,7 +143,7 @@ class FramePort(pj.AudioMediaPort):
         if m is None:
             return
         try:
-            pcm = m.tx()
+            pcm = m.tx(_monotonic())
             if pcm is not None:
                 _write(frame, pcm)
         except Exception:  # noqa: BLE001

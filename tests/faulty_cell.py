@@ -18,11 +18,11 @@ class Exploding(apps.EchoApp):
         super().on_frames(frames, now)
 
 
-def make_app(name, session, cfg):
+def make_app(name, session, cell):
     _made.append(session.call_id)
     if len(_made) == 2:
         return Exploding(session)
-    return _real(name, session, cfg)
+    return _real(name, session, cell)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "sipp-scenarios"
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("TRUNKLINE_SHARED", ROOT.parent / "shared"))
 
 _ports = itertools.count(21000 + (os.getpid() % 50) * 400, 40)
 

@@ -106,11 +106,16 @@ def test_callmedia_counts_silence_and_flushes():
     m.rx(b"a", 1.0)
     m.rx(b"b", 1.02)
     m.rx(b"c", 1.04)
-    assert m.uplink.dropped == 1 and m.uplink.drain() == [b"b", b"c"]
-    assert m.tx() is None and m.tx_silence == 1
-    m.downlink.push(b"x")
-    m.downlink.push(b"y")
-    assert m.tx() == b"x" and m.flush_out() == 1 and m.tx() is None
+    assert m.uplink.dropped == 1 and m.uplink.drain() == [(1.02, b"b"), (1.04, b"c")]
+    assert m.tx(2.0) is None and m.tx_silence == 1
+    x, y = bytes(4), bytes(4)
+    m.downlink.push(x)
+    m.downlink.push(y)
+    m.mark_frame(y)
+    assert m.tx(2.02) is x and m.mark_time is None
+    assert m.tx(2.04) is y and m.mark_time == 2.04 and m.tx_frames == 2
+    m.downlink.push(bytes(4))
+    assert m.flush_out() == 1 and m.tx(2.06) is None
 
 
 # ---- resampling, codecs, WAV -------------------------------------------------

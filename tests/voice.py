@@ -1,0 +1,71 @@
+"""Caller speech for agent tests: real Piper speech, real whisper to check replies."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ai import models
+from media import g711
+from media.resample import resample
+from media.vad import VoiceDetector
+
+
+@functools.lru_cache(maxsize=1)
+def _tts():
+    from ai.tts import PiperTTS
+    return PiperTTS(*models.piper_voice(), threads=1)
+
+
+@functools.lru_cache(maxsize=1)
+def _stt():
+    from ai.stt import WhisperSTT
+    return WhisperSTT(str(models.whisper_dir()), threads=2)
+
+
+@functools.lru_cache(maxsize=32)
+def say(text: str, rate: int = 8000) -> bytes:
+    tts = _tts()
+    return resample(b"".join(tts.synthesize(text)), tts.rate, rate)
+
+
+def ulaw_packets(pcm8k: bytes) -> list[bytes]:
+    pad = (-len(pcm8k)) % 320
+    pcm8k += bytes(pad)
+    return [g711.ulaw_encode(pcm8k[i:i + 320]) for i in range(0, len(pcm8k), 320)]
+
+
+SILENCE_ULAW = bytes([0xFF]) * 160
+
+
+def decode(received, start: float | None = None, end: float | None = None) -> bytes:
+    """PCM (8 kHz) of PCMU packets received in [start, end) (peer.received tuples)."""
+    return b"".join(g711.ulaw_decode(p) for t, pt, _, p in received
+                    if pt == 0 and (start is None or t >= start) and (end is None or t < end))
+
+
+def speech_seconds(pcm8k: bytes) -> float:
+    vad = VoiceDetector(8000, mode=2)
+    frames = [pcm8k[i:i + 320] for i in range(0, len(pcm8k) - 319, 320)]
+    return 0.02 * sum(1 for f in frames if vad.is_speech(f))
+
+
+def transcribe(pcm8k: bytes) -> str:
+    return _stt().transcribe(resample(pcm8k, 8000, 16000)).text
+
+
+def first_voice_time(received, after: float, level: int = 800) -> float | None:
+    for t, pt, _, p in received:
+        if pt == 0 and t >= after:
+            x = np.frombuffer(g711.ulaw_decode(p), "<i2")
+            if np.abs(x).max() > level:
+                return t
+    return None
+
+
+def last_voice_time(received, level: int = 800) -> float | None:
+    last = None
+    for t, pt, _, p in received:
+        if pt == 0 and np.abs(np.frombuffer(g711.ulaw_decode(p), "<i2")).max() > level:
+            last = t
+    return last
