@@ -48,9 +48,9 @@ class SentenceCutter:
             return self._take(m.end())
         words = self.buf.split()
         if self.emitted == 0 and len(words) > self.first_min:
-            m = re.search(r"[,;:—–]\s", self.buf)
-            if m and len(self.buf[:m.start()].split()) >= self.first_min:
-                return self._take(m.end())
+            for m in re.finditer(r"[,;:—–]\s", self.buf):
+                if len(self.buf[:m.start()].split()) >= self.first_min:
+                    return self._take(m.end())
         if len(words) > self.max_words:
             cut = self.buf.rfind(" ", 0, len(self.buf) - 1)
             return self._take(cut + 1) if cut > 0 else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 
@@ -69,3 +70,49 @@ def last_voice_time(received, level: int = 800) -> float | None:
         if pt == 0 and np.abs(np.frombuffer(g711.ulaw_decode(p), "<i2")).max() > level:
             last = t
     return last
+
+
+class Caller:
+    """A SIPp-signalled call whose RTP we send and record ourselves, in real time."""
+
+    def __init__(self, cell, tmp, seconds: float = 30.0, scenario: str = "wait_bye.xml"):
+        from support import RtpPeer, sipp
+        self.peer = RtpPeer(cell.ports["rtp_peer"])
+        self.proc = sipp(scenario, cell.sip, tmp, "-d", str(int(seconds * 1000)), local_port=cell.ports["sipp"],
+                         rtpport=cell.ports["rtp_peer"], background=True, timeout=seconds + 30)
+        self.peer.wait_remote()
+
+    def silence(self, seconds: float) -> None:
+        self.peer.stream([SILENCE_ULAW] * int(seconds * 50))
+
+    def speak(self, text: str) -> float:
+        """Send the phrase; returns the time its last packet went out."""
+        self.peer.stream(ulaw_packets(say(text)))
+        return time.monotonic()
+
+    def wait_reply(self, after: float, timeout: float = 40.0, quiet: float = 1.2) -> bytes:
+        """Keep sending silence until the agent has spoken and then been quiet for ``quiet`` s."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.silence(0.2)
+            first = first_voice_time(self.peer.received, after)
+            last = last_voice_time(self.peer.received)
+            if first and last and time.monotonic() - last > quiet:
+                return decode(self.peer.received, after)
+        raise AssertionError("the agent did not answer")
+
+    def goodbye(self, timeout: float = 20.0) -> int:
+        """Say goodbye and keep the line open until the agent hangs up (SIPp answers its BYE)."""
+        self.speak("Thank you, goodbye.")
+        end = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < end:
+            self.silence(0.2)
+        return self.close()
+
+    def close(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.peer.close()
+        return self.proc.returncode
+
