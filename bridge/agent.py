@@ -155,10 +155,11 @@ class AgentApp(App):
             self.utterance = []
             self.spec = None
         if self.ep.in_speech and self.cfg["interim_every"] and self.spec is None and not self.interim_busy and \
+                self.hub.stt_backlog() == 0 and \
                 self.ep.last_voiced == t and \
                 t - max(self.last_interim, self.ep.speech_started or t) >= self.cfg["interim_every"]:
-            # Interim transcripts only while the caller talks, one at a time, and never
-            # ahead of a speculative/final decode: the end of the turn is what is urgent.
+            # Interim transcripts only while the caller talks, one at a time, and only when
+            # the STT engine is idle: end-of-turn decodes (any call's) are what is urgent.
             self.last_interim = t
             self.interim_busy = True
             self.hub.stt(self.call_key, b"".join(self.utterance), True, self._on_interim,

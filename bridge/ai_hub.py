@@ -127,6 +127,10 @@ class AiHub:
     def stt(self, call: str, pcm16k: bytes, interim: bool, on_result, on_error=None) -> int | None:
         return self._send(("stt", call, pcm16k, interim), Request(call, "stt", on_result=on_result, on_error=on_error))
 
+    def stt_backlog(self) -> int:
+        """STT requests sent and not answered yet, over all calls."""
+        return sum(1 for r in self.pending.values() if r.engine == "stt")
+
     def llm(self, call: str, messages: list[dict], params: dict, on_token, on_done, on_error) -> int | None:
         return self._send(("llm", call, messages, params),
                           Request(call, "llm", on_token=on_token, on_done=on_done, on_error=on_error))

@@ -38,6 +38,9 @@ class FakeHub:
     def cancel(self, call):
         self.cancels += 1
 
+    def stt_backlog(self):
+        return 0
+
     def release(self, call):
         self.released = True
 

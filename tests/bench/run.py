@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from media import g711  # noqa: E402
 from support import CellProcess, RtpPeer, sipp  # noqa: E402
@@ -124,7 +125,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "cell.json"))
+    ap.add_argument("--only", choices=["cell", "agent"], help="run one part only")
     args = ap.parse_args()
+    if args.only != "agent":
+        run_cell(args)
+    if args.only != "cell":
+        import agent
+        agent.main(str(HERE / "results" / "agent.json"))
+    return 0
+
+
+def run_cell(args) -> None:
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "kernel": platform.release()},
                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -144,8 +155,7 @@ def main() -> int:
               f"{r['refused_503']:>5} {r['achieved_cps']:>12}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nsaved {args.out}")
-    return 0
+    print(f"\nsaved {args.out}\n")
 
 
 if __name__ == "__main__":
