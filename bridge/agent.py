@@ -99,6 +99,10 @@ class AgentApp(App):
         rec = {"call_id": self.session.call_id, "turn": self.turn_no, "role": role, "text": text, **extra}
         self.turns.append({"event": "turn", "at": time.time(), **rec})
         event(log, "turn", **rec)
+        said = text if role == "caller" else extra.get("heard", text)
+        if said:
+            self.session.record_transcript("in" if role == "caller" else "out", said, None,
+                                           {k: v for k, v in extra.items() if k != "heard"} or None)
 
     def _speaking(self) -> bool:
         return self.playout.active or self.session.media.queued_out() > 0
@@ -174,6 +178,10 @@ class AgentApp(App):
             v2v = media.mark_time - r.last_voice
             self.metrics.turn_latency.labels("voice_to_voice").observe(v2v)
             event(log, "voice_to_voice", call_id=self.session.call_id, turn=r.turn, seconds=round(v2v, 3))
+            self.session.emit("turn_latency", {"turn": r.turn, "voice_to_voice": round(v2v, 3),
+                                               "stt": round(r.stt_seconds, 3),
+                                               "llm_first_token": round((r.first_token_at or r.llm_at) - r.llm_at, 3),
+                                               "tts_first_audio": round(r.first_audio_at - (r.tts_at or r.first_audio_at), 3)})
         if r is not None and not r.held and (r.llm_done or r.failed) and r.tts_pending == 0 and not self.playout.active \
                 and media.queued_out() == 0:
             self._reply_finished(r)

@@ -80,6 +80,31 @@ class PlaybackApp(App):
                 self.session.hangup("playback finished")
 
 
+class ApiApp(App):
+    """No local AI: the call is driven through the control API (transcribes, speakings)."""
+    name = "api"
+
+    def on_frames(self, frames, now):
+        listeners = [t for t in self.session.transcribers.values() if t.hears_caller()]
+        for t, pcm in frames:
+            for tr in listeners:
+                tr.on_frame(t, pcm)
+
+    def on_tick(self, now):
+        for sp in self.session.speakings.values():
+            if sp.status == "active":
+                sp.tick()
+
+    def on_end(self):
+        for tr in self.session.transcribers.values():
+            tr.stop()
+        for sp in self.session.speakings.values():
+            sp.stop()
+
+
+APPS = ("echo", "playback", "agent", "api")
+
+
 def make_app(name: str, session, cell) -> App:
     app_cfg = cell.cfg.raw["app"]
     if name == "echo":
@@ -89,4 +114,6 @@ def make_app(name: str, session, cell) -> App:
     if name == "agent":
         from bridge.agent import AgentApp
         return AgentApp(session, cell.hub, cell.cfg.raw["agent"], cell.metrics, cell.turns)
+    if name == "api":
+        return ApiApp(session)
     raise ValueError(f"app {name!r} is not available in this build")

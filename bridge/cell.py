@@ -16,6 +16,9 @@ import signal
 import time
 
 from bridge.apps import make_app
+from bridge.events import EventBus
+from bridge.store import Store
+from bridge.webhooks import WebhookDispatcher
 from bridge.config import CODEC_IDS, Config
 from bridge.logs import event
 from bridge.metrics import Metrics
@@ -59,7 +62,18 @@ class Cell:
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.records = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc)
         self.turns = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc, name="turns.jsonl")
-        self.hub = None                          # the inference process, for the agent app
+        self.hub = None                          # the inference process (agent and API speech)
+        self.store = Store(cfg.data_dir)
+        closed = self.store.close_open_calls("bridge restarted")
+        if closed:
+            log.warning("closed %d call records left open by an earlier run", closed)
+        for number, app in cfg.raw["numbers"].items():
+            self.store.set_number(number, app)
+        self.bus = EventBus(self.store, self.metrics)
+        w = cfg.raw["webhooks"]
+        self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
+                                          w["max_delay"], w["timeout"])
+        self.bus.subscribe(self.webhooks.on_event)
         self.engine = Engine(engine_config(cfg), self._post_event)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
@@ -69,15 +83,24 @@ class Cell:
     async def start(self) -> None:
         """Load the models (agent app), then start SIP. Raises EngineLoadError / EngineError."""
         self._loop = asyncio.get_running_loop()
-        if self.cfg.app == "agent":
+        self._purge()
+        await self.webhooks.start()
+        if self.cfg.needs_models():
             from bridge.ai_hub import AiHub
             self.hub = AiHub(self.cfg, self.metrics, self.cfg.raw["media"]["clock_rate"])
             try:
                 await self.hub.start()
             except BaseException:
                 await self.hub.stop()
+                await self.webhooks.stop()
                 raise
-        await self._loop.run_in_executor(None, self.engine.start)
+        try:
+            await self._loop.run_in_executor(None, self.engine.start)
+        except BaseException:
+            if self.hub is not None:
+                await self.hub.stop()
+            await self.webhooks.stop()
+            raise
         self._tick_task = asyncio.create_task(self._ticker(), name="cell-tick")
         self.ready = True
 
@@ -108,10 +131,19 @@ class Cell:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
         if self.hub is not None:
             await self.hub.stop()
+        await self.webhooks.stop()
+        self.store.close()
         self.stopped.set()
 
-    async def make_call(self, uri: str, trunk: str | None = None) -> str:
-        fut = self.engine.submit(cmd.MakeCall(uri, trunk))
+    def _purge(self) -> None:
+        days = self.cfg.raw["records"]["retention_days"]
+        if days:
+            removed = self.store.purge(time.time() - days * 86400)
+            if any(removed.values()):
+                event(log, "records_purged", **removed)
+
+    async def make_call(self, uri: str, trunk: str | None = None, app: str | None = None) -> str:
+        fut = self.engine.submit(cmd.MakeCall(uri, trunk, app))
         return await asyncio.wrap_future(fut)
 
     # -- events from the engine thread ---------------------------------------
@@ -129,10 +161,15 @@ class Cell:
         s = Session(self, e)
         self.sessions[e.call_id] = s
         self.metrics.calls_active.set(len(self.sessions))
+        s.app_name = e.app or self.app_for(e.to_uri)
         event(calls_log, "call_offered", call_id=e.call_id, direction=e.direction,
-              **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk)
+              **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk, app=s.app_name)
+        self._record(s)
+        s.emit("call_ringing", {"direction": e.direction, "from": e.from_uri, "to": e.to_uri, "app": s.app_name})
         try:
-            s.app = make_app(self.cfg.app, s, self)
+            if s.app_name in ("agent", "api") and self.hub is None:
+                raise RuntimeError(f"app {s.app_name!r} needs the models, which this cell did not load")
+            s.app = make_app(s.app_name, s, self)
             s.app.on_start()
         except Exception as exc:  # noqa: BLE001 - a bad app/prompt ends this call only
             self._app_failed(s, exc)
@@ -142,8 +179,13 @@ class Cell:
         if s is None:
             return
         s.answered_at = time.monotonic()
-        s.codec = e.codec
-        event(calls_log, "call_answered", call_id=e.call_id, codec=e.codec)
+        s.codec = e.codec or self._codec_of(e.call_id)
+        s.state = "progressing"
+        event(calls_log, "call_answered", call_id=e.call_id, codec=s.codec)
+        self._record(s)
+        s.emit("call_progressing", {"codec": s.codec})
+        for sp in s.speakings.values():
+            sp.activate()
         if s.app is not None:
             try:
                 s.app.on_answered()
@@ -166,6 +208,7 @@ class Cell:
         if s is None:
             return
         s.dtmf += e.digit
+        s.emit("dtmf_received", {"digit": e.digit, "method": e.method, "duration_ms": e.duration_ms})
         target = self.cfg.raw["app"]["dtmf_transfer"].get(e.digit)
         if target:
             s.transfer(target)
@@ -223,7 +266,36 @@ class Cell:
         }
         self.ended.append(e)
         event(calls_log, "call_ended", **rec)
+        if s is not None:
+            s.state = "ended"
+            self._record(s, ended=time.time(), result=result, reason=e.reason,
+                         quality=q.as_dict() if q.rx_packets else None, codec=q.codec or s.codec)
+            self.bus.publish("call_hangup", e.call_id, {"reason": e.reason, "result": result, "status": e.status,
+                                                        "duration": round(e.duration, 3),
+                                                        "quality": q.as_dict() if q.rx_packets else None})
+            self.bus.forget_call(e.call_id)
         self.records.append({"event": "call_ended", "ended_at": time.time(), **rec})
+
+    # -- records and routing --------------------------------------------------------------
+    def app_for(self, to_uri: str) -> str:
+        """The app for an inbound call: by the dialled number (user part of To), else the default."""
+        user = to_uri.split("sip:", 1)[-1].split("@", 1)[0].split(";", 1)[0] if "@" in to_uri else ""
+        numbers = self.store.numbers()
+        return numbers.get(user) or numbers.get(user.lstrip("+")) or self.cfg.app
+
+    def _codec_of(self, call_id: str) -> str:
+        q = self.engine.live_quality().get(call_id)
+        return q.codec if q else ""
+
+    def _record(self, s: Session, **fields) -> None:
+        row = {"id": s.call_id, "direction": s.direction, "from_uri": s.from_uri, "to_uri": s.to_uri,
+               "trunk": s.trunk, "app": s.app_name, "state": s.state, "codec": s.codec,
+               "created": s.created, "answered": s.answered_wall, **fields}
+        try:
+            self.store.upsert_call(row)
+        except Exception:  # noqa: BLE001 - records must never break a call
+            log.exception("cannot store call record %s", s.call_id)
+            self.metrics.record_errors.inc()
 
     # -- the 20 ms tick ----------------------------------------------------------
     async def _ticker(self) -> None:

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--sip", metavar="HOST:PORT", help="SIP listen address, UDP and TCP")
     s.add_argument("--http", metavar="HOST:PORT", help="health/metrics listen address")
-    s.add_argument("--app", choices=["echo", "playback", "agent"])
+    s.add_argument("--app", choices=["echo", "playback", "agent", "api"])
     s.add_argument("--prompt", metavar="WAV", help="prompt for the playback app")
     s.add_argument("--rtp-ports", metavar="LOW-HIGH")
 
@@ -42,7 +42,43 @@ def _parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("check-config", help="validate the configuration and print it")
     _common(k)
+
+    keys = sub.add_parser("keys", help="manage API keys (stored hashed in DATA_DIR/trunkline.db)")
+    ks = keys.add_subparsers(dest="keys_command", required=True)
+    kc = ks.add_parser("create", help="create a key and print it once")
+    _common(kc)
+    kc.add_argument("--scope", choices=["read", "control"], required=True)
+    kc.add_argument("--name", required=True)
+    kl = ks.add_parser("list", help="list keys (never the secrets)")
+    _common(kl)
+    kr = ks.add_parser("revoke", help="revoke a key by id")
+    _common(kr)
+    kr.add_argument("key_id")
     return ap
+
+
+def _keys(cfg, args) -> int:
+    from bridge.store import Store
+    store = Store(cfg.data_dir)
+    try:
+        if args.keys_command == "create":
+            kid, secret = store.create_key(args.name, args.scope)
+            print(secret)
+            print(f"created {kid} ({args.scope}, {args.name!r}); the key is shown only now", file=sys.stderr)
+        elif args.keys_command == "list":
+            import time as _t
+            for k in store.list_keys():
+                state = "revoked" if k["revoked"] else "active"
+                created = _t.strftime("%Y-%m-%d %H:%M", _t.gmtime(k["created"]))
+                print(f"{k['id']}\t{k['scope']}\t{state}\t{created}\t{k['name']}")
+        elif args.keys_command == "revoke":
+            if not store.revoke_key(args.key_id):
+                print(f"trunkline: no active key {args.key_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}")
+    finally:
+        store.close()
+    return 0
 
 
 def _overrides(args) -> dict:
@@ -65,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bridge import logs
     logs.setup(cfg.raw["log_level"])
+    if args.command == "keys":
+        return _keys(cfg, args)
     if args.command == "check-config":
         import json
         print(json.dumps(cfg.raw, indent=2))

@@ -115,8 +115,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6)},
     "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
               "realtime_clock": _bool},
-    "http": {"listen": _hostport},
-    "app": {"name": _choice("echo", "playback", "agent"), "prompt": _str, "loop": _bool,
+    "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300)},
+    "records": {"retention_days": _float(0, 36500)},
+    "webhooks": {"max_attempts": _int(1, 50), "base_delay": _float(0.01, 3600), "max_delay": _float(0.1, 86400),
+                 "timeout": _float(0.5, 60)},
+    "app": {"name": _choice("echo", "playback", "agent", "api"), "prompt": _str, "loop": _bool,
             "dtmf_transfer": _digit_map, "max_duration": _float(0, 86400)},
     "agent": {"system_prompt": _str, "greeting": _str, "language": _str, "reprompt_text": _str,
               "reprompt_after": _float(0, 3600), "hangup_after": _float(0, 3600), "goodbye_text": _str,
@@ -129,7 +132,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "models": {"stt": _str, "stt_compute_type": _choice("int8", "int8_float32", "float32"),
                "llm_backend": _choice("llama", "openai"), "llm": _str, "llm_context": _int(256, 32768),
                "llm_url": _str, "llm_model": _str, "llm_api_key_env": _str, "tts": _str, "tts_config": _str,
-               "threads": _int(1, 64), "tts_threads": _int(1, 64), "load_timeout": _float(1, 3600)},
+               "threads": _int(1, 64), "tts_threads": _int(1, 64), "load_timeout": _float(1, 3600),
+               "load": _choice("auto", "always", "never")},
 }
 
 TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str,
@@ -144,7 +148,10 @@ DEFAULTS: dict[str, Any] = {
             "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
             "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1},
     "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
-    "http": {"listen": "127.0.0.1:8080"},
+    "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0},
+    "records": {"retention_days": 30.0},
+    "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0},
+    "numbers": {},
     "app": {"name": "echo", "prompt": "", "loop": False, "dtmf_transfer": {}, "max_duration": 3600.0},
     "agent": {
         "system_prompt": ("You are a helpful receptionist answering the phone. Answer in one or two short, "
@@ -165,7 +172,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "models": {"stt": "", "stt_compute_type": "int8", "llm_backend": "llama", "llm": "", "llm_context": 2048,
                "llm_url": "", "llm_model": "", "llm_api_key_env": "OPENAI_API_KEY", "tts": "", "tts_config": "",
-               "threads": 2, "tts_threads": 1, "load_timeout": 180.0},
+               "threads": 2, "tts_threads": 1, "load_timeout": 180.0,
+               "load": "auto"},
     "trunks": [{"name": "local", "allow": ["127.0.0.0/8", "::1/128"]}],
 }
 
@@ -200,6 +208,12 @@ class Config:
     @property
     def app(self) -> str:
         return self.raw["app"]["name"]
+
+    def needs_models(self) -> bool:
+        load = self.raw["models"]["load"]
+        if load != "auto":
+            return load == "always"
+        return bool({self.app, *self.raw["numbers"].values()} & {"agent", "api"})
 
 
 def _check(section: str, key: str, value: Any) -> Any:
@@ -247,7 +261,12 @@ def _trunk(i: int, t: Any) -> Trunk:
 
 def _merge_file(raw: dict, data: dict) -> None:
     for key, value in data.items():
-        if key == "trunks":
+        if key == "numbers":
+            if not isinstance(value, dict) or not all(isinstance(v, str) and v in ("echo", "playback", "agent", "api")
+                                                      for v in value.values()):
+                raise ConfigError("numbers: expected a table of \"number\" = \"echo|playback|agent|api\"")
+            raw["numbers"] = value
+        elif key == "trunks":
             if not isinstance(value, list):
                 raise ConfigError("trunks: expected an array of tables ([[trunks]])")
             raw["trunks"] = value
@@ -312,6 +331,11 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"models.{key}: {m[key]} is not a CTranslate2 model directory")
     if m["llm_backend"] == "openai" and not (m["llm_url"] and m["llm_model"]):
         raise ConfigError("models.llm_url: the openai backend needs llm_url and llm_model")
+    if raw["http"]["ops_listen"]:
+        try:
+            _hostport(raw["http"]["ops_listen"])
+        except TypeError as exc:
+            raise ConfigError(f"http.ops_listen: {exc}") from None
     if raw["app"]["name"] == "playback" and not raw["app"]["prompt"]:
         raise ConfigError("app.prompt: required for the playback app")
     return Config(raw, trunks)

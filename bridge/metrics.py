@@ -51,5 +51,7 @@ class Metrics:
                              ["engine"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0), registry=r)
         self.llm_tokens_per_second = Histogram("trunkline_llm_tokens_per_second", "LLM generation speed per reply",
                                                buckets=(5, 10, 20, 40, 60, 80, 100, 150, 200, 300), registry=r)
+        self.webhook_deliveries = Counter("trunkline_webhook_deliveries_total", "Webhook delivery attempts by result",
+                                          ["result"], registry=r)
         self.record_errors = Counter("trunkline_record_write_errors_total",
                                      "Call records that could not be written", registry=r)

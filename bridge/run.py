@@ -7,7 +7,7 @@ import sys
 
 from bridge.cell import Cell, install_signal_handlers
 from bridge.config import Config
-from bridge.http import make_app, start_http
+from bridge.http import make_app, make_ops_app, start_http
 from bridge.logs import event
 from ai.client import EngineLoadError
 from sip.engine import EngineError
@@ -25,10 +25,16 @@ async def run_serve(cfg: Config) -> int:
     except EngineError as exc:
         print(f"trunkline: cannot start SIP: {exc}", file=sys.stderr)
         return 1
+    ops = cfg.raw["http"]["ops_listen"]
+    runners = []
     try:
-        runner = await start_http(make_app(cell), cfg.raw["http"]["listen"])
+        runners.append(await start_http(make_app(cell, with_ops=not ops), cfg.raw["http"]["listen"]))
+        if ops:
+            runners.append(await start_http(make_ops_app(cell), ops))
     except OSError as exc:
-        print(f"trunkline: cannot listen on http {cfg.raw['http']['listen']}: {exc.strerror}", file=sys.stderr)
+        print(f"trunkline: cannot listen on http: {exc.strerror}", file=sys.stderr)
+        for r in runners:
+            await r.cleanup()
         await cell.stop()
         return 1
     event(log, "cell_ready", sip=cfg.raw["sip"]["listen"], http=cfg.raw["http"]["listen"], app=cfg.app,
@@ -47,7 +53,8 @@ async def run_serve(cfg: Config) -> int:
         await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
         second.cancel()
-    await runner.cleanup()
+    for r in runners:
+        await r.cleanup()
     await cell.stop()
     event(log, "cell_stopped", error=cell.engine_failed)
     return 1 if cell.engine_failed else 0

@@ -20,12 +20,43 @@ class Session:
         self.trunk = offered.trunk
         self.media = offered.media
         self.started = time.monotonic()
+        self.created = time.time()
         self.answered_at: float | None = None
         self.codec = ""
         self.app = None
         self.dtmf = ""
         self.ending = False
         self._dropped = (0, 0)
+        self.app_name = ""
+        self.state = "ringing"
+        self.transcribers: dict = {}
+        self.speakings: dict = {}
+        self.speak_generation = 0
+
+    @property
+    def answered_wall(self) -> float | None:
+        return self.created + (self.answered_at - self.started) if self.answered_at else None
+
+    def emit(self, etype: str, data: dict) -> None:
+        """Publish an event about this call on the bus (stored, then sent)."""
+        self.cell.bus.publish(etype, self.call_id, data)
+
+    def record_transcript(self, direction: str, text: str, transcribe_id: str | None = None,
+                          extra: dict | None = None) -> None:
+        """Store a line of the call's transcript and publish ``transcript_created``."""
+        try:
+            self.cell.store.add_transcript(self.call_id, direction, text, transcribe_id, extra)
+        except Exception:  # noqa: BLE001 - a full disk must not end the call
+            self.cell.metrics.record_errors.inc()
+        data = {"direction": direction, "message": text}
+        if transcribe_id:
+            data["transcribe_id"] = transcribe_id
+        self.emit("transcript_created", data)
+
+    def heard_out(self, text: str) -> None:
+        """Text the caller has just heard from us (for outbound transcription)."""
+        for tr in self.transcribers.values():
+            tr.spoken(text)
 
     def hangup(self, reason: str, status: int = 0) -> None:
         if self.ending:

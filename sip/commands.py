@@ -35,7 +35,7 @@ class MakeCall(Command):
     """Place an outbound call; the future resolves to the new call_id."""
     uri: str
     trunk: str | None = None
-    from_user: str | None = None
+    app: str | None = None          # echoed in CallOffered so the application knows what to run
 
 
 @dataclass

@@ -399,7 +399,7 @@ class Engine:
         leg = _Leg(call, info.callIdString, "outbound", c.trunk, media, admitted=True)
         self.legs[info.id] = leg
         self.by_call_id[leg.call_id] = leg
-        self._emit(ev.CallOffered(leg.call_id, "outbound", info.localUri, info.remoteUri, "", c.trunk, media))
+        self._emit(ev.CallOffered(leg.call_id, "outbound", info.localUri, info.remoteUri, "", c.trunk, media, c.app))
         return leg.call_id
 
     # -- pjsua2 callbacks (engine thread) ----------------------------------

@@ -18,6 +18,7 @@ class CallOffered:
     source: str             # ip:port the INVITE came from ("" for outbound)
     trunk: str | None
     media: CallMedia = field(compare=False, repr=False)
+    app: str | None = None          # set for outbound calls placed with MakeCall(app=...)
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,16 @@ class Session:
         self.media = CallMedia(RATE)
         self.call_id = "call-1"
         self.hangups = []
+        self.events = []
 
     def hangup(self, reason, status=0):
         self.hangups.append(reason)
+
+    def emit(self, etype, data):
+        self.events.append((etype, data))
+
+    def record_transcript(self, direction, text, transcribe_id=None, extra=None):
+        self.events.append(("transcript_created", {"direction": direction, "message": text}))
 
 
 @pytest.fixture

@@ -1,0 +1,94 @@
+"""The event bus: every event is numbered and stored before anyone sees it.
+
+Event JSON (the same on the WebSocket, in webhooks and in the store)::
+
+    {"seq": 42, "id": "evt_...", "type": "transcript_created", "call_id": "...",
+     "call_seq": 7, "timestamp": "2026-11-22T04:30:00.123Z", "data": {...}}
+
+``seq`` is the bus sequence: strictly increasing with no gaps on the bus, so a
+subscriber that reconnects with the last ``seq`` it saw is replayed everything
+it missed; ``call_seq`` counts the events of one call from 1.
+
+Topics: ``*`` (everything), ``call:<call_id>``, ``event:<type>``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Callable
+
+from bridge.store import Store, new_id
+
+log = logging.getLogger("trunkline.events")
+
+EVENT_TYPES = (
+    "call_ringing", "call_progressing", "call_hangup", "dtmf_received",
+    "transcribe_started", "transcribe_stopped",
+    "transcribe_speech_started", "transcribe_speech_interim", "transcribe_speech_ended", "transcript_created",
+    "speaking_started", "speaking_stopped", "turn_latency",
+)
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def matches(topics, event: dict) -> bool:
+    for t in topics:
+        if t == "*" or t == f"call:{event.get('call_id')}" or t == f"event:{event['type']}":
+            return True
+    return False
+
+
+def valid_topic(t: str) -> bool:
+    return t == "*" or (t.startswith("call:") and len(t) > 5) or (t.startswith("event:") and t[6:] in EVENT_TYPES)
+
+
+def from_row(row: dict) -> dict:
+    body = json.loads(row["data"])
+    return {"seq": row["seq"], "id": row["id"], "type": row["type"], "call_id": row["call_id"],
+            "call_seq": body.get("call_seq"), "timestamp": iso(row["at"]), "data": body.get("data", {})}
+
+
+class EventBus:
+    def __init__(self, store: Store, metrics=None):
+        self.store = store
+        self.metrics = metrics
+        self.listeners: list[Callable[[dict], None]] = []
+        self.call_seq: dict[str, int] = defaultdict(int)
+
+    def subscribe(self, fn: Callable[[dict], None]) -> None:
+        self.listeners.append(fn)
+
+    def unsubscribe(self, fn: Callable[[dict], None]) -> None:
+        if fn in self.listeners:
+            self.listeners.remove(fn)
+
+    def publish(self, etype: str, call_id: str | None, data: dict) -> dict | None:
+        assert etype in EVENT_TYPES, etype
+        at = time.time()
+        eid = new_id("evt")
+        cseq = None
+        if call_id:
+            self.call_seq[call_id] += 1
+            cseq = self.call_seq[call_id]
+        try:
+            seq = self.store.add_event(eid, etype, call_id, at, {"call_seq": cseq, "data": data})
+        except Exception:  # noqa: BLE001 - a full disk must not stop the call
+            log.exception("could not store event %s", etype)
+            if self.metrics:
+                self.metrics.record_errors.inc()
+            return None
+        event = {"seq": seq, "id": eid, "type": etype, "call_id": call_id, "call_seq": cseq,
+                 "timestamp": iso(at), "data": data}
+        for fn in list(self.listeners):
+            try:
+                fn(event)
+            except Exception:  # noqa: BLE001
+                log.exception("event listener failed")
+        return event
+
+    def forget_call(self, call_id: str) -> None:
+        self.call_seq.pop(call_id, None)
