@@ -200,3 +200,39 @@ class RtpPeer:
 
     def close(self):
         self.sock.close()
+
+
+def create_key(data_dir, scope: str = "control", name: str = "test") -> str:
+    r = subprocess.run([sys.executable, "-m", "bridge.cli", "keys", "create", "--scope", scope, "--name", name,
+                        "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+class Api:
+    """A plain HTTP client for the cell's /v1 API."""
+
+    def __init__(self, cell: "CellProcess", key: str | None):
+        self.base = f"http://127.0.0.1:{cell.ports['http']}"
+        self.key = key
+
+    def call(self, method: str, path: str, body=None, raw: bytes | None = None, headers: dict | None = None,
+             key: str | None = None):
+        h = {"Content-Type": "application/json", **(headers or {})}
+        k = key if key is not None else self.key
+        if k:
+            h["Authorization"] = f"Bearer {k}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=15) as r:
+                return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            text = e.read()
+            return e.code, json.loads(text) if text else None, dict(e.headers)
+
+    def get(self, path, **kw):
+        return self.call("GET", path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return self.call("POST", path, body if body is not None else {}, **kw)
