@@ -409,7 +409,7 @@ class Api:
                     last_sent = event["seq"]
                     await ws.send_json({"type": "event", "event": event})
 
-        self.cell.bus.subscribe(listener)
+        self.cell.tailer.subscribe(listener)
         send_task = asyncio.create_task(sender())
         try:
             async for msg in ws:
@@ -446,7 +446,7 @@ class Api:
                 else:
                     await ws.send_json({"type": "error", "code": "unknown_type", "message": f"unknown type {kind!r}"})
         finally:
-            self.cell.bus.unsubscribe(listener)
+            self.cell.tailer.unsubscribe(listener)
             send_task.cancel()
         return ws
 

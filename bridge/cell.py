@@ -16,7 +16,7 @@ import signal
 import time
 
 from bridge.apps import make_app
-from bridge.events import EventBus
+from bridge.events import EventBus, Tailer
 from bridge.store import Store
 from bridge.webhooks import WebhookDispatcher
 from bridge.config import CODEC_IDS, Config
@@ -44,7 +44,9 @@ def engine_config(cfg: Config) -> EngineConfig:
         clock_rate=media["clock_rate"], codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
         capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
         rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
-        trunks=[TrunkSpec(t.name, t.address, t.allow, t.username, t.password, t.realm, t.register, t.expires)
+        trunks=[TrunkSpec(t.name, t.address, t.allow, t.username, t.password, t.realm,
+                          t.register and os.environ.get("TRUNKLINE_CELL", "0") == "0", t.expires,
+                          proxy=sip["outbound_proxy"])
                 for t in cfg.trunks],
     )
 
@@ -64,7 +66,8 @@ class Cell:
         self.turns = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc, name="turns.jsonl")
         self.hub = None                          # the inference process (agent and API speech)
         self.store = Store(cfg.data_dir)
-        closed = self.store.close_open_calls("bridge restarted")
+        self.cell_id = os.environ.get("TRUNKLINE_CELL", "0")
+        closed = self.store.close_open_calls("bridge restarted", self.cell_id)
         if closed:
             log.warning("closed %d call records left open by an earlier run", closed)
         for number, app in cfg.raw["numbers"].items():
@@ -73,7 +76,10 @@ class Cell:
         w = cfg.raw["webhooks"]
         self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
                                           w["max_delay"], w["timeout"])
-        self.bus.subscribe(self.webhooks.on_event)
+        self.tailer = Tailer(self.store)
+        if w["dispatch"]:
+            self.tailer.subscribe(self.webhooks.on_event)
+        self._tail_task: asyncio.Task | None = None
         self.engine = Engine(engine_config(cfg), self._post_event)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
@@ -84,7 +90,9 @@ class Cell:
         """Load the models (agent app), then start SIP. Raises EngineLoadError / EngineError."""
         self._loop = asyncio.get_running_loop()
         self._purge()
-        await self.webhooks.start()
+        self._tail_task = asyncio.create_task(self.tailer.run(), name="event-tailer")
+        if self.cfg.raw["webhooks"]["dispatch"]:
+            await self.webhooks.start()
         if self.cfg.needs_models():
             from bridge.ai_hub import AiHub
             self.hub = AiHub(self.cfg, self.metrics, self.cfg.raw["media"]["clock_rate"])
@@ -132,6 +140,8 @@ class Cell:
         if self.hub is not None:
             await self.hub.stop()
         await self.webhooks.stop()
+        if self._tail_task:
+            self._tail_task.cancel()
         self.store.close()
         self.stopped.set()
 
@@ -290,7 +300,7 @@ class Cell:
     def _record(self, s: Session, **fields) -> None:
         row = {"id": s.call_id, "direction": s.direction, "from_uri": s.from_uri, "to_uri": s.to_uri,
                "trunk": s.trunk, "app": s.app_name, "state": s.state, "codec": s.codec,
-               "created": s.created, "answered": s.answered_wall, **fields}
+               "created": s.created, "answered": s.answered_wall, "cell": self.cell_id, **fields}
         try:
             self.store.upsert_call(row)
         except Exception:  # noqa: BLE001 - records must never break a call

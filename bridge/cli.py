@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--app", choices=["echo", "playback", "agent", "api"])
     s.add_argument("--prompt", metavar="WAV", help="prompt for the playback app")
     s.add_argument("--rtp-ports", metavar="LOW-HIGH")
+    s.add_argument("--cells", type=int, default=1, metavar="N",
+                   help="run N cells (3 calls each) behind a Kamailio front on the --sip address")
 
     c = sub.add_parser("call", help="place one outbound call through a trunk and run the app on it")
     _common(c)
@@ -117,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from bridge.run import run_call, run_serve
     try:
+        if args.command == "serve" and args.cells > 1:
+            from bridge.supervisor import Supervisor
+            try:
+                sup = Supervisor(cfg, args.cells, args.config)
+            except ValueError as exc:
+                print(f"trunkline: config error: {exc}", file=sys.stderr)
+                return 2
+            return asyncio.run(sup.run())
         if args.command == "serve":
             return asyncio.run(run_serve(cfg))
         return asyncio.run(run_call(cfg, args.uri, args.trunk, args.duration))

@@ -112,13 +112,16 @@ SCHEMA: dict[str, dict[str, Any]] = {
          "drain_timeout": _float(0, 86400)},
     "sip": {"listen": _hostport, "public_address": _str, "user_agent": _str,
             "capacity": _int(1, 3), "retry_after": _int(1, 3600), "answer_delay": _float(0, 60),
-            "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6)},
+            "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6),
+            "trusted_proxies": _cidrs, "outbound_proxy": _str},
     "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
               "realtime_clock": _bool},
     "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300)},
     "records": {"retention_days": _float(0, 36500)},
+    "cells": {"host": _str, "sip_base": _int(0, 65535), "http_base": _int(0, 65535), "kamailio": _str,
+              "ping_interval": _int(1, 60), "pike": _int(1, 100000), "children": _int(1, 64), "front_ip": _str},
     "webhooks": {"max_attempts": _int(1, 50), "base_delay": _float(0.01, 3600), "max_delay": _float(0.1, 86400),
-                 "timeout": _float(0.5, 60)},
+                 "timeout": _float(0.5, 60), "dispatch": _bool},
     "app": {"name": _choice("echo", "playback", "agent", "api"), "prompt": _str, "loop": _bool,
             "dtmf_transfer": _digit_map, "max_duration": _float(0, 86400)},
     "agent": {"system_prompt": _str, "greeting": _str, "language": _str, "reprompt_text": _str,
@@ -146,11 +149,13 @@ DEFAULTS: dict[str, Any] = {
     "drain_timeout": 60.0,
     "sip": {"listen": "0.0.0.0:5060", "public_address": "", "user_agent": "Trunkline",
             "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
-            "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1},
+            "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": ""},
     "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
     "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0},
     "records": {"retention_days": 30.0},
-    "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0},
+    "cells": {"host": "127.0.0.1", "sip_base": 0, "http_base": 0, "kamailio": "kamailio", "ping_interval": 2,
+              "pike": 60, "children": 1, "front_ip": ""},
+    "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0, "dispatch": True},
     "numbers": {},
     "app": {"name": "echo", "prompt": "", "loop": False, "dtmf_transfer": {}, "max_duration": 3600.0},
     "agent": {
@@ -277,9 +282,14 @@ def _merge_file(raw: dict, data: dict) -> None:
             raw[key] = _check("", key, value)
 
 
+# TRUNKLINE_* variables that are not settings: the cell index a supervisor gives each
+# cell process, and where the tests find ../shared.
+NOT_SETTINGS = {"TRUNKLINE_CELL", "TRUNKLINE_SHARED"}
+
+
 def _env_overrides(raw: dict, environ: dict[str, str]) -> None:
     for name, value in environ.items():
-        if not name.startswith("TRUNKLINE_"):
+        if not name.startswith("TRUNKLINE_") or name in NOT_SETTINGS:
             continue
         rest = name[len("TRUNKLINE_"):].lower()
         if rest in SCHEMA[""]:
@@ -320,6 +330,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         if c.upper() not in CODEC_IDS:
             raise ConfigError(f"sip.codecs: unknown codec {c!r} (known: {', '.join(CODEC_IDS)})")
     trunks = [_trunk(i, t) for i, t in enumerate(raw["trunks"])]
+    if raw["sip"]["trusted_proxies"]:
+        # A SIP front (Kamailio) checks the trunks' source addresses; the cell trusts the front.
+        trunks.append(Trunk(name="proxy", allow=list(raw["sip"]["trusted_proxies"])))
     names = [t.name for t in trunks]
     if len(set(names)) != len(names):
         raise ConfigError("trunks: names must be unique")

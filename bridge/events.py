@@ -52,12 +52,18 @@ def from_row(row: dict) -> dict:
             "call_seq": body.get("call_seq"), "timestamp": iso(row["at"]), "data": body.get("data", {})}
 
 
-class EventBus:
-    def __init__(self, store: Store, metrics=None):
+class Tailer:
+    """Follows the events table (which every cell of a box writes) and hands each
+    new event, in ``seq`` order, to its listeners: the WebSocket connections and
+    the webhook dispatcher. Polling the shared store is what makes one box-wide,
+    gapless stream out of many cell processes."""
+
+    def __init__(self, store: Store, interval: float = 0.05):
         self.store = store
-        self.metrics = metrics
+        self.interval = interval
         self.listeners: list[Callable[[dict], None]] = []
-        self.call_seq: dict[str, int] = defaultdict(int)
+        self.last = store.last_event_seq()
+        self._task = None
 
     def subscribe(self, fn: Callable[[dict], None]) -> None:
         self.listeners.append(fn)
@@ -65,6 +71,39 @@ class EventBus:
     def unsubscribe(self, fn: Callable[[dict], None]) -> None:
         if fn in self.listeners:
             self.listeners.remove(fn)
+
+    def poll(self) -> int:
+        rows = self.store.events_since(self.last, 1000)
+        for row in rows:
+            ev = from_row(row)
+            self.last = ev["seq"]
+            for fn in list(self.listeners):
+                try:
+                    fn(ev)
+                except Exception:  # noqa: BLE001
+                    log.exception("event listener failed")
+        return len(rows)
+
+    async def run(self) -> None:
+        import asyncio
+        while True:
+            try:
+                if self.poll() < 1000:
+                    await asyncio.sleep(self.interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - e.g. the database is locked for a moment
+                log.exception("event tailer")
+                await asyncio.sleep(1.0)
+
+
+class EventBus:
+    """Publishing = committing to the store. Subscribers follow the store (``Tailer``)."""
+
+    def __init__(self, store: Store, metrics=None):
+        self.store = store
+        self.metrics = metrics
+        self.call_seq: dict[str, int] = defaultdict(int)
 
     def publish(self, etype: str, call_id: str | None, data: dict) -> dict | None:
         assert etype in EVENT_TYPES, etype
@@ -81,14 +120,8 @@ class EventBus:
             if self.metrics:
                 self.metrics.record_errors.inc()
             return None
-        event = {"seq": seq, "id": eid, "type": etype, "call_id": call_id, "call_seq": cseq,
-                 "timestamp": iso(at), "data": data}
-        for fn in list(self.listeners):
-            try:
-                fn(event)
-            except Exception:  # noqa: BLE001
-                log.exception("event listener failed")
-        return event
+        return {"seq": seq, "id": eid, "type": etype, "call_id": call_id, "call_seq": cseq,
+                "timestamp": iso(at), "data": data}
 
     def forget_call(self, call_id: str) -> None:
         self.call_seq.pop(call_id, None)

@@ -20,7 +20,7 @@ from media.vad import VoiceDetector
 
 class Transcriber:
     def __init__(self, session, hub, emit, direction: str, cfg: dict):
-        self.id = new_id("tr")
+        self.id = new_id(f"tr_c{session.cell.cell_id}")
         self.session = session
         self.hub = hub
         self.emit = emit
@@ -90,7 +90,7 @@ class Transcriber:
 
 class Speaking:
     def __init__(self, session, hub, emit, direction: str = "in"):
-        self.id = new_id("spk")
+        self.id = new_id(f"spk_c{session.cell.cell_id}")
         self.session = session
         self.hub = hub
         self.emit = emit

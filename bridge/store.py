@@ -1,9 +1,12 @@
 """SQLite records (WAL): calls, transcripts, events, webhooks and their
 deliveries, API keys, idempotent results, number routing.
 
-Every write commits before the caller goes on (``synchronous=FULL``): an
-event is on disk before it is sent to anyone, so a killed process loses no
-event it had acknowledged. All access happens on the cell's event-loop thread.
+Every write commits before the caller goes on, and an event is committed
+before anyone is sent it, so a killed process loses no event it had
+acknowledged (WAL with ``synchronous=NORMAL``: a committed transaction survives
+the process being killed; only an OS crash or power loss can take the last
+ones). All cells of a box share one database file; SQLite's locking serialises
+their writes. Within a process, all access is on the event-loop thread.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS calls (
     id TEXT PRIMARY KEY, direction TEXT, from_uri TEXT, to_uri TEXT, trunk TEXT, app TEXT,
     state TEXT, codec TEXT, created REAL, answered REAL, ended REAL, result TEXT, reason TEXT,
-    quality TEXT);
+    quality TEXT, cell TEXT);
 CREATE TABLE IF NOT EXISTS transcripts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, call_id TEXT NOT NULL, transcribe_id TEXT,
     direction TEXT NOT NULL, text TEXT NOT NULL, at REAL NOT NULL, extra TEXT);
@@ -60,9 +63,12 @@ class Store:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
+        if "cell" not in cols:                                    # databases from before multi-cell
+            self.db.execute("ALTER TABLE calls ADD COLUMN cell TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -102,7 +108,7 @@ class Store:
     # -- calls -----------------------------------------------------------------------
     def upsert_call(self, call: dict) -> None:
         cols = ["id", "direction", "from_uri", "to_uri", "trunk", "app", "state", "codec", "created",
-                "answered", "ended", "result", "reason", "quality"]
+                "answered", "ended", "result", "reason", "cell", "quality"]
         vals = [call.get(c) for c in cols]
         vals[-1] = json.dumps(call["quality"]) if call.get("quality") is not None else None
         self.db.execute(f"INSERT INTO calls ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
@@ -125,10 +131,11 @@ class Store:
             r["quality"] = json.loads(r["quality"]) if r["quality"] else None
         return rows
 
-    def close_open_calls(self, reason: str) -> int:
-        """Calls left open by a crash are closed at the next start."""
+    def close_open_calls(self, reason: str, cell: str) -> int:
+        """A cell's calls left open by a crash are closed when it starts again."""
         cur = self.db.execute("UPDATE calls SET ended = ?, state = 'ended', result = COALESCE(result, 'failed'), "
-                              "reason = COALESCE(reason, ?) WHERE ended IS NULL", (time.time(), reason))
+                              "reason = COALESCE(reason, ?) WHERE ended IS NULL AND (cell = ? OR cell IS NULL)",
+                              (time.time(), reason, cell))
         return cur.rowcount
 
     # -- transcripts -------------------------------------------------------------------
@@ -207,6 +214,11 @@ class Store:
     def due_deliveries(self, now: float) -> list[dict]:
         return self._all("SELECT * FROM deliveries WHERE status = 'pending' AND next_at <= ? ORDER BY next_at",
                          now)
+
+    def claim_delivery(self, did: str) -> bool:
+        """Take a pending delivery for sending; False if another process took it."""
+        return self.db.execute("UPDATE deliveries SET status = 'sending', updated = ? WHERE id = ? AND "
+                               "status = 'pending'", (time.time(), did)).rowcount == 1
 
     # -- idempotency ------------------------------------------------------------------------
     def idempotent(self, key_id: str, key: str) -> dict | None:

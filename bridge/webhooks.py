@@ -129,7 +129,8 @@ class WebhookDispatcher:
         if wh is None or row is None:
             self.store.update_delivery(d["id"], status="failed", last_error="webhook or event gone")
             return
-        self.store.update_delivery(d["id"], status="sending")
+        if not self.store.claim_delivery(d["id"]):
+            return
         body = json.dumps(from_row(row)).encode()
         ts = int(time.time())
         headers = {"Content-Type": "application/json", "Trunkline-Signature": sign(wh["secret"], ts, body),

@@ -49,6 +49,7 @@ class TrunkSpec:
     realm: str = "*"
     register: bool = False
     expires: int = 300
+    proxy: str = ""                   # send through this SIP front instead of straight to ``address``
 
 
 @dataclass
@@ -269,7 +270,7 @@ class Engine:
         self.accounts: dict[str | None, _Account] = {}
         self._add_account(None, None)
         for t in c.trunks:
-            if t.register or t.address:
+            if t.register or t.address or t.proxy:
                 self._add_account(t.name, t)
         log.info("SIP engine listening on %s:%d udp+tcp (capacity %d calls)", c.host, c.port, c.capacity)
 
@@ -309,8 +310,8 @@ class Engine:
                 ac.idUri = f"sip:{trunk.username}@{_uri_host(trunk.address) or hostport}"
                 ac.sipConfig.authCreds.append(
                     pj.AuthCredInfo("digest", trunk.realm or "*", trunk.username, 0, trunk.password))
-            if trunk.address:
-                ac.sipConfig.proxies.append(_loose_route(trunk.address))
+            if trunk.proxy or trunk.address:
+                ac.sipConfig.proxies.append(_loose_route(trunk.proxy or trunk.address))
             if trunk.register:
                 ac.regConfig.registrarUri = _registrar(trunk.address)
                 ac.regConfig.timeoutSec = trunk.expires

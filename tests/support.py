@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "sipp-scenarios"
 SHARED = Path(os.environ.get("TRUNKLINE_SHARED", ROOT.parent / "shared"))
 
-_ports = itertools.count(21000 + (os.getpid() % 50) * 400, 40)
+# Test ports stay below the kernel's ephemeral range (32768+), so a listener never
+# collides with the source port of some outgoing connection.
+_blocks = itertools.count((os.getpid() % 4) * 125)
+_ports = (10000 + (n % 550) * 40 for n in _blocks)
 
 
 def next_ports() -> dict:
@@ -236,3 +239,39 @@ class Api:
 
     def post(self, path, body=None, **kw):
         return self.call("POST", path, body if body is not None else {}, **kw)
+
+
+class BoxProcess(CellProcess):
+    """``trunkline serve --cells N``: N cells behind Kamailio, one API."""
+
+    def __init__(self, tmp: Path, cells: int, config: str = "", args: tuple = ()):
+        super().__init__(tmp, config, ("--cells", str(cells), "--app", "echo", *args))
+        base = self.ports["sip"]
+        for _ in range(7):                 # keep 8 blocks of 40 ports to ourselves
+            next(_ports)
+        self.n = cells
+        self.config_path.write_text(config + f"\n[cells]\nsip_base = {base + 100}\nhttp_base = {base + 120}\n")
+        self.cmd[self.cmd.index("--rtp-ports") + 1] = f"{base + 140}-{base + 140 + 20 * cells - 1}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data / "run"
+
+    def cell_events(self, index: int, name: str) -> list[dict]:
+        out = []
+        path = self.run_dir / f"cell{index}.log"
+        if not path.exists():
+            return out
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"event": "{name}"' in line:
+                out.append(json.loads(line))
+        return out
+
+    def wait_cell_events(self, index: int, name: str, count: int, timeout: float = 10.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.cell_events(index, name)
+            if len(got) >= count:
+                return got
+            time.sleep(0.05)
+        return self.cell_events(index, name)
