@@ -41,6 +41,7 @@ class BoxState:
         self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
                                           w["max_delay"], w["timeout"])
         self.tailer.subscribe(self.webhooks.on_event)
+        self.tailer.wanted = lambda: len(self.tailer.listeners) > 1 or self.webhooks.has_hooks()
         self.sessions: dict = {}
         self.hub = None
         self.http: aiohttp.ClientSession | None = None

@@ -79,6 +79,9 @@ class Cell:
         self.tailer = Tailer(self.store)
         if w["dispatch"]:
             self.tailer.subscribe(self.webhooks.on_event)
+        self.tailer.wanted = lambda: len(self.tailer.listeners) > int(w["dispatch"]) or (
+            w["dispatch"] and self.webhooks.has_hooks())
+        self._calls_waiting = asyncio.Event()
         self._tail_task: asyncio.Task | None = None
         self.engine = Engine(engine_config(cfg), self._post_event)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,6 +171,7 @@ class Cell:
             handler(e)
 
     def _ev_CallOffered(self, e: ev.CallOffered) -> None:
+        self._calls_waiting.set()
         s = Session(self, e)
         self.sessions[e.call_id] = s
         self.metrics.calls_active.set(len(self.sessions))
@@ -313,6 +317,10 @@ class Cell:
         next_at = loop.time()
         max_duration = self.cfg.raw["app"]["max_duration"]
         while True:
+            if not self.sessions:                      # idle cell: no 50 Hz wake-ups
+                self._calls_waiting.clear()
+                await self._calls_waiting.wait()
+                next_at = loop.time()
             next_at += TICK
             delay = next_at - loop.time()
             if delay < -0.2:               # fell far behind (suspended?): resync

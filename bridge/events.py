@@ -63,7 +63,7 @@ class Tailer:
         self.interval = interval
         self.listeners: list[Callable[[dict], None]] = []
         self.last = store.last_event_seq()
-        self._task = None
+        self.wanted: Callable[[], bool] = lambda: bool(self.listeners)
 
     def subscribe(self, fn: Callable[[dict], None]) -> None:
         self.listeners.append(fn)
@@ -88,7 +88,11 @@ class Tailer:
         import asyncio
         while True:
             try:
-                if self.poll() < 1000:
+                if not self.wanted():
+                    # nobody is listening (no WebSocket, no webhook): just keep up, cheaply
+                    self.last = self.store.last_event_seq()
+                    await asyncio.sleep(0.5)
+                elif self.poll() < 1000:
                     await asyncio.sleep(self.interval)
             except asyncio.CancelledError:
                 raise

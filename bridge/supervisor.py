@@ -27,6 +27,15 @@ from bridge.logs import event
 log = logging.getLogger("trunkline.supervisor")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies, however it dies."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class CellProc:
     index: int
@@ -109,7 +118,7 @@ class Supervisor:
         c.log_path = os.path.join(self.run_dir, f"cell{c.index}.log")
         out = open(c.log_path, "ab")
         c.proc = subprocess.Popen(self._cell_cmd(c), env=self._cell_env(c), stdout=out, stderr=subprocess.STDOUT,
-                                  cwd=os.getcwd())
+                                  cwd=os.getcwd(), preexec_fn=_die_with_parent)
         out.close()
         c.started = time.monotonic()
         event(log, "cell_started", cell=c.index, pid=c.proc.pid, sip=f"{c.host}:{c.sip_port}",
@@ -149,7 +158,7 @@ class Supervisor:
             raise RuntimeError("generated kamailio config does not parse:\n" + check.stderr[-2000:])
         out = open(os.path.join(self.run_dir, "kamailio.log"), "ab")
         self.kamailio = subprocess.Popen([binary, "-DD", "-E", "-f", path, "-P", os.path.join(self.run_dir, "kamailio.pid")],
-                                         stdout=out, stderr=subprocess.STDOUT)
+                                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         out.close()
         event(log, "front_started", pid=self.kamailio.pid, listen=f"{h}:{self.public_port}", cells=self.n)
 

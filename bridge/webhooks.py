@@ -65,6 +65,11 @@ class WebhookDispatcher:
     def hooks_changed(self) -> None:
         self._hooks = None
 
+    def has_hooks(self) -> bool:
+        if self._hooks is None:
+            self._hooks = self.store.webhooks()
+        return bool(self._hooks)
+
     def on_event(self, event: dict) -> None:
         if self._hooks is None:
             self._hooks = self.store.webhooks()

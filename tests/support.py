@@ -244,13 +244,14 @@ class Api:
 class BoxProcess(CellProcess):
     """``trunkline serve --cells N``: N cells behind Kamailio, one API."""
 
-    def __init__(self, tmp: Path, cells: int, config: str = "", args: tuple = ()):
+    def __init__(self, tmp: Path, cells: int, config: str = "", args: tuple = (), cells_extra: str = ""):
         super().__init__(tmp, config, ("--cells", str(cells), "--app", "echo", *args))
         base = self.ports["sip"]
         for _ in range(7):                 # keep 8 blocks of 40 ports to ourselves
             next(_ports)
         self.n = cells
-        self.config_path.write_text(config + f"\n[cells]\nsip_base = {base + 100}\nhttp_base = {base + 120}\n")
+        self.config_path.write_text(config + f"\n[cells]\nsip_base = {base + 100}\nhttp_base = {base + 120}\n"
+                                    + cells_extra)
         self.cmd[self.cmd.index("--rtp-ports") + 1] = f"{base + 140}-{base + 140 + 20 * cells - 1}"
 
     @property

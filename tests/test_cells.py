@@ -12,17 +12,21 @@ from support import Api, BoxProcess, create_key, sipp, sipp_file
 def box(tmp_path):
     boxes = []
 
-    def make(cells=3, config="[models]\nload = \"never\"\n", args=()):
-        b = BoxProcess(tmp_path, cells, config, args)
+    def make(cells=3, config="[models]\nload = \"never\"\n", args=(), cells_extra=""):
+        b = BoxProcess(tmp_path, cells, config, args, cells_extra)
         boxes.append(b)
         b.start()
         return b
     yield make
     for b in boxes:
         if b.alive():
-            b.proc.kill()
-            b.proc.wait(10)
-        os.system(f"pkill -9 -f 'data-dir {b.data}' >/dev/null 2>&1")
+            b.proc.terminate()
+            try:
+                b.proc.wait(30)
+            except Exception:  # noqa: BLE001
+                b.proc.kill()
+        for pid in _procs_with(str(b.data)):             # nothing may outlive the test
+            os.kill(pid, signal.SIGKILL)
 
 
 def _samples(text):
@@ -169,3 +173,25 @@ def _procs_with(needle: str) -> list[int]:
             if needle in cmd and int(pid) != os.getpid():
                 out.append(int(pid))
     return out
+
+
+def test_cells_on_another_host_address(box, tmp_path):
+    """The across-hosts layout on one machine: front on 127.0.0.1, cells on 127.0.0.2."""
+    b = box(2, '[models]\nload = "never"\n', cells_extra='host = "127.0.0.2"\nfront_ip = "127.0.0.1"\n')
+    res = sipp("builtin:uac", b.sip, tmp_path, "-d", "1000", "-l", "4", "-r", "20",
+               local_port=b.ports["sipp"], calls=4, timeout=30)
+    assert _stats(res)[:2] == (4, 0), res.stdout.decode()[-1500:]
+    api = Api(b, create_key(b.data, "read"))
+    assert all(c["sip"].startswith("127.0.0.2:") for c in api.get("/v1/cells")[1]["cells"])
+    offered = [e for i in range(2) for e in b.wait_cell_events(i, "call_offered", 2)]
+    assert offered and all(e["source"].startswith("127.0.0.1:") for e in offered)
+
+
+def test_nothing_outlives_a_killed_supervisor(box, tmp_path):
+    b = box(2)
+    b.proc.kill()
+    b.proc.wait(5)
+    deadline = time.time() + 20
+    while _procs_with(str(b.data)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _procs_with(str(b.data))
