@@ -247,12 +247,13 @@ class BoxProcess(CellProcess):
     def __init__(self, tmp: Path, cells: int, config: str = "", args: tuple = (), cells_extra: str = ""):
         super().__init__(tmp, config, ("--cells", str(cells), "--app", "echo", *args))
         base = self.ports["sip"]
-        for _ in range(7):                 # keep 8 blocks of 40 ports to ourselves
+        for _ in range((100 + 22 * cells) // 40 + 1):       # keep enough 40-port blocks to ourselves
             next(_ports)
         self.n = cells
-        self.config_path.write_text(config + f"\n[cells]\nsip_base = {base + 100}\nhttp_base = {base + 120}\n"
+        rtp = base + 100 + 2 * cells + (base + 100 + 2 * cells) % 2
+        self.config_path.write_text(config + f"\n[cells]\nsip_base = {base + 100}\nhttp_base = {base + 100 + cells}\n"
                                     + cells_extra)
-        self.cmd[self.cmd.index("--rtp-ports") + 1] = f"{base + 140}-{base + 140 + 20 * cells - 1}"
+        self.cmd[self.cmd.index("--rtp-ports") + 1] = f"{rtp}-{rtp + 20 * cells - 1}"
 
     @property
     def run_dir(self) -> Path:
