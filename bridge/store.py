@@ -60,11 +60,12 @@ class Store:
     def __init__(self, data_dir: str, name: str = "trunkline.db"):
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, name)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Cells of a box open this file at the same moment: wait on locks, never fail on them.
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=15.0)
         self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA busy_timeout=15000")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
         if "cell" not in cols:                                    # databases from before multi-cell
