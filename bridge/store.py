@@ -64,7 +64,15 @@ class Store:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=15.0)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout=15000")
-        self.db.execute("PRAGMA journal_mode=WAL")
+        # Switching to WAL takes an exclusive lock and does not wait on busy: retry it.
+        deadline = time.monotonic() + 15.0
+        while self.db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}

@@ -36,7 +36,7 @@ def test_conversation_two_turns_and_durable_transcript(cell_factory, tmp_path):
         caller.close()
     turns = [json.loads(l) for l in (cell.data / "turns.jsonl").read_text().splitlines()]
     callers = [t for t in turns if t["role"] == "caller"]
-    assert len(callers) == 3 and "goodbye" in callers[2]["text"].lower()
+    assert len(callers) == 3 and "bye" in callers[2]["text"].lower()
     assert "opening" in callers[0]["text"].lower()
     assert "cleaning" in callers[1]["text"].lower() and "monday" in callers[1]["text"].lower()
     assert sum(1 for t in turns if t["role"] == "agent" and t.get("kind") is None) >= 2

@@ -32,16 +32,12 @@ def test_pcmu_echo_audio_on_the_wire(cell_factory, tmp_path):
         assert proc.returncode == 0, out.decode()[-2000:]
     finally:
         peer.close()
-    sent = b"".join(payloads)
+    # The bridge's 20 ms frames need not line up with our packets, and the jitter buffer
+    # may shift the stream by a frame: look for each sent packet's 160 bytes, bit-exact,
+    # anywhere in what came back.
     back = b"".join(p for _, pt, _, p in peer.received if pt == 0)
-    # The bridge's 20 ms frames need not line up with our packets: find the lag.
-    probe = np.frombuffer(g711.ulaw_decode(sent[8000:9600]), "<i2").astype(float)
-    heard = np.frombuffer(g711.ulaw_decode(back), "<i2").astype(float)
-    lag = int(np.argmax(np.correlate(heard, probe, "valid"))) - 8000
-    assert lag >= 0
-    aligned = back[lag:lag + len(sent)]
-    same = sum(a == b for a, b in zip(aligned, sent))
-    assert same >= 0.9 * len(sent), f"only {same}/{len(sent)} samples came back bit-exact"
+    intact = sum(1 for p in payloads if p in back)
+    assert intact >= 0.9 * len(payloads), f"only {intact}/{len(payloads)} packets came back bit-exact"
     # Packets keep a 20 ms cadence from the cell.
     times = np.array([t for t, pt, _, _ in peer.received if pt == 0])
     assert 45 <= 1 / np.median(np.diff(times)) <= 55

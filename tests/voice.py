@@ -101,9 +101,9 @@ class Caller:
                 return decode(self.peer.received, after)
         raise AssertionError("the agent did not answer")
 
-    def goodbye(self, timeout: float = 20.0) -> int:
+    def goodbye(self, timeout: float = 30.0) -> int:
         """Say goodbye and keep the line open until the agent hangs up (SIPp answers its BYE)."""
-        self.speak("Thank you, goodbye.")
+        self.speak("Goodbye.")
         end = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < end:
             self.silence(0.2)
