@@ -328,9 +328,10 @@ class AgentApp(App):
         r.tts_pending += 1
         if r.tts_at is None:
             r.tts_at = time.monotonic()
-        state = {"first": True}
+        state = {"first": True, "audio_s": 0.0}
 
         def on_pcm(pcm, rate):
+            state["audio_s"] += len(pcm) / 2 / rate
             if r is not self.reply:
                 return
             if r.first_audio_at is None:
@@ -349,6 +350,8 @@ class AgentApp(App):
                 self.session.media.mark_frame(frames[0])
 
         def on_done(secs):
+            if state["audio_s"]:
+                self.metrics.rtf.labels("tts").observe(secs / state["audio_s"])
             if r is self.reply:
                 r.tts_pending -= 1
 

@@ -195,3 +195,25 @@ def test_nothing_outlives_a_killed_supervisor(box, tmp_path):
     while _procs_with(str(b.data)) and time.time() < deadline:
         time.sleep(0.2)
     assert not _procs_with(str(b.data))
+
+
+def test_outbound_calls_leave_through_the_front(box, tmp_path):
+    from support import next_ports
+    far = next_ports()
+    trunk = f'[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:{far["sipp"]}"\n'
+    b = box(2, '[models]\nload = "never"\n' + trunk)
+    uas = sipp("uas_answer.xml", "", tmp_path, local_port=far["sipp"], background=True, timeout=30)
+    time.sleep(0.3)
+    api = Api(b, create_key(b.data))
+    status, body, _ = api.post("/v1/calls", {"to": "5551234", "trunk": "carrier", "app": "echo"})
+    assert status == 201, body
+    deadline = time.time() + 10
+    while time.time() < deadline and api.get(f"/v1/calls/{body['id']}")[1]["state"] != "progressing":
+        time.sleep(0.1)
+    assert api.post(f"/v1/calls/{body['id']}/hangup")[0] == 200
+    out, _ = uas.communicate(timeout=20)
+    assert uas.returncode == 0, out.decode()[-1500:]
+    msgs = sipp_file(tmp_path, "_messages.log")
+    invite = msgs[msgs.index("INVITE sip:5551234@"):]
+    top_via = next(l for l in invite.splitlines() if l.startswith("Via:"))
+    assert f"127.0.0.1:{b.ports['sip']}" in top_via            # the trunk sees the front, not a cell

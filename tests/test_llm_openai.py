@@ -1,0 +1,81 @@
+"""The OpenAI-compatible LLM backend against a real HTTP server on loopback
+(a scripted stand-in for the user's model server: SSE chat completions)."""
+import asyncio
+import json
+import socket
+import threading
+
+import pytest
+from aiohttp import web
+
+from ai.llm import GenParams, OpenAIChat
+
+
+class FakeOpenAI:
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.requests = []
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(5)
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+
+        async def chat(request):
+            body = await request.json()
+            self.requests.append((dict(request.headers), body))
+            if self.mode == "500":
+                return web.json_response({"error": "overloaded"}, status=500)
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            if self.mode == "garbage":
+                await resp.write(b"data: {not json\n\n")
+                return resp
+            for piece in ["We are ", "open ", "nine to five."]:
+                chunk = {"choices": [{"delta": {"content": piece}}]}
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        ready.set()
+        self.loop.run_forever()
+
+
+def test_streams_tokens_and_sends_the_conversation(monkeypatch):
+    srv = FakeOpenAI("ok")
+    llm = OpenAIChat(f"http://127.0.0.1:{srv.port}/v1", "big-model", api_key="sk-test")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hours?"}]
+    out = list(llm.stream("call-1", msgs, GenParams(max_tokens=20)))
+    assert "".join(out) == "We are open nine to five."
+    headers, body = srv.requests[0]
+    assert headers["Authorization"] == "Bearer sk-test"
+    assert body["model"] == "big-model" and body["stream"] is True and body["messages"] == msgs
+    assert body["max_tokens"] == 20
+
+
+@pytest.mark.parametrize("mode, message", [("500", "answered 500"), ("garbage", "malformed event")])
+def test_errors_are_clear(mode, message):
+    srv = FakeOpenAI(mode)
+    llm = OpenAIChat(f"http://127.0.0.1:{srv.port}/v1", "m")
+    with pytest.raises(RuntimeError, match=message):
+        list(llm.stream("c", [{"role": "user", "content": "hi"}], GenParams()))
+
+
+def test_unreachable_endpoint():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(RuntimeError, match="unreachable"):
+        list(OpenAIChat(f"http://127.0.0.1:{port}/v1", "m", timeout=2).stream("c", [], GenParams()))
