@@ -9,7 +9,7 @@ the ones the caller heard, and ``flush`` can say which words got out.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(eq=False)

@@ -11,11 +11,8 @@ itself would answer ``486`` when every slot is taken), so a cell holds 3.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,104 +25,13 @@ from media.quality import Quality
 from sip import commands as cmd
 from sip import events as ev
 from sip.acl import SourceFilter
+from sip.callbacks import _Account, _Call, _LogWriter, _quiet_stdout
+from sip.config import MAX_CAPACITY, PJSUA_SLOTS, EngineConfig, EngineError, TrunkSpec  # noqa: F401 (re-exported)
 from sip.port import FramePort, PortPool, choose_copy
 from sip.stats import read_quality
+from sip.uri import _loose_route, _number_uri, _registrar, _uri_host
 
 log = logging.getLogger("trunkline.sip")
-
-PJSUA_SLOTS = 4
-MAX_CAPACITY = PJSUA_SLOTS - 1
-
-DEFAULT_CODECS = ("PCMU/8000", "PCMA/8000", "G722/16000")
-
-
-@dataclass
-class TrunkSpec:
-    name: str
-    address: str = ""                 # sip:host[:port] the trunk sends from / we send to
-    allow: list[str] = field(default_factory=list)
-    username: str = ""
-    password: str = ""
-    realm: str = "*"
-    register: bool = False
-    expires: int = 300
-    proxy: str = ""                   # send through this SIP front instead of straight to ``address``
-
-
-@dataclass
-class EngineConfig:
-    host: str = "127.0.0.1"
-    port: int = 5060
-    public_address: str = ""
-    user_agent: str = "Trunkline"
-    rtp_low: int = 10000
-    rtp_high: int = 10999
-    clock_rate: int = 16000
-    codecs: tuple[str, ...] = DEFAULT_CODECS
-    capacity: int = MAX_CAPACITY
-    retry_after: int = 5
-    answer_delay: float = 0.0
-    rtp_timeout: float = 30.0         # 0 disables
-    stats_interval: float = 1.0
-    trunks: list[TrunkSpec] = field(default_factory=list)
-    realtime_clock: bool = True
-    log_level: int = 1
-    uplink_frames: int = 250
-    downlink_frames: int = 1500
-
-
-class EngineError(RuntimeError):
-    pass
-
-
-class _LogWriter(pj.LogWriter):
-    def write(self, entry):
-        msg = entry.msg.rstrip()
-        if entry.level <= 1:
-            log.error("pjsip: %s", msg)
-        elif entry.level == 2:
-            log.warning("pjsip: %s", msg)
-        else:
-            log.debug("pjsip: %s", msg)
-
-
-class _Account(pj.Account):
-    def __init__(self, engine: "Engine", trunk: str | None):
-        super().__init__()
-        self.engine = engine
-        self.trunk = trunk
-
-    def onIncomingCall(self, prm):
-        self.engine._on_incoming(self, prm)
-
-    def onRegState(self, prm):
-        self.engine._emit(ev.Registration(self.trunk or "", prm.code, prm.reason,
-                                          prm.code // 100 == 2 and prm.expiration > 0))
-
-
-class _Call(pj.Call):
-    """Forwards pjsua2 call callbacks to the engine, tagged with itself."""
-
-    def __init__(self, engine: "Engine", acc: _Account, call_id: int = pj.PJSUA_INVALID_ID):
-        super().__init__(acc, call_id)
-        self.engine = engine
-        self.acc = acc
-
-    def onCallState(self, prm):
-        self.engine._on_state(self)
-
-    def onCallMediaState(self, prm):
-        self.engine._on_media(self)
-
-    def onDtmfDigit(self, prm):
-        self.engine._on_dtmf(self, prm)
-
-    def onCallTransferStatus(self, prm):
-        self.engine._on_xfer(self, prm)
-
-    def onStreamDestroyed(self, prm):
-        self.engine._on_stream_destroyed(self, prm.streamIdx)
-
 
 @dataclass
 class _Leg:
@@ -616,36 +522,3 @@ class Engine:
             self.ep = None
 
 
-@contextlib.contextmanager
-def _quiet_stdout():
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _uri_host(address: str) -> str:
-    a = address.split(":", 1)[1] if address.startswith("sip:") else address
-    return a.split(";")[0].split("@")[-1]
-
-
-def _loose_route(address: str) -> str:
-    uri = address if address.startswith("sip:") else f"sip:{address}"
-    return uri if ";lr" in uri else uri + ";lr"
-
-
-def _registrar(address: str) -> str:
-    uri = address if address.startswith("sip:") else f"sip:{address}"
-    return uri.split(";")[0]
-
-
-def _number_uri(number: str, trunk: str | None, cfg: EngineConfig) -> str:
-    for t in cfg.trunks:
-        if t.name == trunk and t.address:
-            return f"sip:{number}@{_uri_host(t.address)}"
-    raise EngineError(f"'{number}' is not a SIP URI and no trunk address to send it to")

@@ -66,8 +66,8 @@ def test_more_calls_than_a_cell_holds_with_builtin_uac(box, tmp_path):
 
 def test_full_box_answers_503_with_retry_after(box, tmp_path):
     b = box(2)
-    res = sipp("call_pcmu.xml", b.sip, tmp_path, "-d", "3000", "-l", "8", "-r", "40",
-               local_port=b.ports["sipp"], calls=8, timeout=40)
+    sipp("call_pcmu.xml", b.sip, tmp_path, "-d", "3000", "-l", "8", "-r", "40",
+         local_port=b.ports["sipp"], calls=8, timeout=40)
     logs = sipp_file(tmp_path, "_logs.log")
     assert logs.count("ANSWERED") == 6 and logs.count("REFUSED 503 Retry-After 5") == 2, logs
 

@@ -1,0 +1,48 @@
+"""What the SIP engine is told: listen address, media, codecs, capacity, trunks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PJSUA_SLOTS = 4
+MAX_CAPACITY = PJSUA_SLOTS - 1
+
+DEFAULT_CODECS = ("PCMU/8000", "PCMA/8000", "G722/16000")
+
+
+@dataclass
+class TrunkSpec:
+    name: str
+    address: str = ""                 # sip:host[:port] the trunk sends from / we send to
+    allow: list[str] = field(default_factory=list)
+    username: str = ""
+    password: str = ""
+    realm: str = "*"
+    register: bool = False
+    expires: int = 300
+    proxy: str = ""                   # send through this SIP front instead of straight to ``address``
+
+
+@dataclass
+class EngineConfig:
+    host: str = "127.0.0.1"
+    port: int = 5060
+    public_address: str = ""
+    user_agent: str = "Trunkline"
+    rtp_low: int = 10000
+    rtp_high: int = 10999
+    clock_rate: int = 16000
+    codecs: tuple[str, ...] = DEFAULT_CODECS
+    capacity: int = MAX_CAPACITY
+    retry_after: int = 5
+    answer_delay: float = 0.0
+    rtp_timeout: float = 30.0         # 0 disables
+    stats_interval: float = 1.0
+    trunks: list[TrunkSpec] = field(default_factory=list)
+    realtime_clock: bool = True
+    log_level: int = 1
+    uplink_frames: int = 250
+    downlink_frames: int = 1500
+
+
+class EngineError(RuntimeError):
+    pass
