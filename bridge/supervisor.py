@@ -169,6 +169,20 @@ class Supervisor:
             raise RuntimeError(f"kamcmd {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout
 
+    async def wait_front(self, timeout: float) -> bool:
+        """Kamailio is up once its control socket answers (all its workers are forked by then)."""
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while time.monotonic() < deadline:
+            if self.kamailio is None or self.kamailio.poll() is not None:
+                return False
+            try:
+                await loop.run_in_executor(None, self.kamcmd, "core.uptime")
+                return True
+            except (RuntimeError, subprocess.TimeoutExpired):
+                await asyncio.sleep(0.1)
+        return False
+
     def set_drained(self, c: CellProc, drained: bool) -> None:
         """A drained cell gets no new calls from the front; its live calls go on."""
         self.kamcmd("dispatcher.set_state", "d" if drained else "a", "1", c.uri)
@@ -205,6 +219,11 @@ class Supervisor:
             self.start_kamailio()
         except (RuntimeError, ValueError, OSError) as exc:
             print(f"trunkline: {exc}", file=sys.stderr)
+            await self._stop_cells()
+            return 1
+        if not await self.wait_front(15.0):
+            tail = open(os.path.join(self.run_dir, "kamailio.log"), errors="replace").read()[-1500:]
+            print(f"trunkline: the Kamailio front did not come up:\n{tail}", file=sys.stderr)
             await self._stop_cells()
             return 1
         runners = await start_box(self)
