@@ -190,3 +190,24 @@ def test_codec_offer_answers_only_configured_codecs(cell, tmp_path):
     assert not {"3", "97", "98"} & set(pts)
     msgs = sipp_file(tmp_path, "_messages.log")
     assert "telephone-event/8000" in msgs.split("SIP/2.0 200 OK")[1]
+
+
+def test_playback_loops_until_the_caller_hangs_up(cell_factory, tmp_path):
+    from media.wav import write_wav
+    prompt = tmp_path / "short.wav"
+    t = np.arange(int(0.3 * 8000)) / 8000          # 0.3 s of 800 Hz
+    write_wav(str(prompt), (5000 * np.sin(2 * math.pi * 800 * t)).astype("<i2").tobytes(), 8000)
+    cell = cell_factory('[app]\nloop = true\n', args=("--app", "playback", "--prompt", str(prompt)))
+    peer = RtpPeer(cell.ports["rtp_peer"])
+    try:
+        proc = sipp("call_pcmu.xml", cell.sip, tmp_path, "-d", "2500", local_port=cell.ports["sipp"],
+                    rtpport=cell.ports["rtp_peer"], background=True)
+        peer.wait_remote()
+        peer.stream([bytes([0xFF]) * 160] * 120)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()[-2000:]     # the caller hung up; the cell did not
+    finally:
+        peer.close()
+    pcm = np.frombuffer(b"".join(g711.ulaw_decode(p) for _, pt, _, p in peer.received if pt == 0), "<i2")
+    assert (np.abs(pcm) > 1000).sum() / 8000 > 1.5, "a 0.3 s prompt looped for most of the call"
+    assert cell.wait_event("call_ended")[0]["reason"] == "remote bye"
