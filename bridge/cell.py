@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 
 from bridge.apps import make_app
 from bridge.events import EventBus, Tailer
@@ -26,7 +27,7 @@ from bridge.records import CallRecords
 from bridge.session import Session
 from sip import commands as cmd
 from sip import events as ev
-from sip.engine import Engine, EngineConfig, TrunkSpec
+from sip.engine import Engine, EngineConfig
 
 log = logging.getLogger("trunkline.cell")
 calls_log = logging.getLogger("trunkline.call")
@@ -44,10 +45,9 @@ def engine_config(cfg: Config) -> EngineConfig:
         clock_rate=media["clock_rate"], codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
         capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
         rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
-        trunks=[TrunkSpec(t.name, t.address, t.allow, t.username, t.password, t.realm,
-                          t.register and os.environ.get("TRUNKLINE_CELL", "0") == "0", t.expires,
-                          proxy=sip["outbound_proxy"])
-                for t in cfg.trunks],
+        # with several cells only cell 0 keeps the trunk registrations
+        trunks=[replace(t, register=t.register and os.environ.get("TRUNKLINE_CELL", "0") == "0",
+                        proxy=sip["outbound_proxy"]) for t in cfg.trunks],
     )
 
 

@@ -10,8 +10,10 @@ import copy
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from sip.config import TrunkSpec as Trunk   # one trunk type, from file to engine
 
 
 class ConfigError(ValueError):
@@ -184,18 +186,6 @@ DEFAULTS: dict[str, Any] = {
 
 CODEC_IDS = {"PCMU": "PCMU/8000", "PCMA": "PCMA/8000", "G722": "G722/16000",
              "GSM": "GSM/8000", "SPEEX": "speex", "ILBC": "iLBC/8000", "L16": "L16"}
-
-
-@dataclass
-class Trunk:
-    name: str
-    address: str = ""
-    allow: list[str] = field(default_factory=list)
-    username: str = ""
-    password: str = ""
-    realm: str = "*"
-    register: bool = False
-    expires: int = 300
 
 
 @dataclass

@@ -5,6 +5,7 @@ a caller keying digits does not barge in or open a turn.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -14,14 +15,15 @@ HIGH = (1209, 1336, 1477, 1633)
 KEYS = ("123A", "456B", "789C", "*0#D")
 
 
-def _powers(x: np.ndarray, rate: int, freqs) -> np.ndarray:
-    n = x.size
+@functools.lru_cache(maxsize=16)
+def _basis(n: int, rate: int, freqs: tuple) -> np.ndarray:
+    """One complex exponential per tone, built once per frame size and rate (this runs per frame)."""
     t = np.arange(n)
-    out = np.empty(len(freqs))
-    for i, f in enumerate(freqs):
-        w = 2 * math.pi * f / rate
-        out[i] = np.abs(np.dot(x, np.exp(-1j * w * t))) ** 2 / n
-    return out
+    return np.exp(-1j * 2 * math.pi * np.outer(freqs, t) / rate)
+
+
+def _powers(x: np.ndarray, rate: int, freqs) -> np.ndarray:
+    return np.abs(_basis(x.size, rate, tuple(freqs)) @ x) ** 2 / x.size
 
 
 def detect(pcm: bytes, rate: int) -> str | None:
