@@ -329,10 +329,14 @@ class Cell:
             now = time.monotonic()
             for s in list(self.sessions.values()):
                 if s.app is None or s.ending:
-                    s.media.uplink.drain()
+                    frames = s.media.uplink.drain()
+                    if s.taps:
+                        self._feed_taps(s, frames, now)
                     continue
                 try:
                     frames = s.media.uplink.drain()
+                    if s.taps:
+                        self._feed_taps(s, frames, now)
                     if frames:
                         s.app.on_frames(frames, now)
                     s.app.on_tick(now)
@@ -341,6 +345,24 @@ class Cell:
                 if max_duration and s.answered_at and now - s.answered_at > max_duration:
                     s.hangup("max duration")
             self._flush_all_timing()
+
+    def _feed_taps(self, s: Session, inbound: list, now: float) -> None:
+        """Both legs of this tick to every tap; a failing tap is removed, never the call."""
+        outbound = s.media.sent.drain()
+        for tap in list(s.taps):
+            try:
+                tap.on_audio(inbound, outbound, now)
+            except Exception as exc:  # noqa: BLE001
+                self.metrics.app_errors.inc()
+                log.error("audio tap %s failed on call %s: %s", type(tap).__name__, s.call_id, exc,
+                          exc_info=exc, extra={"fields": {"call_id": s.call_id}})
+                s.remove_tap(tap)
+                closer = getattr(tap, "failed", None)
+                if closer is not None:
+                    try:
+                        closer(exc)
+                    except Exception:  # noqa: BLE001
+                        log.exception("tap cleanup failed")
 
     def _flush_all_timing(self) -> None:
         for s in self.sessions.values():

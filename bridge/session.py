@@ -32,6 +32,21 @@ class Session:
         self.transcribers: dict = {}
         self.speakings: dict = {}
         self.speak_generation = 0
+        self.taps: list = []          # audio consumers: recordings, media streams
+
+    def add_tap(self, tap) -> None:
+        """``tap.on_audio(inbound, outbound, now)`` gets every tick's frames of both legs:
+        inbound ``[(t, pcm)]`` from the caller, outbound ``[(t, pcm or None)]`` as sent."""
+        if tap not in self.taps:
+            self.taps.append(tap)
+        self.media.tap_out = True
+
+    def remove_tap(self, tap) -> None:
+        if tap in self.taps:
+            self.taps.remove(tap)
+        if not self.taps:
+            self.media.tap_out = False
+            self.media.sent.clear()
 
     @property
     def answered_wall(self) -> float | None:

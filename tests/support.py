@@ -20,7 +20,8 @@ SHARED = Path(os.environ.get("TRUNKLINE_SHARED", ROOT.parent / "shared"))
 
 # Test ports stay below the kernel's ephemeral range (32768+), so a listener never
 # collides with the source port of some outgoing connection.
-_blocks = itertools.count((os.getpid() % 4) * 125)
+# TEST_PORT_BLOCK pins the first block, so two suites on one machine can be kept apart.
+_blocks = itertools.count(int(os.environ.get("TEST_PORT_BLOCK", (os.getpid() % 4) * 125)))
 _ports = (10000 + (n % 550) * 40 for n in _blocks)
 
 
