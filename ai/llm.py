@@ -1,5 +1,12 @@
 """Language models behind one interface: ``stream(key, messages) -> tokens``.
 
+With ``params.tools`` set, ``stream`` may instead yield one dict,
+``{"tool": name, "arguments": {...}, "id": ...}``: the model chose a tool.
+Messages use the OpenAI shape throughout (assistant ``tool_calls``, role
+``tool`` results); the llama.cpp adapter renders them as plain turns for the
+model's chat template and picks tools with a grammar built from the tools'
+JSON Schemas, so what comes out always parses and names a real tool.
+
 ``key`` names a conversation. llama.cpp keeps one conversation's KV cache per
 ``Llama`` object, so ``LlamaChat`` keeps a small pool of them, one per live
 conversation: each turn re-uses the cached prefix (system prompt and history)
@@ -12,8 +19,8 @@ import os
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Union
 
 
 @dataclass
@@ -23,6 +30,58 @@ class GenParams:
     top_p: float = 0.9
     repeat_penalty: float = 1.3        # the 135M model loops without it
     stop: tuple[str, ...] = ("\n\n", "<|im_end|>", "User:", "user:")
+    tools: list = field(default_factory=list)    # [{"name", "description", "parameters"}]
+
+
+Chunk = Union[str, dict]
+
+# Worded so a small model commits to a tool when offered one: with a shortlist, "none" is
+# mostly decided before the model is asked (tests/bench/tools.py measures both ways).
+DECIDE = "Call the right tool for the caller's last message, with its arguments, in JSON."
+
+
+def describe_tools(tools: list) -> str:
+    """The tool list as the model reads it in its system prompt."""
+    lines = ["You can use these tools:"]
+    for t in tools:
+        props = t["parameters"].get("properties", {})
+        args = ", ".join(f"{k} ({v.get('type', 'string')}"
+                         + (f", one of {'/'.join(map(str, v['enum']))}" if "enum" in v else "")
+                         + (f", {v['description']}" if v.get("description") else "") + ")"
+                         for k, v in props.items()) or "none"
+        lines.append(f"- {t['name']}: {t['description']} Arguments: {args}.")
+    return "\n".join(lines)
+
+
+def choice_schema(tools: list) -> dict:
+    """JSON Schema of a decision: one tool with its arguments, or none."""
+    alts = [{"type": "object", "properties": {"tool": {"const": "none"}}, "required": ["tool"]}]
+    for t in tools:
+        params = {k: v for k, v in t["parameters"].items() if k != "description"}
+        props = {k: {kk: vv for kk, vv in v.items() if kk in ("type", "enum", "minimum", "maximum")}
+                 for k, v in params.get("properties", {}).items()}
+        alts.append({"type": "object", "required": ["tool", "arguments"],
+                     "properties": {"tool": {"const": t["name"]},
+                                    "arguments": {"type": "object", "properties": props,
+                                                  "required": list(params.get("properties", {}))}}})
+    return {"anyOf": alts}
+
+
+def plain_messages(messages: list[dict], tools: list) -> list[dict]:
+    """OpenAI-shaped history as plain chat turns (tool calls and results as text)."""
+    out = []
+    for m in messages:
+        role = m.get("role")
+        if role == "assistant" and m.get("tool_calls"):
+            fn = m["tool_calls"][0]["function"]
+            out.append({"role": "assistant", "content": f"(using tool {fn['name']} {fn['arguments']})"})
+        elif role == "tool":
+            out.append({"role": "tool", "content": f"{m.get('name', 'tool')} result: {m.get('content', '')}"})
+        else:
+            out.append({"role": role, "content": m.get("content") or ""})
+    if tools and out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + describe_tools(tools)}
+    return out
 
 
 class LlamaChat:
@@ -34,6 +93,7 @@ class LlamaChat:
                                    n_threads_batch=threads, verbose=False)
         self.pool: OrderedDict[str, object] = OrderedDict()
         self.spare = [self._make() for _ in range(conversations)]
+        self._grammars: dict[str, object] = {}
 
     def _llama(self, key: str):
         if key in self.pool:
@@ -53,11 +113,39 @@ class LlamaChat:
             llm.reset()
             self.spare.append(llm)
 
-    def stream(self, key: str, messages: list[dict], p: GenParams) -> Iterator[str]:
+    def _grammar(self, tools: list):
+        from llama_cpp import LlamaGrammar
+        schema = json.dumps(choice_schema(tools), sort_keys=True)
+        g = self._grammars.get(schema)
+        if g is None:
+            g = self._grammars[schema] = LlamaGrammar.from_json_schema(schema, verbose=False)
+        return g
+
+    def choose(self, key: str, messages: list[dict], p: GenParams) -> dict | None:
+        """One grammar-constrained pass: which tool (and arguments), or None."""
+        llm = self._llama(key)
+        msgs = plain_messages(messages, p.tools) + [{"role": "system", "content": DECIDE}]
+        out = llm.create_chat_completion(msgs, max_tokens=160, temperature=0.0, repeat_penalty=1.0,
+                                         grammar=self._grammar(p.tools))
+        text = out["choices"][0]["message"].get("content") or ""
+        try:
+            choice = json.loads(text)
+        except ValueError:
+            return None                    # cut off by max_tokens: treat as no tool
+        if not isinstance(choice, dict) or choice.get("tool") in (None, "none"):
+            return None
+        return {"tool": choice["tool"], "arguments": choice.get("arguments") or {}}
+
+    def stream(self, key: str, messages: list[dict], p: GenParams) -> Iterator[Chunk]:
+        if p.tools:
+            choice = self.choose(key, messages, p)
+            if choice is not None:
+                yield choice
+                return
         llm = self._llama(key)
         for chunk in llm.create_chat_completion(
-                messages, stream=True, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                repeat_penalty=p.repeat_penalty, stop=list(p.stop)):
+                plain_messages(messages, p.tools), stream=True, max_tokens=p.max_tokens,
+                temperature=p.temperature, top_p=p.top_p, repeat_penalty=p.repeat_penalty, stop=list(p.stop)):
             delta = chunk["choices"][0]["delta"].get("content")
             if delta:
                 yield delta
@@ -76,10 +164,14 @@ class OpenAIChat:
     def release(self, key: str) -> None:
         pass
 
-    def stream(self, key: str, messages: list[dict], p: GenParams) -> Iterator[str]:
-        body = json.dumps({"model": self.model, "messages": messages, "stream": True,
-                           "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                           "stop": list(p.stop)[:4]}).encode()
+    def stream(self, key: str, messages: list[dict], p: GenParams) -> Iterator[Chunk]:
+        payload = {"model": self.model, "messages": messages, "stream": True,
+                   "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                   "stop": list(p.stop)[:4]}
+        if p.tools:                    # native tool calling
+            payload["tools"] = [{"type": "function", "function": t} for t in p.tools]
+            payload["tool_choice"] = "auto"
+        body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -90,6 +182,7 @@ class OpenAIChat:
             raise RuntimeError(f"LLM endpoint answered {exc.code}: {exc.read()[:200]!r}") from None
         except urllib.error.URLError as exc:
             raise RuntimeError(f"LLM endpoint unreachable: {exc.reason}") from None
+        calls: dict[int, dict] = {}
         with resp:
             for raw in resp:
                 line = raw.decode("utf-8", "replace").strip()
@@ -97,13 +190,27 @@ class OpenAIChat:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    return
+                    break
                 try:
-                    delta = json.loads(data)["choices"][0].get("delta", {}).get("content")
-                except (ValueError, KeyError, IndexError, TypeError):
+                    delta = json.loads(data)["choices"][0].get("delta", {})
+                    content = delta.get("content")
+                    for tc in delta.get("tool_calls") or ():
+                        acc = calls.setdefault(tc.get("index", 0), {"id": "", "name": "", "arguments": ""})
+                        acc["id"] = tc.get("id") or acc["id"]
+                        fn = tc.get("function") or {}
+                        acc["name"] += fn.get("name") or ""
+                        acc["arguments"] += fn.get("arguments") or ""
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                     raise RuntimeError(f"LLM endpoint sent a malformed event: {data[:120]!r}") from None
-                if delta:
-                    yield delta
+                if content:
+                    yield content
+        if calls:                      # the first tool call (one at a time on a phone call)
+            c = calls[min(calls)]
+            try:
+                args = json.loads(c["arguments"]) if c["arguments"].strip() else {}
+            except ValueError:
+                args = c["arguments"]     # not JSON: the runner tells the model so
+            yield {"tool": c["name"], "arguments": args, "id": c["id"] or None}
 
 
 def api_key_from_env(name: str) -> str:

@@ -7,6 +7,7 @@ the calls. Messages are plain tuples:
   cell -> worker                               worker -> cell
   ("stt", rid, call, pcm16k, interim)          ("stt", rid, text, no_speech, logprob, audio_s, secs)
   ("llm", rid, call, messages, params)         ("tok", rid, text) ... ("llm_done", rid, secs, ntok)
+                                               or ("tool", rid, {"tool", "arguments", "id"}), ("llm_done", ...)
   ("tts", rid, call, text)                     ("pcm", rid, pcm, rate) ... ("tts_done", rid, secs)
   ("cancel", call)                             ("error", rid, engine, message)
   ("release", call)                            ("ready", info) | ("fatal", message)
@@ -79,13 +80,17 @@ def load_engines(cfg: dict):
     from ai.stt import WhisperSTT
     from ai.tts import PiperTTS
     t = cfg["threads"]
-    stt = WhisperSTT(cfg["stt_model"], threads=t, compute_type=cfg["stt_compute_type"], language=cfg["language"])
+    engines = cfg.get("engines", ("stt", "llm", "tts"))
+    stt = tts = None
+    if "stt" in engines:
+        stt = WhisperSTT(cfg["stt_model"], threads=t, compute_type=cfg["stt_compute_type"], language=cfg["language"])
     if cfg["llm_backend"] == "openai":
         llm = OpenAIChat(cfg["llm_url"], cfg["llm_model"], api_key_from_env(cfg["llm_api_key_env"]))
     else:
         llm = LlamaChat(cfg["llm_model_path"], n_ctx=cfg["llm_context"], threads=t,
                         conversations=cfg["conversations"])
-    tts = PiperTTS(cfg["tts_model"], cfg["tts_config"], threads=cfg["tts_threads"])
+    if "tts" in engines:
+        tts = PiperTTS(cfg["tts_model"], cfg["tts_config"], threads=cfg["tts_threads"])
     return stt, llm, tts
 
 
@@ -143,6 +148,9 @@ class Worker:
             for tok in self.llm.stream(call, messages, params):
                 if self._is_cancelled(call, queued_at) or self.stopping:
                     break
+                if isinstance(tok, dict):
+                    self.send(("tool", rid, tok))
+                    continue
                 n += 1
                 self.send(("tok", rid, tok))
             self.send(("llm_done", rid, time.perf_counter() - start, n))
@@ -183,14 +191,18 @@ class Worker:
             except Exception as exc:  # noqa: BLE001
                 self.send(("error", rid, "llm", f"{type(exc).__name__}: {exc}"))
                 continue
-            item[4] = ntok + 1
-            self.send(("tok", rid, tok))
+            if isinstance(tok, dict):
+                self.send(("tool", rid, tok))
+            else:
+                item[4] = ntok + 1
+                self.send(("tok", rid, tok))
             active.append(item)
 
     # -- reader -------------------------------------------------------------
     def run(self) -> None:
-        threads = [threading.Thread(target=f, name=n, daemon=True) for f, n in
-                   ((self.stt_loop, "stt"), (self.llm_loop, "llm"), (self.tts_loop, "tts"))]
+        threads = [threading.Thread(target=f, name=n, daemon=True) for f, n, e in
+                   ((self.stt_loop, "stt", self.stt), (self.llm_loop, "llm", self.llm), (self.tts_loop, "tts", self.tts))
+                   if e is not None]
         for th in threads:
             th.start()
         while True:
@@ -200,7 +212,9 @@ class Worker:
                 break
             kind = msg[0]
             now = time.monotonic()
-            if kind == "stt":
+            if kind in ("stt", "tts") and getattr(self, kind) is None:
+                self.send(("error", msg[1], kind, f"the {kind} engine is not loaded in this process"))
+            elif kind == "stt":
                 _, rid, call, pcm, interim = msg
                 self.q["stt"].put(call, (rid, pcm, now, interim), replace_interim=interim)
             elif kind == "llm":
@@ -237,7 +251,7 @@ def main(conn, cfg: dict) -> None:
     except BaseException as exc:  # noqa: BLE001
         conn.send(("fatal", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
         return
-    conn.send(("ready", {"pid": os.getpid(), "tts_rate": engines[2].rate}))
+    conn.send(("ready", {"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0}))
     Worker(conn, *engines).run()
 
 

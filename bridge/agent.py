@@ -14,9 +14,19 @@ the loop). Turn-taking:
 - the caller starting to speak while the agent is talking (or thinking) is a
   barge-in: the downlink is flushed, the running generation cancelled, and
   the history keeps only the words the caller heard.
+
+Tools: when the operator declared tools, a turn whose words match some of
+them offers those to the model; if it picks one, the call goes out through
+the cell's ``ToolRunner`` (never for a speculative reply: a payment must not
+be made on a guess), the filler line plays if the API is slow, and the
+answer is the tool's ``say`` line or a further model round that reads the
+result. A tool that is down (breaker open, retries spent, quota) gets the
+"can't do that right now" and fallback lines. Results that arrive later
+(async tools) are spoken when the caller is not talking.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -24,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ai.text import SentenceCutter, clean_for_speech
 from bridge.apps import App
+from bridge.dialog import Dialog
 from bridge.logs import event
 from media.endpoint import EndpointConfig, Endpointer
 from media.playout import Playout
@@ -56,12 +67,16 @@ class Reply:
     marked: bool = False
     failed: bool = False
     stt_seconds: float = 0.0
+    rounds: int = 0                 # model rounds that ended in a tool call
+    tool_busy: bool = False         # a tool request is out
+    pending_tool: dict | None = None    # chosen while held (speculative): runs only if the turn stands
+    filler: object = None           # the filler line's timer
 
 
 class AgentApp(App):
     name = "agent"
 
-    def __init__(self, session, hub, cfg: dict, metrics, turns):
+    def __init__(self, session, hub, cfg: dict, metrics, turns, tools=None, tool_settings: dict | None = None):
         super().__init__(session)
         self.hub = hub
         self.cfg = cfg
@@ -73,7 +88,14 @@ class AgentApp(App):
                                             silence=cfg["silence"], min_utterance=cfg["min_utterance"]))
         self.to16k = None if self.rate == 16000 else Resampler(self.rate, 16000)
         self.playout = Playout(ahead=3)
-        self.history: list[dict] = []
+        self.tools = tools
+        self.tool_settings = tool_settings or {}
+        self.dialog = Dialog(cfg, self.tool_settings, tools)
+        self.history = self.dialog.history
+        self.updates: list[tuple[str, dict, str | None]] = []     # async tool results not yet spoken
+        if tools is not None:
+            from bridge.tools.runner import CallContext
+            self.tool_ctx = CallContext(session.call_id, session.from_uri, session.to_uri)
         self.preroll: list[bytes] = []
         self.utterance: list[bytes] = []
         self.turn_no = 0
@@ -119,11 +141,12 @@ class AgentApp(App):
                      on_token=lambda tok: None, on_done=lambda *a: None, on_error=lambda msg: None)
 
     def _messages(self, extra: list[dict]) -> list[dict]:
-        history = self.history[-2 * self.cfg["history_turns"]:] + extra
-        return [{"role": "system", "content": self.cfg["system_prompt"]}] + history
+        return self.dialog.messages(extra)
 
     def on_end(self) -> None:
         self.hub.release(self.call_key)
+        if self.reply is not None and self.reply.filler is not None:
+            self.reply.filler.cancel()
 
     def on_frames(self, frames, now):
         for t, pcm in frames:
@@ -183,8 +206,10 @@ class AgentApp(App):
                                                "llm_first_token": round((r.first_token_at or r.llm_at) - r.llm_at, 3),
                                                "tts_first_audio": round(r.first_audio_at - (r.tts_at or r.first_audio_at), 3)})
         if r is not None and not r.held and (r.llm_done or r.failed) and r.tts_pending == 0 and not self.playout.active \
-                and media.queued_out() == 0:
+                and media.queued_out() == 0 and not r.tool_busy:
             self._reply_finished(r)
+        if self.updates and self.reply is None and not self._speaking() and not self.ep.in_speech:
+            self._speak_update(*self.updates.pop(0))
         if self.hangup_after_playout and not self._speaking():
             self.hangup_after_playout = False
             self.session.hangup("goodbye")
@@ -283,6 +308,9 @@ class AgentApp(App):
             for sentence, frames in r.held_segments:
                 self.playout.add(sentence, frames, r.turn)
             r.held_segments.clear()
+            if r.pending_tool is not None:
+                choice, r.pending_tool = r.pending_tool, None
+                self._run_tool(r, choice)
             return
         if r is not None:
             self.hub.cancel(self.call_key)
@@ -291,16 +319,107 @@ class AgentApp(App):
     def _start_reply(self, text: str, held: bool, stt_seconds: float) -> None:
         last_voice = self.ep.last_voiced or time.monotonic()
         r = Reply(self.turn_no, text, last_voice, held, stt_seconds=stt_seconds)
-        messages = self._messages([{"role": "user", "content": text}] if held else [])
-        params = {"max_tokens": self.cfg["max_reply_tokens"], "temperature": self.cfg["temperature"],
-                  "repeat_penalty": self.cfg["repeat_penalty"]}
         r.llm_at = time.monotonic()
         self.playout.take_heard()                 # heard-text accounting starts with this reply
         self.reply = r
-        r.llm_rid = self.hub.llm(self.call_key, messages, params,
+        self._model_round(r, [{"role": "user", "content": text}] if held else [])
+
+    def _model_round(self, r: Reply, extra: list[dict]) -> None:
+        """Ask the model for the next part of reply ``r`` (offering tools while rounds are left)."""
+        params = {"max_tokens": self.cfg["max_reply_tokens"], "temperature": self.cfg["temperature"],
+                  "repeat_penalty": self.cfg["repeat_penalty"],
+                  "tools": self.dialog.tools_for(r.user_text, r.rounds) if r.user_text else []}
+        r.llm_done = False
+        r.cutter = SentenceCutter()
+        r.llm_rid = self.hub.llm(self.call_key, self._messages(extra), params,
                                  on_token=lambda tok: self._on_token(r, tok),
                                  on_done=lambda secs, n: self._on_llm_done(r, secs, n),
-                                 on_error=lambda msg: self._reply_error(r, msg))
+                                 on_error=lambda msg: self._reply_error(r, msg),
+                                 on_tool=lambda choice: self._on_tool(r, choice))
+
+    # -- tools ------------------------------------------------------------------------
+    def _on_tool(self, r: Reply, choice: dict) -> None:
+        if r is not self.reply or self.tools is None:
+            return
+        r.tool_busy = True                         # keeps the reply open until the tool answers
+        if r.held:
+            r.pending_tool = choice                # run it only if the caller really finished
+            return
+        self._run_tool(r, choice)
+
+    def _run_tool(self, r: Reply, choice: dict) -> None:
+        r.tool_busy = True
+        r.rounds += 1
+        spec = self.tools.specs.get(choice.get("tool"))
+        after = self.tool_settings.get("filler_after", 1.0)
+        if spec is not None and spec.filler and after:
+            r.filler = asyncio.get_running_loop().call_later(after, self._filler, r)
+        task = asyncio.ensure_future(self.tools.call(self.tool_ctx, choice.get("tool", ""), choice.get("arguments"),
+                                                     choice.get("id")))
+        task.add_done_callback(lambda t: self._tool_done(r, choice, t))
+
+    def _filler(self, r: Reply) -> None:
+        r.filler = None
+        if r is self.reply and r.tool_busy and not self._speaking() and not self.ep.in_speech:
+            self._say_canned("tool_filler_text")
+
+    def _tool_done(self, r: Reply, choice: dict, task: asyncio.Task) -> None:
+        if r.filler is not None:
+            r.filler.cancel()
+            r.filler = None
+        try:
+            o = task.result()
+        except Exception as exc:  # noqa: BLE001 - a bug in a tool path must not end the call
+            log.exception("tool %s failed on call %s", choice.get("tool"), self.session.call_id)
+            from bridge.tools.runner import Outcome
+            o = Outcome(str(choice.get("tool")), choice.get("id") or "tc_error", "error", f"internal error: {exc}",
+                        kind="internal")
+        self.dialog.add_tool(o, choice.get("arguments"))
+        self.session.tool_calls.append(o.audit)
+        self.session.emit("tool_called", {k: o.audit.get(k) for k in (
+            "tool_call_id", "tool", "status", "kind", "http_status", "attempts", "seconds", "args", "result")})
+        self._log_tool(o)
+        if r is not self.reply:                    # barged in meanwhile: the result is in the history
+            return
+        r.tool_busy = False
+        if o.status in ("unavailable", "quota", "error"):
+            r.llm_done = True
+            for key in ("tool_unavailable_text", "tool_fallback_text"):
+                self._say_canned(key)
+                r.sentences.append(self.cfg[key])
+            return
+        if o.say:
+            r.llm_done = True
+            for sentence in r.cutter.feed(o.say + " "):
+                self._speak(r, sentence)
+            for sentence in r.cutter.flush():
+                self._speak(r, sentence)
+            return
+        self._model_round(r, [])
+
+    def _log_tool(self, o) -> None:
+        rec = {"call_id": self.session.call_id, "turn": self.turn_no, "role": "tool", "tool": o.tool,
+               "status": o.status, "kind": o.kind, "seconds": o.seconds}
+        self.turns.append({"event": "tool", "at": time.time(), **rec})
+
+    def on_tool_result(self, tool: str, result: dict, say: str | None) -> None:
+        """An async tool result for this call: into the history now, spoken when the line is free."""
+        self.dialog.add_update(tool, result)
+        self.updates.append((tool, result, say))
+
+    def _speak_update(self, tool: str, result: dict, say: str | None) -> None:
+        r = Reply(self.turn_no, "", time.monotonic(), held=False)
+        r.llm_at = time.monotonic()
+        self.playout.take_heard()
+        self.reply = r
+        if say:
+            r.llm_done = True
+            for sentence in r.cutter.feed(say + " "):
+                self._speak(r, sentence)
+            for sentence in r.cutter.flush():
+                self._speak(r, sentence)
+        else:
+            self._model_round(r, [])
 
     def _on_token(self, r: Reply, tok: str) -> None:
         if r is not self.reply:

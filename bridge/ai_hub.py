@@ -52,15 +52,17 @@ class Request:
     on_token: Callable | None = None
     on_done: Callable | None = None
     on_error: Callable | None = None
+    on_tool: Callable | None = None       # llm: the model chose a tool ({"tool", "arguments", "id"})
     sent_at: float = field(default_factory=time.monotonic)
 
 
 class AiHub:
-    def __init__(self, cfg: Config, metrics, rate: int):
+    def __init__(self, cfg: Config, metrics, rate: int, engines: tuple = ("stt", "llm", "tts")):
         self.cfg = cfg
         self.metrics = metrics
         self.rate = rate
-        self.wcfg = worker_config(cfg)
+        self.engines = engines
+        self.wcfg = {**worker_config(cfg), "engines": list(engines)}
         self.client: InferenceClient | None = None
         self.pending: dict[int, Request] = {}
         self.canned: dict[str, list[bytes]] = {}
@@ -73,9 +75,13 @@ class AiHub:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         await self._spawn()
+        if "tts" not in self.engines:
+            return
         a = self.cfg.raw["agent"]
-        phrases = {k: a[k] for k in ("greeting", "reprompt_text", "goodbye_text", "not_understood_text",
-                                     "apology_text") if a[k]}
+        keys = ["greeting", "reprompt_text", "goodbye_text", "not_understood_text", "apology_text"]
+        if self.cfg.toolbox is not None and self.cfg.toolbox.tools:
+            keys += ["tool_filler_text", "tool_unavailable_text", "tool_fallback_text"]
+        phrases = {k: a[k] for k in keys if a[k]}
         for key, text in phrases.items():
             self.canned[key] = await self.render(text)
 
@@ -131,9 +137,11 @@ class AiHub:
         """STT requests sent and not answered yet, over all calls."""
         return sum(1 for r in self.pending.values() if r.engine == "stt")
 
-    def llm(self, call: str, messages: list[dict], params: dict, on_token, on_done, on_error) -> int | None:
+    def llm(self, call: str, messages: list[dict], params: dict, on_token, on_done, on_error,
+            on_tool=None) -> int | None:
         return self._send(("llm", call, messages, params),
-                          Request(call, "llm", on_token=on_token, on_done=on_done, on_error=on_error))
+                          Request(call, "llm", on_token=on_token, on_done=on_done, on_error=on_error,
+                                  on_tool=on_tool))
 
     def tts(self, call: str, text: str, on_result, on_done=None, on_error=None) -> int | None:
         return self._send(("tts", call, text), Request(call, "tts", on_result=on_result, on_done=on_done,
@@ -174,6 +182,9 @@ class AiHub:
         try:
             if kind == "tok":
                 req.on_token(msg[2])
+            elif kind == "tool":
+                if req.on_tool:
+                    req.on_tool(msg[2])
             elif kind == "pcm":
                 req.on_result(msg[2], msg[3])
             elif kind == "stt":

@@ -113,7 +113,8 @@ def make_app(name: str, session, cell) -> App:
         return PlaybackApp(session, app_cfg["prompt"], app_cfg["loop"])
     if name == "agent":
         from bridge.agent import AgentApp
-        return AgentApp(session, cell.hub, cell.cfg.raw["agent"], cell.metrics, cell.turns)
+        return AgentApp(session, cell.hub, cell.cfg.raw["agent"], cell.metrics, cell.turns,
+                        tools=cell.tools, tool_settings=cell.cfg.raw["tools"])
     if name == "api":
         return ApiApp(session)
     raise ValueError(f"app {name!r} is not available in this build")

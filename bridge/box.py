@@ -102,6 +102,7 @@ class BoxApi(Api):
 
     transfer = hangup
     send_dtmf = hangup
+    post_tool_result = hangup
 
     async def create_transcribe(self, request, body):
         return await self._forward(request, self._owner(body["call_id"]), body)
@@ -125,6 +126,59 @@ class BoxApi(Api):
 
     flush = say
     stop_speaking = say
+
+    # media streams: REST goes to the call's cell; an inbound stream's WebSocket is relayed to it
+    def _call_cell(self, call_id: str):
+        """The cell of a call, ended or not (an ended call's cell still has its streams' final stats)."""
+        row = self.store.get_call(call_id)
+        if row is None:
+            raise ApiError(404, "not_found", f"no call {call_id}", "call_id")
+        return self._cell(row["cell"] or 0)
+
+    async def create_stream(self, request, body):
+        return await self._forward(request, self._owner(request.match_info["call_id"]), body)
+
+    async def stop_stream(self, request, body):
+        return await self._forward(request, self._call_cell(request.match_info["call_id"]), body)
+
+    async def list_streams(self, request):
+        return await self._forward(request, self._call_cell(request.match_info["call_id"]))
+
+    get_stream = list_streams
+
+    async def stream_socket(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.auth(request, "read")
+            cell = self._call_cell(request.match_info["call_id"])
+        except ApiError as e:
+            return error_response(e.status, e.code, e.message, e.field)
+        headers = {k: v for k, v in request.headers.items() if k == "Authorization"}
+        http = aiohttp.ClientSession()          # its own: the box's client times whole requests out
+        try:
+            upstream = await http.ws_connect(cell.http.replace("http", "ws", 1) + request.path_qs, headers=headers,
+                                             max_msg_size=1 << 20)
+        except aiohttp.WSServerHandshakeError as e:
+            await http.close()
+            return error_response(e.status, "refused", f"the cell refused the stream: {e.message}")
+        except (aiohttp.ClientError, OSError) as e:
+            await http.close()
+            return error_response(503, "cell_down", f"cannot reach the call's cell: {e}")
+        ws = web.WebSocketResponse(max_msg_size=1 << 20)
+        await ws.prepare(request)
+
+        async def pump(src, dst):
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+            await dst.close(code=1000 if src.close_code == 1000 else 1001)   # only 1000 ends the stream
+        try:
+            await asyncio.gather(pump(ws, upstream), pump(upstream, ws), return_exceptions=True)
+        finally:
+            await upstream.close()
+            await http.close()
+        return ws
 
     # cells
     def register(self, app: web.Application) -> None:

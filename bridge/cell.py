@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import replace
 
+from bridge import pii
 from bridge.apps import make_app
 from bridge.events import EventBus, Tailer
 from bridge.store import Store
@@ -24,7 +25,9 @@ from bridge.config import CODEC_IDS, Config
 from bridge.logs import event
 from bridge.metrics import Metrics
 from bridge.records import CallRecords
+from bridge.recording import Recordings
 from bridge.session import Session
+from bridge.streams import StreamManager
 from sip import commands as cmd
 from sip import events as ev
 from sip.engine import Engine, EngineConfig
@@ -54,6 +57,7 @@ def engine_config(cfg: Config) -> EngineConfig:
 class Cell:
     def __init__(self, cfg: Config, metrics: Metrics | None = None):
         self.cfg = cfg
+        pii.configure(cfg.raw["pii"]["mask_cards"], cfg.raw["pii"]["patterns"])
         self.metrics = metrics or Metrics()
         self.metrics.capacity.set(cfg.raw["sip"]["capacity"])
         self.sessions: dict[str, Session] = {}
@@ -65,6 +69,13 @@ class Cell:
         self.records = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc)
         self.turns = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc, name="turns.jsonl")
         self.hub = None                          # the inference process (agent and API speech)
+        self.tools = None                        # the business API tools the agent may call
+        if cfg.toolbox is not None and cfg.toolbox.tools:
+            from bridge.tools.runner import ToolRunner
+            base = cfg.raw["tools"]["callback_base_url"] or "http://" + cfg.raw["http"]["listen"].replace(
+                "0.0.0.0:", "127.0.0.1:")
+            self.tools = ToolRunner(cfg.toolbox, cfg.raw["tools"], self.metrics, callback_base=base,
+                                    mask=pii.mask)     # card numbers and configured patterns out of audits
         self.store = Store(cfg.data_dir)
         self.cell_id = os.environ.get("TRUNKLINE_CELL", "0")
         closed = self.store.close_open_calls("bridge restarted", self.cell_id)
@@ -87,6 +98,9 @@ class Cell:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
         self.ended: list[ev.CallEnded] = []     # for `trunkline call` and tests
+        self.streams = StreamManager(self)       # media streams (WebSocket audio taps)
+        self.recordings = Recordings(self)       # encrypted call recordings (audio taps)
+        self._rec_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -94,8 +108,11 @@ class Cell:
         self._loop = asyncio.get_running_loop()
         self._purge()
         self._tail_task = asyncio.create_task(self.tailer.run(), name="event-tailer")
+        self._rec_task = asyncio.create_task(self.recordings.run_retention(), name="recording-retention")
         if self.cfg.raw["webhooks"]["dispatch"]:
             await self.webhooks.start()
+        if self.tools is not None:
+            await self.tools.start()
         if self.cfg.needs_models():
             from bridge.ai_hub import AiHub
             self.hub = AiHub(self.cfg, self.metrics, self.cfg.raw["media"]["clock_rate"])
@@ -133,6 +150,7 @@ class Cell:
 
     async def stop(self) -> None:
         self.ready = False
+        await self.streams.close()
         if self._tick_task:
             self._tick_task.cancel()
             try:
@@ -142,9 +160,14 @@ class Cell:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
         if self.hub is not None:
             await self.hub.stop()
+        if self.tools is not None:
+            await self.tools.close()
         await self.webhooks.stop()
         if self._tail_task:
             self._tail_task.cancel()
+        if self._rec_task:
+            self._rec_task.cancel()
+        self.recordings.stop_all("cell stopped")
         self.store.close()
         self.stopped.set()
 
@@ -154,6 +177,7 @@ class Cell:
             removed = self.store.purge(time.time() - days * 86400)
             if any(removed.values()):
                 event(log, "records_purged", **removed)
+        self.recordings.purge()
 
     async def make_call(self, uri: str, trunk: str | None = None, app: str | None = None) -> str:
         fut = self.engine.submit(cmd.MakeCall(uri, trunk, app))
@@ -181,7 +205,8 @@ class Cell:
         self._record(s)
         s.emit("call_ringing", {"direction": e.direction, "from": e.from_uri, "to": e.to_uri, "app": s.app_name})
         try:
-            if s.app_name in ("agent", "api") and self.hub is None:
+            # the api app runs without models too (media streams); its transcribes/speakings need them
+            if s.app_name == "agent" and self.hub is None:
                 raise RuntimeError(f"app {s.app_name!r} needs the models, which this cell did not load")
             s.app = make_app(s.app_name, s, self)
             s.app.on_start()
@@ -198,6 +223,7 @@ class Cell:
         event(calls_log, "call_answered", call_id=e.call_id, codec=s.codec)
         self._record(s)
         s.emit("call_progressing", {"codec": s.codec})
+        self.recordings.on_answered(s)
         for sp in s.speakings.values():
             sp.activate()
         if s.app is not None:
@@ -218,11 +244,14 @@ class Cell:
     def _ev_Dtmf(self, e: ev.Dtmf) -> None:
         self.metrics.dtmf.labels(e.method).inc()
         s = self.sessions.get(e.call_id)
-        event(calls_log, "dtmf", call_id=e.call_id, digit=e.digit, method=e.method, duration_ms=e.duration_ms)
+        # A digit typed while the recording is paused (a PCI moment) stays out of logs, events and records.
+        shown = "X" if s is not None and self.recordings.on_dtmf(s, e.digit, e.duration_ms) else e.digit
+        event(calls_log, "dtmf", call_id=e.call_id, digit=shown, method=e.method, duration_ms=e.duration_ms)
         if s is None:
             return
-        s.dtmf += e.digit
-        s.emit("dtmf_received", {"digit": e.digit, "method": e.method, "duration_ms": e.duration_ms})
+        s.dtmf += shown
+        s.emit("dtmf_received", {"digit": shown, "method": e.method, "duration_ms": e.duration_ms,
+                                 **({"masked": True} if shown != e.digit else {})})
         target = self.cfg.raw["app"]["dtmf_transfer"].get(e.digit)
         if target:
             s.transfer(target)
@@ -254,6 +283,13 @@ class Cell:
                     s.app.on_end()
                 except Exception:  # noqa: BLE001
                     log.exception("app cleanup failed on call %s", e.call_id)
+            for tap in list(s.taps):                  # streams/recordings end before call_hangup
+                ended = getattr(tap, "call_ended", None)
+                if ended is not None:
+                    try:
+                        ended()
+                    except Exception:  # noqa: BLE001
+                        log.exception("audio tap cleanup failed on call %s", e.call_id)
         result = "answered" if e.answered else ("cancelled" if e.reason == "cancelled" else "failed")
         self.metrics.calls_total.labels(e.direction, result).inc()
         q = e.quality
@@ -278,6 +314,10 @@ class Cell:
             "frame_gaps": timing.gaps if timing else 0,
             "media_errors": s.media.errors if s else 0,
         }
+        if s is not None and s.tool_calls:
+            rec["tools"] = s.tool_calls            # the audit of every tool call this call made
+        if s is not None and self.tools is not None:
+            self.tools.forget_call(e.call_id)
         self.ended.append(e)
         event(calls_log, "call_ended", **rec)
         if s is not None:

@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rtp-ports", metavar="LOW-HIGH")
     c.add_argument("--duration", type=float, default=30.0, help="hang up after this many seconds")
 
+    ch = sub.add_parser("chat", help="talk to the configured agent over text (same model, prompt and tools)")
+    _common(ch)
+    ch.add_argument("--caller", default="", metavar="NUMBER",
+                    help="the caller's number tools see as call.from (e.g. +15551230001)")
+
     k = sub.add_parser("check-config", help="validate the configuration and print it")
     _common(k)
 
@@ -49,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     ks = keys.add_subparsers(dest="keys_command", required=True)
     kc = ks.add_parser("create", help="create a key and print it once")
     _common(kc)
-    kc.add_argument("--scope", choices=["read", "control"], required=True)
+    kc.add_argument("--scope", choices=["read", "control", "recordings"], required=True,
+                    help="read: GET only; control: read + change calls; recordings: read + download/delete "
+                         "recordings audio (control does not include it)")
     kc.add_argument("--name", required=True)
     kl = ks.add_parser("list", help="list keys (never the secrets)")
     _common(kl)
@@ -109,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         import json
         print(json.dumps(cfg.raw, indent=2))
         return 0
+    if args.command == "chat":
+        from ai.client import EngineLoadError
+        from bridge.chat import run_chat
+        try:
+            return asyncio.run(run_chat(cfg, args.caller))
+        except EngineLoadError as exc:
+            print(f"trunkline: the model did not load: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
     if cfg.app == "playback":
         from bridge.apps import load_prompt
         from media.wav import WavError

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.tools.spec import ToolBox, ToolConfigError, load_toolbox
 from sip.config import TrunkSpec as Trunk   # one trunk type, from file to engine
 
 
@@ -109,6 +110,30 @@ def _digit_map(v: Any) -> dict[str, str]:
     return v
 
 
+def _number_flags(v: Any) -> dict[str, bool]:
+    """``{"+15551230000" = true, ...}`` (or "NUMBER=true,NUMBER=false" from the environment)."""
+    if isinstance(v, str):
+        try:
+            v = {k.strip(): _bool(x.strip()) for k, _, x in (p.partition("=") for p in v.split(",") if p.strip())}
+        except TypeError:
+            raise TypeError(f"expected NUMBER=true|false,..., got {v!r}") from None
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k and isinstance(x, bool) for k, x in v.items()):
+        raise TypeError(f"expected a table of \"number\" = true|false, got {v!r}")
+    return v
+
+
+def _regex_list(v: Any) -> list[str]:
+    v = [v] if isinstance(v, str) else v          # from the environment: one pattern
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError(f"expected a list of regular expressions, got {v!r}")
+    from bridge.pii import check_patterns
+    try:
+        check_patterns(v)
+    except ValueError as exc:
+        raise TypeError(str(exc)) from None
+    return v
+
+
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"data_dir": _str, "log_level": _choice("debug", "info", "warning", "error"),
          "drain_timeout": _float(0, 86400)},
@@ -120,10 +145,19 @@ SCHEMA: dict[str, dict[str, Any]] = {
               "realtime_clock": _bool},
     "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300)},
     "records": {"retention_days": _float(0, 36500)},
+    "recordings": {"enabled": _bool, "format": _choice("opus", "wav"), "dir": _str, "numbers": _number_flags,
+                   "key_file": _str, "key_env": _str, "current_key": _str, "retention_days": _float(0, 36500),
+                   "opus_bitrate": _int(6000, 256000), "flush_interval": _float(0.2, 10), "dtmf_pause": _bool,
+                   "dtmf_resume_after": _float(0.5, 60)},
+    "pii": {"mask_cards": _bool, "patterns": _regex_list},
     "cells": {"host": _str, "sip_base": _int(0, 65535), "http_base": _int(0, 65535), "kamailio": _str,
               "ping_interval": _int(1, 60), "pike": _int(1, 100000), "children": _int(1, 64), "front_ip": _str},
     "webhooks": {"max_attempts": _int(1, 50), "base_delay": _float(0.01, 3600), "max_delay": _float(0.1, 86400),
                  "timeout": _float(0.5, 60), "dispatch": _bool},
+    "streams": {"buffer_frames": _int(5, 3000), "max_per_call": _int(1, 10), "reconnect_attempts": _int(0, 100),
+                "reconnect_base_delay": _float(0.05, 60), "reconnect_max_delay": _float(0.1, 600),
+                "connect_timeout": _float(0.5, 600), "send_timeout": _float(0.5, 120),
+                "playback_seconds": _float(1, 3600)},
     "app": {"name": _choice("echo", "playback", "agent", "api"), "prompt": _str, "loop": _bool,
             "dtmf_transfer": _digit_map, "max_duration": _float(0, 86400)},
     "agent": {"system_prompt": _str, "greeting": _str, "language": _str, "reprompt_text": _str,
@@ -133,7 +167,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
               "history_turns": _int(1, 100), "silence": _float(0.2, 5), "pause": _float(0.1, 2),
               "min_speech": _float(0.04, 1), "min_utterance": _float(0.05, 5), "bargein_floor_dbfs": _float(-90, 0),
               "vad_mode": _int(0, 3), "interim_every": _float(0, 30), "digits_extra": _float(0, 5),
-              "speculate": _bool},
+              "speculate": _bool, "tool_filler_text": _str, "tool_unavailable_text": _str,
+              "tool_fallback_text": _str},
+    "tools": {"file": _str, "secrets_file": _str, "max_per_call": _int(1, 100), "max_per_turn": _int(1, 5),
+              "shortlist": _int(0, 50), "filler_after": _float(0, 10), "breaker_failures": _int(1, 100),
+              "breaker_cooldown": _float(1, 3600), "callback_base_url": _str},
     "models": {"stt": _str, "stt_compute_type": _choice("int8", "int8_float32", "float32"),
                "llm_backend": _choice("llama", "openai"), "llm": _str, "llm_context": _int(256, 32768),
                "llm_url": _str, "llm_model": _str, "llm_api_key_env": _str, "tts": _str, "tts_config": _str,
@@ -155,9 +193,15 @@ DEFAULTS: dict[str, Any] = {
     "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
     "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0},
     "records": {"retention_days": 30.0},
+    "recordings": {"enabled": False, "format": "opus", "dir": "", "numbers": {}, "key_file": "",
+                   "key_env": "TRUNKLINE_RECORDING_KEYS", "current_key": "", "retention_days": 90.0,
+                   "opus_bitrate": 32000, "flush_interval": 1.0, "dtmf_pause": True, "dtmf_resume_after": 5.0},
+    "pii": {"mask_cards": True, "patterns": []},
     "cells": {"host": "127.0.0.1", "sip_base": 0, "http_base": 0, "kamailio": "kamailio", "ping_interval": 2,
               "pike": 60, "children": 1, "front_ip": ""},
     "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0, "dispatch": True},
+    "streams": {"buffer_frames": 50, "max_per_call": 3, "reconnect_attempts": 5, "reconnect_base_delay": 0.5,
+                "reconnect_max_delay": 10.0, "connect_timeout": 10.0, "send_timeout": 5.0, "playback_seconds": 60.0},
     "numbers": {},
     "app": {"name": "echo", "prompt": "", "loop": False, "dtmf_transfer": {}, "max_duration": 3600.0},
     "agent": {
@@ -176,7 +220,13 @@ DEFAULTS: dict[str, Any] = {
         "silence": 0.6, "pause": 0.2, "min_speech": 0.12, "min_utterance": 0.25,
         "bargein_floor_dbfs": -38.0, "vad_mode": 3, "interim_every": 1.0, "digits_extra": 0.8,
         "speculate": True,
+        "tool_filler_text": "One moment, let me check.",
+        "tool_unavailable_text": "Sorry, I can't do that right now.",
+        "tool_fallback_text": "I'll have someone call you back.",
     },
+    "tools": {"file": "", "secrets_file": "", "max_per_call": 8, "max_per_turn": 2, "shortlist": 2,
+              "filler_after": 1.0, "breaker_failures": 5, "breaker_cooldown": 30.0, "callback_base_url": ""},
+    "tool": [],
     "models": {"stt": "", "stt_compute_type": "int8", "llm_backend": "llama", "llm": "", "llm_context": 2048,
                "llm_url": "", "llm_model": "", "llm_api_key_env": "OPENAI_API_KEY", "tts": "", "tts_config": "",
                "threads": 2, "tts_threads": 1, "load_timeout": 180.0,
@@ -192,6 +242,7 @@ CODEC_IDS = {"PCMU": "PCMU/8000", "PCMA": "PCMA/8000", "G722": "G722/16000",
 class Config:
     raw: dict
     trunks: list[Trunk]
+    toolbox: ToolBox | None = None
 
     def get(self, section: str, key: str) -> Any:
         return self.raw[key] if section == "" else self.raw[section][key]
@@ -265,6 +316,10 @@ def _merge_file(raw: dict, data: dict) -> None:
             if not isinstance(value, list):
                 raise ConfigError("trunks: expected an array of tables ([[trunks]])")
             raw["trunks"] = value
+        elif key == "tool":
+            if not isinstance(value, list):
+                raise ConfigError("tool: expected an array of tables ([[tool]])")
+            raw["tool"] = value
         elif isinstance(value, dict) and key in SCHEMA and key != "":
             for k, v in value.items():
                 raw[key][k] = _check(key, k, v)
@@ -274,12 +329,12 @@ def _merge_file(raw: dict, data: dict) -> None:
 
 # TRUNKLINE_* variables that are not settings: the cell index a supervisor gives each
 # cell process, and where the tests find ../shared.
-NOT_SETTINGS = {"TRUNKLINE_CELL", "TRUNKLINE_SHARED"}
+NOT_SETTINGS = {"TRUNKLINE_CELL", "TRUNKLINE_SHARED", "TRUNKLINE_RECORDING_KEYS"}
 
 
 def _env_overrides(raw: dict, environ: dict[str, str]) -> None:
     for name, value in environ.items():
-        if not name.startswith("TRUNKLINE_") or name in NOT_SETTINGS:
+        if not name.startswith("TRUNKLINE_") or name in NOT_SETTINGS or name == raw["recordings"]["key_env"]:
             continue
         rest = name[len("TRUNKLINE_"):].lower()
         if rest in SCHEMA[""]:
@@ -341,4 +396,15 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"http.ops_listen: {exc}") from None
     if raw["app"]["name"] == "playback" and not raw["app"]["prompt"]:
         raise ConfigError("app.prompt: required for the playback app")
-    return Config(raw, trunks)
+    from bridge.keys import KeyRingError, configured_keyring
+    try:      # recording keys: a missing or bad key stops the start, never a call
+        configured_keyring(raw["recordings"], os.environ if environ is None else environ)
+    except KeyRingError as exc:
+        raise ConfigError(f"recordings.{exc}" if str(exc).split(":")[0] in ("key_file", "current_key")
+                          else f"recordings: {exc}") from None
+    t = raw["tools"]
+    try:
+        toolbox = load_toolbox(raw["tool"], t["secrets_file"], t["file"], environ)
+    except ToolConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return Config(raw, trunks, toolbox)

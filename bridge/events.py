@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+from bridge import pii
 from bridge.store import Store, new_id
 
 log = logging.getLogger("trunkline.events")
@@ -28,6 +29,9 @@ EVENT_TYPES = (
     "transcribe_started", "transcribe_stopped",
     "transcribe_speech_started", "transcribe_speech_interim", "transcribe_speech_ended", "transcript_created",
     "speaking_started", "speaking_stopped", "turn_latency",
+    "recording_started", "recording_paused", "recording_resumed", "recording_stopped",
+    "stream_started", "stream_reconnecting", "stream_stopped", "stream_failed",
+    "tool_called", "tool_result",
 )
 
 
@@ -111,6 +115,7 @@ class EventBus:
 
     def publish(self, etype: str, call_id: str | None, data: dict) -> dict | None:
         assert etype in EVENT_TYPES, etype
+        data = pii.mask(data)          # card numbers and [pii] patterns never reach the store or a webhook
         at = time.time()
         eid = new_id("evt")
         cseq = None

@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from bridge import pii
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -20,7 +22,7 @@ class JsonFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return json.dumps(pii.mask(out), default=str)       # card numbers and [pii] patterns masked
 
 
 def setup(level: str = "info") -> None:

@@ -55,3 +55,36 @@ class Metrics:
                                           ["result"], registry=r)
         self.record_errors = Counter("trunkline_record_write_errors_total",
                                      "Call records that could not be written", registry=r)
+        self.recordings_active = Gauge("trunkline_recordings_active", "Call recordings being written", registry=r)
+        self.recording_bytes = Counter("trunkline_recording_bytes_total",
+                                       "Bytes of encrypted recordings written to disk", registry=r)
+        self.recording_write_errors = Counter("trunkline_recording_write_errors_total",
+                                              "Recordings stopped (or not started) by a failing write", registry=r)
+        self.recording_encryption_failures = Counter(
+            "trunkline_recording_encryption_failures_total",
+            "Recording chunks that could not be sealed, or failed authentication when read back", registry=r)
+        self.streams_active = Gauge("trunkline_streams_active", "Media streams started and not yet ended", registry=r)
+        self.stream_frames_sent = Counter("trunkline_stream_frames_sent_total",
+                                          "20 ms frames written to media stream consumers", ["encoding"], registry=r)
+        self.stream_frames_received = Counter("trunkline_stream_frames_received_total",
+                                              "20 ms frames of consumer audio queued for playback", ["encoding"],
+                                              registry=r)
+        self.stream_frames_dropped = Counter("trunkline_stream_frames_dropped_total",
+                                             "Frames dropped because a stream's send buffer was full",
+                                             ["encoding"], registry=r)
+        self.stream_reconnects = Counter("trunkline_stream_reconnects_total",
+                                         "Reconnect attempts of outbound media streams", registry=r)
+        self.stream_client_errors = Counter("trunkline_stream_client_errors_total",
+                                            "Messages from stream consumers answered with an error", registry=r)
+        self.tool_calls = Counter("trunkline_tool_calls_total", "Tool calls by tool and outcome "
+                                  "(ok, accepted, invalid, rejected, error, unavailable, quota)",
+                                  ["tool", "outcome"], registry=r)
+        self.tool_latency = Histogram("trunkline_tool_latency_seconds", "Tool call time, retries included",
+                                      ["tool"], buckets=LATENCY_BUCKETS + (7.5, 10.0, 15.0, 30.0), registry=r)
+        self.tool_errors = Counter("trunkline_tool_errors_total", "Failed tool calls by kind", ["tool", "kind"],
+                                   registry=r)
+        self.tool_retries = Counter("trunkline_tool_retries_total", "Tool request retries", ["tool"], registry=r)
+        self.tool_breaker = Gauge("trunkline_tool_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                                  ["tool"], registry=r)
+        self.tool_async = Counter("trunkline_tool_async_results_total", "Asynchronous tool results received",
+                                  ["tool", "outcome"], registry=r)

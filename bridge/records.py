@@ -10,6 +10,8 @@ import json
 import logging
 import os
 
+from bridge import pii
+
 log = logging.getLogger("trunkline.records")
 
 
@@ -20,7 +22,7 @@ class CallRecords:
         self.on_error = on_error
 
     def append(self, record: dict) -> bool:
-        self.pending.append(json.dumps(record, default=str) + "\n")
+        self.pending.append(json.dumps(pii.mask(record), default=str) + "\n")    # no card numbers on disk
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join(self.pending))

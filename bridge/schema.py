@@ -14,6 +14,14 @@ class SchemaError(ValueError):
         self.code = code
 
 
+# Formats a caller's words must satisfy before they reach anyone's API.
+FORMATS = {
+    "e164": (re.compile(r"^\+[1-9][0-9]{6,14}$"), "a phone number in E.164 form, like +15551234567"),
+    "email": (re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"), "an email address"),
+    "date": (re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"), "a date like 2026-11-30"),
+    "time": (re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"), "a time like 14:30"),
+}
+
 _TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
 
 
@@ -35,6 +43,9 @@ def validate(value: Any, schema: dict, path: str = "") -> None:
             raise SchemaError(name, f"must be at most {schema['maxLength']} characters")
         if "pattern" in schema and not re.search(schema["pattern"], value):
             raise SchemaError(name, f"does not match {schema['pattern']}")
+        fmt = FORMATS.get(schema.get("format", ""))
+        if fmt and not fmt[0].match(value):
+            raise SchemaError(name, f"must be {fmt[1]}", "bad_format")
     if t in ("integer", "number"):
         if "minimum" in schema and value < schema["minimum"]:
             raise SchemaError(name, f"must be >= {schema['minimum']}")

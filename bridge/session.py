@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+from bridge import pii
 from sip import commands as cmd
 
 log = logging.getLogger("trunkline.call")
@@ -32,6 +33,7 @@ class Session:
         self.transcribers: dict = {}
         self.speakings: dict = {}
         self.speak_generation = 0
+        self.tool_calls: list[dict] = []   # audit records of the tool calls made on this call
         self.taps: list = []          # audio consumers: recordings, media streams
 
     def add_tap(self, tap) -> None:
@@ -59,6 +61,7 @@ class Session:
     def record_transcript(self, direction: str, text: str, transcribe_id: str | None = None,
                           extra: dict | None = None) -> None:
         """Store a line of the call's transcript and publish ``transcript_created``."""
+        text, extra = pii.mask_text(text), pii.mask(extra)      # card numbers are never stored
         try:
             self.cell.store.add_transcript(self.call_id, direction, text, transcribe_id, extra)
         except Exception:  # noqa: BLE001 - a full disk must not end the call

@@ -1,5 +1,6 @@
 """SQLite records (WAL): calls, transcripts, events, webhooks and their
-deliveries, API keys, idempotent results, number routing.
+deliveries, API keys, idempotent results, number routing, recording metadata
+(the rows; ``bridge/recording.py`` owns their queries).
 
 Every write commits before the caller goes on, and an event is committed
 before anyone is sent it, so a killed process loses no event it had
@@ -45,6 +46,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
     key_id TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, status INTEGER NOT NULL,
     body TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (key_id, key));
 CREATE TABLE IF NOT EXISTS numbers (number TEXT PRIMARY KEY, app TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS recordings (
+    id TEXT PRIMARY KEY, call_id TEXT NOT NULL, status TEXT NOT NULL, format TEXT NOT NULL,
+    rate INTEGER NOT NULL, key_id TEXT NOT NULL, path TEXT NOT NULL, started REAL NOT NULL, ended REAL,
+    duration REAL, bytes INTEGER, paused TEXT, reason TEXT, error TEXT, complete INTEGER,
+    started_by TEXT, cell TEXT);
+CREATE INDEX IF NOT EXISTS recordings_call ON recordings(call_id, started);
 """
 
 

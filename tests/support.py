@@ -1,6 +1,7 @@
 """Real peers for the tests: a cell subprocess, SIPp, and a tiny RTP endpoint."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -278,3 +280,28 @@ class BoxProcess(CellProcess):
                 return got
             time.sleep(0.05)
         return self.cell_events(index, name)
+
+
+def serve_on_loopback(app_factory) -> tuple[int, asyncio.AbstractEventLoop]:
+    """Run an aiohttp app (built by ``app_factory()`` inside its loop) on a free 127.0.0.1
+    port in a daemon thread; returns the port and the loop (stop it with ``loop.stop``)."""
+    from aiohttp import web
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        runner = web.AppRunner(app_factory())
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+    threading.Thread(target=run, daemon=True).start()
+    if not ready.wait(10):
+        raise RuntimeError("loopback server did not start")
+    return port, loop

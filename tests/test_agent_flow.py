@@ -27,8 +27,9 @@ class FakeHub:
         self.stt_reqs.append({"pcm": pcm, "interim": interim, "cb": on_result, "err": on_error})
         return len(self.stt_reqs)
 
-    def llm(self, call, messages, params, on_token, on_done, on_error):
-        self.llm_reqs.append({"messages": copy.deepcopy(messages), "tok": on_token, "done": on_done})
+    def llm(self, call, messages, params, on_token, on_done, on_error, on_tool=None):
+        self.llm_reqs.append({"messages": copy.deepcopy(messages), "tok": on_token, "done": on_done,
+                              "tool": on_tool, "params": params})
         return len(self.llm_reqs)
 
     def tts(self, call, text, on_result, on_done=None, on_error=None):
@@ -52,6 +53,8 @@ class Session:
     def __init__(self):
         self.media = CallMedia(RATE)
         self.call_id = "call-1"
+        self.from_uri, self.to_uri = "sip:+15551230001@pbx", "sip:+15550000000@us"
+        self.tool_calls = []
         self.hangups = []
         self.events = []
 
@@ -164,3 +167,94 @@ def test_goodbye_ends_the_call_after_the_goodbye_plays(agent):
     hub.stt_reqs[-1]["cb"]("Thanks, that's all. Goodbye.", 0.01, -0.2, 2.0, 0.3)
     feed(app, SILENCE[:30] + [bytes(320)] * 30)
     assert session.hangups == ["goodbye"]
+
+
+# -- tools: the agent's side (the runner is faked; tests/test_tools.py runs the real one) --------
+class FakeRunner:
+    def __init__(self, say_line="You have 2 open invoices."):
+        from bridge.tools.spec import load_toolbox
+        self.specs = load_toolbox([{"name": "lookup_invoices", "description": "Look up open invoices and the bill",
+                                    "url": "http://127.0.0.1:9/v1/invoices"}], environ={}).tools
+        self.calls = []
+        self.say_line = say_line
+
+    async def call(self, ctx, name, args, tool_call_id=None):
+        from bridge.tools.runner import Outcome
+        self.calls.append((ctx.call_id, name, args))
+        return Outcome(name, tool_call_id or "tc_1", "ok", "done", result={"count": 2}, say=self.say_line,
+                       http_status=200, attempts=1, audit={"tool": name, "status": "ok"})
+
+
+def tool_agent(tmp_path):
+    """An agent with tools (call it inside a running loop: tool requests are tasks on it)."""
+    cfg = copy.deepcopy(DEFAULTS["agent"])
+    cfg.update(greeting="", interim_every=0.0, reprompt_after=0.0, hangup_after=0.0)
+    hub, session, runner = FakeHub(), Session(), FakeRunner()
+    hub.canned.update({k: split_frames(bytes(3200), RATE) for k in
+                       ("tool_filler_text", "tool_unavailable_text", "tool_fallback_text")})
+    app = AgentApp(session, hub, cfg, Metrics(), CallRecords(str(tmp_path), name="turns.jsonl"),
+                   tools=runner, tool_settings={**DEFAULTS["tools"], "filler_after": 0.0})
+    app.on_answered()
+    hub.llm_reqs.clear()
+    app.clock = 100.0
+    return app, hub, session, runner
+
+
+def test_a_tool_chosen_on_a_guess_runs_only_when_the_turn_stands(tmp_path):
+    import asyncio
+
+    async def scenario():
+        app, hub, session, runner = tool_agent(tmp_path)
+        feed(app, SPEECH + SILENCE[:12])                       # a pause: speculative reply
+        hub.stt_reqs[-1]["cb"]("How much do I owe on my bill?", 0.01, -0.2, 2.0, 0.3)
+        req = hub.llm_reqs[-1]
+        assert [t["name"] for t in req["params"]["tools"]] == ["lookup_invoices"]
+        req["tool"]({"tool": "lookup_invoices", "arguments": {}})
+        req["done"](0.1, 0)
+        await asyncio.sleep(0.05)
+        assert runner.calls == []                               # held: no request on a guess
+        feed(app, SILENCE[:25])                                 # the turn ends: now it runs
+        await asyncio.sleep(0.05)
+        assert runner.calls == [("call-1", "lookup_invoices", {})]
+        assert [t["text"] for t in hub.tts_reqs] == ["You have 2 open invoices."]
+        assert session.tool_calls == [{"tool": "lookup_invoices", "status": "ok"}]
+        assert [e for e, _ in session.events].count("tool_called") == 1
+        roles = [m["role"] for m in app.history]
+        assert roles == ["user", "assistant", "tool"] and app.history[1]["tool_calls"][0]["function"]["name"] == \
+            "lookup_invoices"
+        for t in hub.tts_reqs:                                   # synthesize and play the line
+            t["cb"](say(t["text"]), RATE)
+            t["done"](0.05)
+        feed(app, [bytes(320)] * 200)
+        assert app.reply is None and app.history[-1] == {"role": "assistant", "content": "You have 2 open invoices."}
+    asyncio.run(scenario())
+
+
+def test_a_tool_chosen_on_a_guess_is_dropped_if_the_caller_goes_on(tmp_path):
+    import asyncio
+
+    async def scenario():
+        app, hub, session, runner = tool_agent(tmp_path)
+        feed(app, SPEECH + SILENCE[:12])
+        hub.stt_reqs[-1]["cb"]("How much do I owe", 0.01, -0.2, 2.0, 0.3)
+        hub.llm_reqs[-1]["tool"]({"tool": "lookup_invoices", "arguments": {}})
+        feed(app, SPEECH[:20])                                  # the caller was not finished
+        await asyncio.sleep(0.05)
+        assert app.reply is None and runner.calls == []
+    asyncio.run(scenario())
+
+
+def test_async_result_waits_for_the_caller_to_finish(tmp_path):
+    import asyncio
+
+    async def scenario():
+        app, hub, session, runner = tool_agent(tmp_path)
+        feed(app, SPEECH[:30])                                  # the caller is talking
+        app.on_tool_result("pay_invoice_later", {"status": "confirmed"}, "Your payment is confirmed.")
+        assert hub.tts_reqs == []                               # not over the caller
+        assert app.history[-1]["role"] == "system" and "confirmed" in app.history[-1]["content"]
+        app.ep.in_speech = False                                # (the caller stops; no turn to answer)
+        app.utterance = []
+        feed(app, [bytes(320)])
+        assert [t["text"] for t in hub.tts_reqs] == ["Your payment is confirmed."]
+    asyncio.run(scenario())

@@ -1,32 +1,22 @@
 """The OpenAI-compatible LLM backend against a real HTTP server on loopback
 (a scripted stand-in for the user's model server: SSE chat completions)."""
-import asyncio
 import json
 import socket
-import threading
 
 import pytest
 from aiohttp import web
 
 from ai.llm import GenParams, OpenAIChat
+from support import serve_on_loopback
 
 
 class FakeOpenAI:
     def __init__(self, mode: str):
         self.mode = mode
         self.requests = []
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        ready.wait(5)
+        self.port, self.loop = serve_on_loopback(self._app)
 
-    def _run(self, ready):
-        asyncio.set_event_loop(self.loop)
-
+    def _app(self):
         async def chat(request):
             body = await request.json()
             self.requests.append((dict(request.headers), body))
@@ -45,11 +35,7 @@ class FakeOpenAI:
 
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        ready.set()
-        self.loop.run_forever()
+        return app
 
 
 def test_streams_tokens_and_sends_the_conversation(monkeypatch):

@@ -1,6 +1,7 @@
 """`make bench`: capacity and timing figures, printed and saved under results/:
 one cell (cell.json), the voice agent (agent.json), many cells behind Kamailio
-(box.json). `--only cell|agent|box` runs one part.
+(box.json), the agent's tool choice (tools.json), media streams per encoding
+(streams.json). `--only cell|agent|box|tools|streams` runs one part.
 
 Everything runs on 127.0.0.1 with real peers: a `trunkline serve` cell, SIPp
 for signalling and a Python RTP endpoint per call that streams G.711 at 50
@@ -127,17 +128,23 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "cell.json"))
-    ap.add_argument("--only", choices=["cell", "agent", "box"], help="run one part only")
+    ap.add_argument("--only", choices=["cell", "agent", "box", "tools", "streams"], help="run one part only")
     args = ap.parse_args()
     if args.only in (None, "cell"):
         run_cell(args)
     if args.only in (None, "agent"):
         import agent
         agent.main(str(HERE / "results" / "agent.json"))
+    if args.only in (None, "tools"):
+        import tools
+        tools.main(str(HERE / "results" / "tools.json"))
     if args.only in (None, "box"):
         import box
         box.main(str(HERE / "results" / "box.json"), sizes=((10, 30), (34, 100), (50, 150), (67, 200)),
                  rates=(50, 100, 150))
+    if args.only in (None, "streams"):
+        import streams
+        streams.main(str(HERE / "results" / "streams.json"), calls=min(3, args.calls), seconds=15.0)
     return 0
 
 

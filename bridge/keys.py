@@ -1,0 +1,140 @@
+"""The recording key ring: AES-256 keys by id, from a key file and/or an environment variable.
+
+Both sources use the same text format, one key per entry::
+
+    # comments and blank lines are ignored
+    2026q3:Zm9vYmFy...   (key id, a colon, 32 bytes in standard base64)
+
+Entries in the environment variable may also be separated by commas,
+semicolons or spaces. Every key listed can decrypt; ``current`` names the one
+that encrypts new recordings, so rotating is: add a new key, point
+``current`` at it, keep the old ones for as long as their recordings exist.
+
+Key material never appears in an error message, a log line or a repr.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import stat
+
+KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+KEY_BYTES = 32
+
+
+class KeyRingError(ValueError):
+    pass
+
+
+class KeyRing:
+    def __init__(self, keys: dict[str, bytes], current: str):
+        if current not in keys:
+            raise KeyRingError(f"current key {current!r} is not in the key ring")
+        self._keys = dict(keys)
+        self.current = current
+        self.warnings: list[str] = []
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def key(self, key_id: str) -> bytes:
+        try:
+            return self._keys[key_id]
+        except KeyError:
+            raise KeyRingError(f"no key {key_id!r} in the key ring") from None
+
+    def __contains__(self, key_id: str) -> bool:
+        return key_id in self._keys
+
+    def __repr__(self) -> str:
+        return f"KeyRing(ids={self.ids}, current={self.current!r})"
+
+
+def parse_keys(text: str, source: str, env: bool = False) -> dict[str, bytes]:
+    """``id:base64`` entries to {id: key}. Errors name the source and entry, never the key."""
+    keys: dict[str, bytes] = {}
+    entries: list[tuple[str, str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = re.split(r"[\s,;]+", line) if env else [line]
+        entries += [(f"entry {p.split(':', 1)[0]!r}" if env else f"line {n}", p) for p in parts if p]
+    for where, entry in entries:
+        kid, sep, b64 = entry.partition(":")
+        kid = kid.strip()
+        if not sep or not KEY_ID.match(kid):
+            raise KeyRingError(f"{source}: {where}: expected KEY_ID:BASE64 (id of letters, digits, . _ -)")
+        try:
+            key = base64.b64decode(b64.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise KeyRingError(f"{source}: key {kid!r} is not valid base64") from None
+        if len(key) != KEY_BYTES:
+            raise KeyRingError(f"{source}: key {kid!r} is {len(key)} bytes; AES-256 needs {KEY_BYTES}")
+        if kid in keys and keys[kid] != key:
+            raise KeyRingError(f"{source}: key {kid!r} is listed twice with different material")
+        keys[kid] = key
+    return keys
+
+
+def load_keyring(key_file: str, key_env: str, current: str, environ=None) -> KeyRing:
+    """The key ring from the configured sources; ``KeyRingError`` says what is wrong."""
+    environ = os.environ if environ is None else environ
+    keys: dict[str, bytes] = {}
+    warnings = []
+    if key_file:
+        path = os.path.expanduser(key_file)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise KeyRingError(f"key_file: cannot read {key_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise KeyRingError(f"key_file: {key_file} is not a text file") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.append(f"key file {key_file} is readable by group/others; chmod 600 it")
+        keys.update(parse_keys(text, "key_file"))
+    if key_env and environ.get(key_env):
+        for kid, key in parse_keys(environ[key_env], key_env, env=True).items():
+            if kid in keys and keys[kid] != key:
+                raise KeyRingError(f"key {kid!r} differs between key_file and {key_env}")
+            keys[kid] = key
+    if not keys:
+        where = " or ".join(x for x in (key_file and f"key_file {key_file}", key_env and f"${key_env}") if x)
+        raise KeyRingError(f"no recording keys found (looked in {where or 'nothing: set key_file or key_env'})")
+    if not current:
+        if len(keys) > 1:
+            raise KeyRingError("current_key: several keys are configured; name the one that encrypts new "
+                               "recordings")
+        current = next(iter(keys))
+    if current not in keys:
+        raise KeyRingError(f"current_key: no key {current!r} (have: {', '.join(sorted(keys))})")
+    ring = KeyRing(keys, current)
+    ring.warnings = warnings
+    return ring
+
+
+def new_key_line(key_id: str) -> str:
+    """A fresh random key in the key-file format (for operators and tests)."""
+    if not KEY_ID.match(key_id):
+        raise KeyRingError("key ids are letters, digits, . _ - (at most 64)")
+    return f"{key_id}:{base64.b64encode(os.urandom(KEY_BYTES)).decode()}"
+
+
+def may_record(rec_cfg: dict) -> bool:
+    """Whether calls can be recorded without an API request (the default or a number rule)."""
+    return bool(rec_cfg["enabled"] or any(rec_cfg["numbers"].values()))
+
+
+def configured_keyring(rec_cfg: dict, environ=None) -> KeyRing | None:
+    """The key ring of a ``[recordings]`` section: None when no key source is configured and
+    nothing is recorded by default; ``KeyRingError`` when keys are needed, missing or invalid."""
+    environ = os.environ if environ is None else environ
+    file, env = rec_cfg["key_file"], rec_cfg["key_env"]
+    if not file and not (env and environ.get(env)) and not may_record(rec_cfg):
+        return None
+    return load_keyring(file, env, rec_cfg["current_key"], environ)
