@@ -36,6 +36,7 @@ from ai.text import SentenceCutter, clean_for_speech
 from bridge.apps import App
 from bridge.dialog import Dialog
 from bridge.logs import event
+from bridge.tools.runner import CallContext, Outcome
 from media.endpoint import EndpointConfig, Endpointer
 from media.playout import Playout
 from media.resample import Resampler
@@ -94,7 +95,6 @@ class AgentApp(App):
         self.history = self.dialog.history
         self.updates: list[tuple[str, dict, str | None]] = []     # async tool results not yet spoken
         if tools is not None:
-            from bridge.tools.runner import CallContext
             self.tool_ctx = CallContext(session.call_id, session.from_uri, session.to_uri)
         self.preroll: list[bytes] = []
         self.utterance: list[bytes] = []
@@ -371,7 +371,6 @@ class AgentApp(App):
             o = task.result()
         except Exception as exc:  # noqa: BLE001 - a bug in a tool path must not end the call
             log.exception("tool %s failed on call %s", choice.get("tool"), self.session.call_id)
-            from bridge.tools.runner import Outcome
             o = Outcome(str(choice.get("tool")), choice.get("id") or "tc_error", "error", f"internal error: {exc}",
                         kind="internal")
         self.dialog.add_tool(o, choice.get("arguments"))
@@ -389,13 +388,15 @@ class AgentApp(App):
                 r.sentences.append(self.cfg[key])
             return
         if o.say:
-            r.llm_done = True
-            for sentence in r.cutter.feed(o.say + " "):
-                self._speak(r, sentence)
-            for sentence in r.cutter.flush():
-                self._speak(r, sentence)
+            self._say_line(r, o.say)
             return
         self._model_round(r, [])
+
+    def _say_line(self, r: Reply, text: str) -> None:
+        """Reply ``r`` is this fixed line (a tool's ``say``), sentence by sentence, no model round."""
+        r.llm_done = True
+        for sentence in [*r.cutter.feed(text + " "), *r.cutter.flush()]:
+            self._speak(r, sentence)
 
     def _log_tool(self, o) -> None:
         rec = {"call_id": self.session.call_id, "turn": self.turn_no, "role": "tool", "tool": o.tool,
@@ -413,11 +414,7 @@ class AgentApp(App):
         self.playout.take_heard()
         self.reply = r
         if say:
-            r.llm_done = True
-            for sentence in r.cutter.feed(say + " "):
-                self._speak(r, sentence)
-            for sentence in r.cutter.flush():
-                self._speak(r, sentence)
+            self._say_line(r, say)
         else:
             self._model_round(r, [])
 

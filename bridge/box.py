@@ -127,6 +127,49 @@ class BoxApi(Api):
     flush = say
     stop_speaking = say
 
+    # recordings: controlled on the call's cell; read back by the cell that wrote the file
+    async def call_recording(self, request, body):
+        return await self._forward(request, self._owner(request.match_info["call_id"]), body)
+
+    def _recording_cell(self, rid: str | None):
+        row = self.store._one("SELECT cell FROM recordings WHERE id = ?", rid) if rid else None
+        if rid and row is None:
+            raise ApiError(404, "not_found", "no such recording", "recording_id")
+        if row is not None:
+            return self._cell(row["cell"] or 0)
+        alive = [c for c in self.box.sup.cells if c.alive()]     # a listing: any cell reads the shared store
+        if not alive:
+            raise ApiError(503, "cell_down", "no cell is running")
+        return alive[0]
+
+    async def list_recordings(self, request):
+        return await self._forward(request, self._recording_cell(None))
+
+    async def get_recording(self, request):
+        return await self._forward(request, self._recording_cell(request.match_info["recording_id"]))
+
+    async def delete_recording(self, request):
+        return await self._forward(request, self._recording_cell(request.match_info["recording_id"]))
+
+    async def recording_audio(self, request):
+        """The decrypted file, streamed through from the cell as it arrives (never buffered whole)."""
+        cell = self._recording_cell(request.match_info["recording_id"])
+        headers = {"Authorization": request.headers.get("Authorization", "")}
+        async with self.box.http.get(cell.http + request.path_qs, headers=headers) as r:
+            if r.status != 200:
+                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+            resp = web.StreamResponse(status=200, headers={k: v for k, v in r.headers.items() if k in (
+                "Content-Type", "Content-Length", "Cache-Control", "Content-Disposition", "X-Recording-Complete",
+                "X-Recording-Key-Id")})
+            await resp.prepare(request)
+            try:
+                async for piece in r.content.iter_chunked(64 * 1024):
+                    await resp.write(piece)
+            except aiohttp.ClientPayloadError:
+                raise ConnectionAbortedError("the cell aborted the download") from None
+            await resp.write_eof()
+            return resp
+
     # media streams: REST goes to the call's cell; an inbound stream's WebSocket is relayed to it
     def _call_cell(self, call_id: str):
         """The cell of a call, ended or not (an ended call's cell still has its streams' final stats)."""

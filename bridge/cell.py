@@ -31,6 +31,7 @@ from bridge.streams import StreamManager
 from sip import commands as cmd
 from sip import events as ev
 from sip.engine import Engine, EngineConfig
+from sip.uri import user_part
 
 log = logging.getLogger("trunkline.cell")
 calls_log = logging.getLogger("trunkline.call")
@@ -333,7 +334,7 @@ class Cell:
     # -- records and routing --------------------------------------------------------------
     def app_for(self, to_uri: str) -> str:
         """The app for an inbound call: by the dialled number (user part of To), else the default."""
-        user = to_uri.split("sip:", 1)[-1].split("@", 1)[0].split(";", 1)[0] if "@" in to_uri else ""
+        user = user_part(to_uri)
         numbers = self.store.numbers()
         return numbers.get(user) or numbers.get(user.lstrip("+")) or self.cfg.app
 
@@ -368,15 +369,12 @@ class Cell:
             await asyncio.sleep(max(0.0, delay))
             now = time.monotonic()
             for s in list(self.sessions.values()):
+                frames = s.media.uplink.drain()
+                if s.taps:
+                    self._feed_taps(s, frames, now)
                 if s.app is None or s.ending:
-                    frames = s.media.uplink.drain()
-                    if s.taps:
-                        self._feed_taps(s, frames, now)
                     continue
                 try:
-                    frames = s.media.uplink.drain()
-                    if s.taps:
-                        self._feed_taps(s, frames, now)
                     if frames:
                         s.app.on_frames(frames, now)
                     s.app.on_tick(now)

@@ -250,3 +250,49 @@ def test_a_keypad_digit_pauses_the_recording_and_is_masked(cell_factory, tmp_pat
     assert _rms(left[:int(pause["start"] * RATE)]) > 100         # the pcap's speech is there before it
     assert key_line.split(":", 1)[1] not in cell.log_path.read_text()
     assert cell.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.sample
+def test_box_controls_and_serves_recordings_through_the_cells(tmp_path):
+    """With several cells behind one API, recording control goes to the call's cell and the
+    decrypted download is streamed through from the cell that wrote the file."""
+    from support import BoxProcess
+    keys = tmp_path / "recording.keys"
+    keys.write_text(new_key_line("k1") + "\n")
+    keys.chmod(0o600)
+    b = BoxProcess(tmp_path, 2, f'[models]\nload = "never"\n[recordings]\nenabled = true\nkey_file = "{keys}"\n'
+                   f'current_key = "k1"\nflush_interval = 0.5\n').start()
+    peer = RtpPeer(b.ports["rtp_peer"])
+    try:
+        api = Api(b, create_key(b.data, "control"))
+        rec_key = create_key(b.data, "recordings")
+        proc = sipp("call_pcmu.xml", b.sip, tmp_path, "-d", "4000", local_port=b.ports["sipp"],
+                    rtpport=b.ports["rtp_peer"], background=True)
+        peer.wait_remote()
+        sender = threading.Thread(target=peer.stream, args=(_caller_tone(4.4),), daemon=True)
+        sender.start()
+        call_id = _wait(lambda: api.get("/v1/calls?state=active")[1]["calls"], 10, "the call")[0]["id"]
+        _wait(lambda: api.get(f"/v1/recordings?call_id={call_id}")[1]["recordings"], 5, "a recording")
+        time.sleep(1.0)
+        status, body, _ = api.post(f"/v1/calls/{call_id}/recording", {"action": "pause"})
+        assert status == 200 and body["status"] == "paused", body
+        time.sleep(0.5)
+        assert api.post(f"/v1/calls/{call_id}/recording", {"action": "resume"})[0] == 200
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()[-2000:]
+        sender.join(10)
+        rec = _wait(lambda: [r for r in api.get(f"/v1/recordings?call_id={call_id}")[1]["recordings"]
+                             if r["status"] == "stopped"], 10, "the recording to stop")[0]
+        assert api.get(f"/v1/recordings/{rec['id']}")[1]["paused"][0]["reasons"] == ["api"]
+        assert api.get(f"/v1/recordings/{rec['id']}/audio")[0] == 403          # a control key: no audio
+        status, headers, data = _download(b, rec["id"], rec_key)
+        assert status == 200 and headers["X-Recording-Complete"] == "true"
+        assert int(headers["Content-Length"]) == len(data)
+        left, _ = split_stereo(decode_ogg_opus(data, RATE).pcm)
+        assert abs(_peak_hz(left[RATE // 2:RATE * 3 // 2]) - 440) < 10           # the caller's tone, left
+        assert api.call("DELETE", f"/v1/recordings/{rec['id']}", key=rec_key)[0] == 200
+        assert api.get(f"/v1/recordings/{rec['id']}")[0] == 404
+    finally:
+        peer.close()
+        b.stop()

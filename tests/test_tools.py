@@ -12,7 +12,8 @@ from bridge import config
 from bridge.metrics import Metrics
 from bridge.tools.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, RateWindow, backoff, retry_after
 from bridge.tools.mapping import map_result
-from bridge.tools.runner import CallContext, ToolRunner, number_of
+from bridge.tools.runner import CallContext, ToolRunner
+from sip.uri import user_part
 from bridge.tools.select import shortlist
 from bridge.tools.spec import ResultMap, ToolConfigError, load_toolbox
 from bridge.tools.template import render_url
@@ -172,9 +173,11 @@ def test_shortlist_offers_only_tools_the_caller_talked_about(tmp_path):
     assert len(shortlist("anything", specs, 0)) == 3            # 0: every tool, every turn
 
 
-def test_number_of_caller_uri():
-    assert number_of("<sip:+15551230001@10.0.0.1;user=phone>") == "+15551230001"
-    assert number_of('"Bob" <tel:+4930123456>') == "+4930123456"
+def test_user_part_of_caller_uri():
+    assert user_part("<sip:+15551230001@10.0.0.1;user=phone>") == "+15551230001"
+    assert user_part('"Bob" <tel:+4930123456>') == "+4930123456"
+    assert user_part("sip:+15550000000@host:5060") == "+15550000000"
+    assert user_part("sip:host.example") == "" and user_part("") == ""
 
 
 # -- the runner against the billing API -------------------------------------------------

@@ -33,8 +33,9 @@ import aiohttp
 from bridge.schema import SchemaError, validate
 from bridge.tools.breaker import CLOSED, STATE_NAMES, Breaker, RateWindow, backoff, retry_after
 from bridge.tools.mapping import map_result
-from bridge.tools.spec import ToolBox, ToolSpec
-from bridge.tools.template import MissingValue, args_hash, render, render_url
+from bridge.tools.spec import PLACEHOLDER, ToolBox, ToolSpec
+from bridge.tools.template import MissingValue, args_hash, lookup, render, render_url
+from sip.uri import user_part
 
 log = logging.getLogger("trunkline.tools")
 
@@ -53,15 +54,8 @@ class CallContext:
     total: int = 0
 
     def values(self) -> dict:
-        return {"id": self.call_id, "from": number_of(self.from_uri), "to": number_of(self.to_uri),
+        return {"id": self.call_id, "from": user_part(self.from_uri), "to": user_part(self.to_uri),
                 "from_uri": self.from_uri, "to_uri": self.to_uri}
-
-
-def number_of(uri: str) -> str:
-    """``"Bob" <sip:+15551234567@host;user=phone>`` -> ``+15551234567``."""
-    s = uri.split("<", 1)[-1].split(">", 1)[0]
-    s = s.split(":", 1)[-1] if s.startswith(("sip:", "sips:", "tel:")) else s
-    return s.split("@", 1)[0].split(";", 1)[0]
 
 
 @dataclass
@@ -341,7 +335,6 @@ class ToolRunner:
 
 
 def _placeholders(template: str) -> list[str]:
-    from bridge.tools.spec import PLACEHOLDER
     return PLACEHOLDER.findall(template)
 
 
@@ -354,7 +347,6 @@ def _render_value(v: Any, values: dict) -> Any:
     if isinstance(v, str):
         found = _placeholders(v)
         if len(found) == 1 and v == "{" + found[0] + "}":
-            from bridge.tools.template import lookup
             return lookup(values, found[0])
         return render(v, values)
     return v

@@ -45,7 +45,8 @@ def rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else 0.0
 
 
-def _stream_call(cell, tmp: Path, idx: int, seconds: float, out: dict) -> None:
+def _stream_call(cell, tmp: Path, idx: int, seconds: float, out: dict, packets: list[bytes] | None = None) -> None:
+    """One SIPp call with our RTP endpoint sending ``packets`` (default: a tone per call)."""
     port = cell.ports["rtp_peer"] + 2 * idx + 100
     peer = RtpPeer(port)
     work = tmp / f"call{idx}"
@@ -55,9 +56,11 @@ def _stream_call(cell, tmp: Path, idx: int, seconds: float, out: dict) -> None:
                     local_port=cell.ports["sipp"] + 200 + idx, rtpport=port, background=True,
                     timeout=seconds + 30)
         peer.wait_remote()
-        t = np.arange(160 * int(seconds * 50)) / 8000
-        sig = (6000 * np.sin(2 * math.pi * (300 + 100 * idx) * t)).astype("<i2")
-        peer.stream([g711.ulaw_encode(sig[i:i + 160].tobytes()) for i in range(0, sig.size, 160)])
+        if packets is None:
+            t = np.arange(160 * int(seconds * 50)) / 8000
+            sig = (6000 * np.sin(2 * math.pi * (300 + 100 * idx) * t)).astype("<i2")
+            packets = [g711.ulaw_encode(sig[i:i + 160].tobytes()) for i in range(0, sig.size, 160)]
+        peer.stream(packets)
         proc.communicate(timeout=60)
         arrivals = np.array([t for t, pt, _, _ in peer.received if pt == 0])
         d = np.diff(arrivals)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from run import cpu_seconds, rss_mb  # noqa: E402
-from support import Api, CellProcess, RtpPeer, create_key, sipp  # noqa: E402
+from run import _stream_call, cpu_seconds, rss_mb  # noqa: E402
+from support import Api, CellProcess, create_key  # noqa: E402
 from test_streamcodec import voice_like  # noqa: E402
 from test_streams import API_CALLS, ulaw_packets  # noqa: E402
 
@@ -38,19 +38,8 @@ ENCODINGS = ("mulaw", "pcm16", "opus")
 
 
 def _caller(cell, tmp: Path, idx: int, seconds: float, out: dict) -> None:
-    port = cell.ports["rtp_peer"] + 2 * idx + 100
-    peer = RtpPeer(port)
-    work = tmp / f"call{idx}"
-    work.mkdir()
-    try:
-        proc = sipp("call_pcmu.xml", cell.sip, work, "-d", str(int(seconds * 1000)),
-                    local_port=cell.ports["sipp"] + 200 + idx, rtpport=port, background=True, timeout=seconds + 30)
-        peer.wait_remote()
-        peer.stream(ulaw_packets(voice_like(8000, seconds - 0.5, seed=idx)))
-        proc.communicate(timeout=60)
-        out[idx] = proc.returncode
-    finally:
-        peer.close()
+    """A call whose caller speaks (voice-like signal), so every encoding has real work to do."""
+    _stream_call(cell, tmp, idx, seconds, out, ulaw_packets(voice_like(8000, seconds - 0.5, seed=idx)))
 
 
 def run_one(calls: int, seconds: float, encoding: str | None, direction: str) -> dict:
@@ -107,7 +96,7 @@ def run_one(calls: int, seconds: float, encoding: str | None, direction: str) ->
                                       / max(1, sum(v["media"] for v in sink_stats.values()))
                                       * 50 * (2 if direction == "both" else 1), 1) if sink_stats else None,
         "frame_p99_ms_max": max(e["frame_p99_ms"] for e in ended), "frame_gaps": sum(e["frame_gaps"] for e in ended),
-        "failed_calls": sum(1 for rc in rcs.values() if rc != 0),
+        "failed_calls": sum(1 for r in rcs.values() if r["sipp_rc"] != 0),
     }
 
 
