@@ -9,7 +9,7 @@ ARGS ?=
 
 # Debian packages: what the bridge needs to run, and what the tests add.
 RUN_DEBS := libopus0 ca-certificates cmake build-essential kamailio
-TEST_DEBS := $(RUN_DEBS) sip-tester chromium
+TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious
 
 .PHONY: run test test-all bench deps test-deps clean
 

@@ -53,6 +53,7 @@ class _Leg:
     last_rx_change: float = 0.0
     end_reason: str = ""
     transfer_pending: bool = False
+    refusal: tuple[int, dict] | None = None   # final answer owed, sent after onIncomingCall returns
 
 
 class Engine:
@@ -324,10 +325,15 @@ class Engine:
         elif self.active_calls >= self.cfg.capacity:
             reason, status = "full", pj.PJSIP_SC_SERVICE_UNAVAILABLE
         if reason:
-            leg = _Leg(call, info.callIdString, "inbound", trunk, None, admitted=False, end_reason=reason)
-            self.legs[info.id] = leg
+            # The final answer is sent from the loop, after this callback has returned:
+            # answering an INVITE without SDP with a final status from inside
+            # onIncomingCall ends and resets the call at once, and pjsua2 then frees the
+            # already-freed cloned rdata (pjsip_rx_data_free_cloned: Assertion 'rdata'
+            # failed), aborting the process. One packet from anywhere did that.
             extra = {"Retry-After": str(self.cfg.retry_after)} if status == pj.PJSIP_SC_SERVICE_UNAVAILABLE else {}
-            self._answer(call, status, extra)
+            leg = _Leg(call, info.callIdString, "inbound", trunk, None, admitted=False, end_reason=reason,
+                       refusal=(status, extra))
+            self.legs[info.id] = leg
             self._emit(ev.CallRejected(source, info.remoteUri, info.localUri, status, reason))
             return
         media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
@@ -351,6 +357,13 @@ class Engine:
 
     def _answer_due(self, now: float) -> None:
         for leg in list(self.legs.values()):
+            if leg.refusal is not None:
+                status, extra = leg.refusal
+                leg.refusal = None
+                try:
+                    self._answer(leg.call, status, extra)
+                except pj.Error as exc:      # the caller gave up first
+                    log.debug("refusing %s failed: %s", leg.call_id, exc.info())
             if leg.answer_at is not None and now >= leg.answer_at:
                 leg.answer_at = None
                 try:
