@@ -7,7 +7,7 @@ import logging
 import sys
 
 from bridge import __version__
-from bridge.config import ConfigError, load
+from bridge.core.config import ConfigError, load
 
 log = logging.getLogger("trunkline")
 
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _keys(cfg, args) -> int:
-    from bridge.store import Store
+    from bridge.records.store import Store
     store = Store(cfg.data_dir)
     try:
         if args.keys_command == "create":
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trunkline: config error: {exc}", file=sys.stderr)
         return 2
-    from bridge import logs
+    from bridge.core import logs
     logs.setup(cfg.raw["log_level"])
     if args.command == "keys":
         return _keys(cfg, args)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "chat":
         from ai.client import EngineLoadError
-        from bridge.chat import run_chat
+        from bridge.agent.chat import run_chat
         try:
             return asyncio.run(run_chat(cfg, args.caller))
         except EngineLoadError as exc:
@@ -127,17 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     if cfg.app == "playback":
-        from bridge.apps import load_prompt
+        from bridge.cell.apps import load_prompt
         from media.wav import WavError
         try:
             load_prompt(cfg.raw["app"]["prompt"], cfg.raw["media"]["clock_rate"])
         except WavError as exc:
             print(f"trunkline: config error: app.prompt: {exc}", file=sys.stderr)
             return 2
-    from bridge.run import run_call, run_serve
+    from bridge.cell.run import run_call, run_serve
     try:
         if args.command == "serve" and args.cells > 1:
-            from bridge.supervisor import Supervisor
+            from bridge.box.supervisor import Supervisor
             try:
                 sup = Supervisor(cfg, args.cells, args.config)
             except ValueError as exc:

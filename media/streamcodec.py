@@ -1,6 +1,6 @@
 """Media streams on the wire: per-encoding frame codecs and the JSON messages.
 
-Pure (no sockets, threads or clocks): ``bridge/streams.py`` feeds this the
+Pure (no sockets, threads or clocks): ``bridge/api/streams.py`` feeds this the
 call's 20 ms frames and the client's text messages and sends what comes back.
 
 Encodings, one 20 ms frame per ``media`` message from the bridge:

@@ -6,14 +6,22 @@ import logging
 import os
 import sys
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import pjsua2 as pj
 
 from sip import events as ev
 
-if TYPE_CHECKING:
-    from sip.engine import Engine
+class Engine(Protocol):
+    """The engine's callback side (``sip.engine.Engine``): what these subclasses forward to."""
+
+    def _emit(self, event) -> None: ...
+    def _on_incoming(self, acc, prm) -> None: ...
+    def _on_state(self, call) -> None: ...
+    def _on_media(self, call) -> None: ...
+    def _on_dtmf(self, call, prm) -> None: ...
+    def _on_xfer(self, call, prm) -> None: ...
+    def _on_stream_destroyed(self, call, idx: int) -> None: ...
 
 log = logging.getLogger("trunkline.sip")
 
@@ -30,7 +38,7 @@ class _LogWriter(pj.LogWriter):
 
 
 class _Account(pj.Account):
-    def __init__(self, engine: "Engine", trunk: str | None):
+    def __init__(self, engine: Engine, trunk: str | None):
         super().__init__()
         self.engine = engine
         self.trunk = trunk
@@ -46,7 +54,7 @@ class _Account(pj.Account):
 class _Call(pj.Call):
     """Forwards pjsua2 call callbacks to the engine, tagged with itself."""
 
-    def __init__(self, engine: "Engine", acc: _Account, call_id: int = pj.PJSUA_INVALID_ID):
+    def __init__(self, engine: Engine, acc: _Account, call_id: int = pj.PJSUA_INVALID_ID):
         super().__init__(acc, call_id)
         self.engine = engine
         self.acc = acc

@@ -5,7 +5,8 @@ The fake sits at the app boundary; SIP, media and the cell are real.
 """
 import sys
 
-from bridge import apps, cli
+from bridge import cli
+from bridge.cell import apps
 
 _made = []
 _real = apps.make_app
@@ -26,6 +27,6 @@ def make_app(name, session, cell):
 
 
 if __name__ == "__main__":
-    import bridge.cell
-    bridge.cell.make_app = make_app
+    import bridge.cell.cell
+    bridge.cell.cell.make_app = make_app
     sys.exit(cli.main(sys.argv[1:]))

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 
-from bridge.agent import AgentApp
-from bridge.config import DEFAULTS
-from bridge.metrics import Metrics
-from bridge.records import CallRecords
+from bridge.agent.app import AgentApp
+from bridge.core.config import DEFAULTS
+from bridge.core.metrics import Metrics
+from bridge.records.journal import CallRecords
 from media.callmedia import CallMedia
 from media.frames import split_frames
 from voice import say
@@ -172,14 +172,14 @@ def test_goodbye_ends_the_call_after_the_goodbye_plays(agent):
 # -- tools: the agent's side (the runner is faked; tests/test_tools.py runs the real one) --------
 class FakeRunner:
     def __init__(self, say_line="You have 2 open invoices."):
-        from bridge.tools.spec import load_toolbox
+        from bridge.core.toolspec import load_toolbox
         self.specs = load_toolbox([{"name": "lookup_invoices", "description": "Look up open invoices and the bill",
                                     "url": "http://127.0.0.1:9/v1/invoices"}], environ={}).tools
         self.calls = []
         self.say_line = say_line
 
     async def call(self, ctx, name, args, tool_call_id=None):
-        from bridge.tools.runner import Outcome
+        from bridge.agent.tools.runner import Outcome
         self.calls.append((ctx.call_id, name, args))
         return Outcome(name, tool_call_id or "tc_1", "ok", "done", result={"count": 2}, say=self.say_line,
                        http_status=200, attempts=1, audit={"tool": name, "status": "ok"})

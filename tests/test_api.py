@@ -8,8 +8,8 @@ import time
 import aiohttp
 from aiohttp import web
 
-from bridge.api import ROUTES
-from bridge.webhooks import verify_signature
+from bridge.api.routes import ROUTES
+from bridge.api.webhooks import verify_signature
 from support import Api, create_key, sipp
 
 ECHO = "[models]\nload = \"never\"\n[http]\nws_heartbeat = 1.0\n"

@@ -1,6 +1,6 @@
 import pytest
 
-from bridge.config import ConfigError, load
+from bridge.core.config import ConfigError, load
 from sip.acl import SourceFilter, split_hostport
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from bridge import kamailio
-from bridge.metrics import Metrics
+from bridge.box import kamailio
+from bridge.core.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 BOX_METRICS = {"trunkline_box_cell_up", "trunkline_box_cell_deaths_total", "trunkline_box_cell_drained"}

@@ -9,10 +9,13 @@ from sipwire import UdpPeer
 from support import sipp, sipp_file
 
 TRUSTED_ONLY = '[[trunks]]\nname = "carrier"\nallow = ["127.0.0.1/32"]\n'
+# svwar binds where it likes (its -b is ignored: it always sends from 127.0.0.1:5060), so
+# for an untrusted scan the trunk lives on 127.0.0.5 and the scanner's 127.0.0.1 is outside.
+TRUSTED_ELSEWHERE = '[[trunks]]\nname = "carrier"\nallow = ["127.0.0.5/32"]\n'
 
 
-def _call_works(cell, tmp_path):
-    res = sipp("call_pcmu.xml", cell.sip, tmp_path, "-d", "300", local_port=cell.ports["sipp"])
+def _call_works(cell, tmp_path, local_ip="127.0.0.1"):
+    res = sipp("call_pcmu.xml", cell.sip, tmp_path, "-d", "300", local_port=cell.ports["sipp"], local_ip=local_ip)
     assert res.returncode == 0, res.stdout.decode()[-2000:]
 
 
@@ -60,13 +63,49 @@ def test_full_cell_refuses_invite_without_sdp_with_503_and_keeps_its_calls(cell,
     assert cell.alive()
 
 
-@pytest.mark.skipif(shutil.which("svwar") is None, reason="sipvicious (svwar) is not installed")
-def test_svwar_invite_scan_does_not_kill_the_cell(cell_factory, tmp_path):
-    """The stock scan from the issue: ``svwar -m INVITE`` over 100 extensions."""
-    cell = cell_factory(TRUSTED_ONLY)
-    r = subprocess.run(["svwar", "-m", "INVITE", "-e", "100-199", "--force", "-p", str(cell.ports["sip"]),
-                        "127.0.0.1"], capture_output=True, text=True, timeout=120)
+def _svwar(port: int, method: str = "INVITE") -> str:
+    r = subprocess.run(["svwar", "-m", method, "-e", "100-199", "--force", "-p", str(port), "127.0.0.1"],
+                       capture_output=True, text=True, timeout=120)
+    return r.stdout + r.stderr
+
+
+def _distinguished(report: str) -> dict[str, str]:
+    """Extensions svwar could tell apart from the rest: with ``--force`` it lists every
+    extension whose answer is not 404, so a server that answers all alike (403) shows
+    all of them with one verdict, which tells a scanner nothing. Returns {ext: verdict}
+    when the answers differ, else {}."""
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("|")]
+    found = {r[1].strip(): r[2].strip() for r in rows if len(r) > 3 and r[1].strip() not in ("Extension", "")}
+    found.pop("None", None)
+    uniform = len(set(found.values())) <= 1 and (not found or len(found) >= 90)
+    return {} if uniform else found
+
+
+needs_svwar = pytest.mark.skipif(shutil.which("svwar") is None, reason="sipvicious (svwar) is not installed")
+
+
+@needs_svwar
+def test_svwar_invite_scan_from_untrusted_source_finds_nothing(cell_factory, tmp_path):
+    """The stock scan from the issue, from outside the allow-list: the cell lives and
+    answers every extension alike (403), so nothing is enumerated."""
+    cell = cell_factory(TRUSTED_ELSEWHERE)
+    report = _svwar(cell.ports["sip"])
     assert cell.alive(), cell.log_path.read_text()[-3000:]
-    report = r.stdout + r.stderr
-    assert "weird" not in report.lower(), report
+    assert _distinguished(report) == {}, report
+    assert not cell.events("call_offered")
+    assert cell.events("call_rejected")
+    _call_works(cell, tmp_path, local_ip="127.0.0.5")
+
+
+@needs_svwar
+def test_svwar_invite_scan_from_trusted_source_does_not_kill_the_cell(cell_factory, tmp_path):
+    """From a trusted address the scan's INVITEs are calls: 3 are answered, the rest get 503.
+    Before the fix the first 503 to an INVITE without SDP aborted the cell."""
+    cell = cell_factory(TRUSTED_ONLY)
+    _svwar(cell.ports["sip"])
+    assert cell.alive(), cell.log_path.read_text()[-3000:]
+    assert cell.events("call_rejected"), "the scan never filled the cell"
+    deadline = time.monotonic() + 60        # the scanner's unacknowledged calls time out
+    while cell.metrics()["trunkline_calls_active"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
     _call_works(cell, tmp_path)

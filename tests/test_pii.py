@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bridge import pii
-from bridge.pii import Masker, is_card, luhn_ok
+from bridge.core import pii
+from bridge.core.pii import Masker, is_card, luhn_ok
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +71,7 @@ def test_configured_patterns_and_nested_values():
 
 
 def test_log_formatter_masks_message_and_fields():
-    from bridge.logs import JsonFormatter
+    from bridge.core.logs import JsonFormatter
     pii.configure(True, [r"secret-\w+"])
     rec = logging.LogRecord("trunkline.call", logging.INFO, __file__, 1, "caller said %s", ("4111 1111 1111 1111",),
                             None)
@@ -84,10 +84,10 @@ def test_log_formatter_masks_message_and_fields():
 
 
 def test_transcripts_events_and_records_are_masked(tmp_path):
-    from bridge.events import EventBus
-    from bridge.records import CallRecords
-    from bridge.session import Session
-    from bridge.store import Store
+    from bridge.api.events import EventBus
+    from bridge.records.journal import CallRecords
+    from bridge.cell.session import Session
+    from bridge.records.store import Store
     pii.configure(True, [r"\b\d{3}-\d{2}-\d{4}\b"])
     store = Store(str(tmp_path))
     bus = EventBus(store)

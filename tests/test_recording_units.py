@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bridge.keys import KeyRing, KeyRingError, load_keyring, new_key_line, parse_keys
-from bridge.sealed import (FINAL, SealedError, SealedKeyError, SealedReader, SealedWriter, decrypt_file, scan)
+from bridge.core.keys import KeyRing, KeyRingError, load_keyring, new_key_line, parse_keys
+from bridge.records.sealed import (FINAL, SealedError, SealedKeyError, SealedReader, SealedWriter, decrypt_file, scan)
 from media.ogg import OggError, OggOpusEncoder, OggWriter, decode_ogg_opus, ogg_crc, read_packets, read_pages
 from media.stereo import StereoPairer, interleave, split_stereo, wav_header
 
@@ -270,7 +270,7 @@ def test_key_file_parsing_and_errors(tmp_path):
 
 
 def test_config_refuses_to_start_recording_without_a_usable_key(tmp_path):
-    from bridge.config import ConfigError, load
+    from bridge.core.config import ConfigError, load
     cfg = tmp_path / "t.toml"
     cfg.write_text("[recordings]\nenabled = true\n")
     with pytest.raises(ConfigError, match="recordings: no recording keys"):
@@ -336,10 +336,10 @@ class FakeSession:
 
 
 def make_registry(tmp_path, cell_id="0", **rec_cfg):
-    from bridge.config import DEFAULTS
-    from bridge.metrics import Metrics
-    from bridge.recording import Recordings
-    from bridge.store import Store
+    from bridge.core.config import DEFAULTS
+    from bridge.core.metrics import Metrics
+    from bridge.records.recording import Recordings
+    from bridge.records.store import Store
     cfg = {**DEFAULTS["recordings"], **rec_cfg}
     keyfile = tmp_path / "keys"
     if not keyfile.exists():
@@ -409,7 +409,7 @@ def test_dtmf_pause_reaches_back_and_resumes_after_quiet(tmp_path, monkeypatch):
     rec = reg.start(s, "wav")
     feed(rec, 1.0)                                         # 0..1 s; the last 0.5 s not yet encoded
     clock = [100.0]
-    monkeypatch.setattr("bridge.recording.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("bridge.records.recording.time.monotonic", lambda: clock[0])
     assert reg.on_dtmf(s, "4", 100) is True                # masked: the recording is paused
     assert rec.state == "paused"
     start = rec.intervals[0]["start"] * 0.02
@@ -453,7 +453,7 @@ def test_full_disk_stops_the_recording_not_the_call(tmp_path):
 
 
 def test_unwritable_directory_refuses_the_start_cleanly(tmp_path):
-    from bridge.recording import RecordingError
+    from bridge.records.recording import RecordingError
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the directory should be")
     reg = make_registry(tmp_path, dir=str(blocker))

@@ -12,8 +12,8 @@ import wave
 import numpy as np
 import pytest
 
-from bridge.keys import KeyRing, new_key_line
-from bridge.sealed import SealedError, SealedReader
+from bridge.core.keys import KeyRing, new_key_line
+from bridge.records.sealed import SealedError, SealedReader
 from media import g711
 from media.ogg import decode_ogg_opus
 from media.stereo import split_stereo

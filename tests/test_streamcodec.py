@@ -9,8 +9,8 @@ import types
 import numpy as np
 import pytest
 
-from bridge.metrics import Metrics
-from bridge.streams import MediaStream, backoff
+from bridge.core.metrics import Metrics
+from bridge.api.streams import MediaStream, backoff
 from media import g711
 from media.callmedia import CallMedia
 from media.frames import bytes_per_frame

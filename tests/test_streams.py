@@ -536,8 +536,8 @@ def test_box_relays_an_inbound_stream_to_the_calls_cell(tmp_path):
 def test_stream_routes_in_the_openapi_spec():
     from openapi_spec_validator import validate
 
-    from bridge.api import ROUTES, openapi_spec
-    from bridge.events import EVENT_TYPES
+    from bridge.api.routes import ROUTES, openapi_spec
+    from bridge.api.events import EVENT_TYPES
     spec = openapi_spec()
     validate(spec)
     base = "/v1/calls/{call_id}/streams"

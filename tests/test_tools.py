@@ -8,15 +8,15 @@ import tomllib
 
 import pytest
 
-from bridge import config
-from bridge.metrics import Metrics
-from bridge.tools.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, RateWindow, backoff, retry_after
-from bridge.tools.mapping import map_result
-from bridge.tools.runner import CallContext, ToolRunner
+from bridge.core import config
+from bridge.core.metrics import Metrics
+from bridge.agent.tools.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, RateWindow, backoff, retry_after
+from bridge.agent.tools.mapping import map_result
+from bridge.agent.tools.runner import CallContext, ToolRunner
 from sip.uri import user_part
-from bridge.tools.select import shortlist
-from bridge.tools.spec import ResultMap, ToolConfigError, load_toolbox
-from bridge.tools.template import render_url
+from bridge.agent.tools.select import shortlist
+from bridge.core.toolspec import ResultMap, ToolConfigError, load_toolbox
+from bridge.agent.tools.template import render_url
 from billing import TOKEN, BillingApi, tools_toml
 
 
@@ -367,7 +367,7 @@ def test_llama_adapter_renders_tools_and_builds_a_grammar_for_them(tmp_path):
     from llama_cpp import LlamaGrammar
 
     from ai.llm import choice_schema, plain_messages
-    from bridge.dialog import Dialog
+    from bridge.agent.dialog import Dialog
     box, _ = make_box(tmp_path, "http://127.0.0.1:9")
 
     class R:
@@ -377,7 +377,7 @@ def test_llama_adapter_renders_tools_and_builds_a_grammar_for_them(tmp_path):
     tools = d.tools_for("pay my invoice INV-1002", 0)
     assert [t["name"] for t in tools] == ["pay_invoice", "pay_invoice_later"]
     assert d.tools_for("pay my invoice", 2) == []               # max_per_turn rounds used up
-    from bridge.tools.runner import Outcome
+    from bridge.agent.tools.runner import Outcome
     d.add_tool(Outcome("pay_invoice", "tc_1", "ok", "done", result={"amount": 42}), {"invoice_number": "INV-1002"})
     msgs = plain_messages(d.messages(), tools)
     assert msgs[0]["content"].startswith("Be brief.\n\nYou can use these tools:\n- pay_invoice:")

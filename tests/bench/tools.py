@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from ai import models  # noqa: E402
 from ai.llm import GenParams, LlamaChat  # noqa: E402
-from bridge.config import DEFAULTS  # noqa: E402
-from bridge.dialog import Dialog  # noqa: E402
-from bridge.schema import SchemaError, validate  # noqa: E402
-from bridge.tools.spec import load_toolbox  # noqa: E402
+from bridge.core.config import DEFAULTS  # noqa: E402
+from bridge.agent.dialog import Dialog  # noqa: E402
+from bridge.core.schema import SchemaError, validate  # noqa: E402
+from bridge.core.toolspec import load_toolbox  # noqa: E402
 
 SYSTEM = ("You are the phone assistant of Acme Power, an electricity company. You help callers with their "
           "bills and technician visits. Answer in one or two short sentences.")

@@ -1,0 +1,127 @@
+"""``trunkline chat``: the configured agent over text, in the terminal.
+
+Same model, system prompt, tools and history handling as a phone call
+(``Dialog``, ``ToolRunner``, the inference process with only the LLM loaded),
+so prompts and tools can be tried, and scripted, without a phone:
+
+    $ printf 'what do I owe?\\npay INV-1002\\n' | trunkline chat --config my.toml --caller +15551230001
+    agent: Hello! How can I help you today?
+    tool> lookup_invoices {} -> ok 200 in 0.04 s: {"status":"ok","count":2,...}
+    agent: You have 2 open invoices ...
+
+Lines starting ``agent:`` are what a caller would hear; ``tool>`` lines show
+tool activity. ``/quit`` or end of input ends the chat.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import sys
+
+from ai.text import clean_for_speech
+from bridge.agent.hub import AiHub
+from bridge.core.config import Config
+from bridge.agent.dialog import Dialog
+from bridge.core.metrics import Metrics
+
+
+async def ask(hub: AiHub, key: str, messages: list[dict], params: dict) -> tuple[str, dict | None]:
+    """One model round: the reply text, or the tool it chose."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    tokens: list[str] = []
+    chosen: list[dict] = []
+    hub.llm(key, messages, params, on_token=tokens.append,
+            on_done=lambda *a: done.done() or done.set_result(None),
+            on_error=lambda msg: done.done() or done.set_exception(RuntimeError(msg)),
+            on_tool=chosen.append)
+    await done
+    return "".join(tokens), (chosen[0] if chosen else None)
+
+
+async def run_chat(cfg: Config, caller: str = "", inp=None, out=None) -> int:
+    inp = inp or sys.stdin
+    out = out or sys.stdout
+    a = cfg.raw["agent"]
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    hub = AiHub(cfg, Metrics(), 16000, engines=("llm",))
+    await hub.start()
+    runner = None
+    if cfg.toolbox is not None and cfg.toolbox.tools:
+        from bridge.agent.tools.runner import ToolRunner
+        runner = ToolRunner(cfg.toolbox, cfg.raw["tools"], Metrics(),
+                            callback_base=cfg.raw["tools"]["callback_base_url"])
+        await runner.start()
+    dialog = Dialog(a, cfg.raw["tools"], runner)
+    key = "chat-" + secrets.token_hex(4)
+    ctx = None
+    if runner is not None:
+        from bridge.agent.tools.runner import CallContext
+        ctx = CallContext(key, from_uri=f"sip:{caller or 'anonymous'}@chat", to_uri="sip:agent@trunkline")
+    try:
+        if a["greeting"]:
+            say(f"agent: {a['greeting']}")
+            dialog.add_assistant(a["greeting"])
+        loop = asyncio.get_running_loop()
+        while True:
+            if inp.isatty():
+                print("you> ", end="", file=out, flush=True)
+            line = await loop.run_in_executor(None, inp.readline)
+            if not line:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                break
+            dialog.add_user(text)
+            heard = set(re.findall(r"[a-z']+", text.lower()))
+            if any(set(p.split()) <= heard for p in a["goodbye_phrases"]):
+                say(f"agent: {a['goodbye_text']}")
+                break
+            await _turn(hub, key, dialog, runner, ctx, text, a, say)
+    finally:
+        hub.release(key)
+        if runner is not None:
+            await runner.close()
+        await hub.stop()
+    return 0
+
+
+async def _turn(hub, key, dialog: Dialog, runner, ctx, text: str, a: dict, say) -> None:
+    rounds = 0
+    while True:
+        params = {"max_tokens": a["max_reply_tokens"], "temperature": a["temperature"],
+                  "repeat_penalty": a["repeat_penalty"], "tools": dialog.tools_for(text, rounds)}
+        try:
+            reply, choice = await ask(hub, key, dialog.messages(), params)
+        except RuntimeError as exc:
+            say(f"error> the model failed: {exc}")
+            say(f"agent: {a['apology_text']}")
+            return
+        if choice is None or runner is None:
+            reply = clean_for_speech(reply)
+            say(f"agent: {reply}")
+            dialog.add_assistant(reply)
+            return
+        rounds += 1
+        args = choice.get("arguments")
+        say(f"tool> {choice.get('tool')} {json.dumps(args, separators=(',', ':'))}")
+        o = await runner.call(ctx, choice.get("tool", ""), args, choice.get("id"))
+        say(f"tool> {o.tool} -> {o.status}" + (f" {o.http_status}" if o.http_status else "")
+            + f" in {o.seconds:.2f} s, {o.attempts} attempt(s): {o.for_model()}")
+        dialog.add_tool(o, args)
+        if o.status in ("unavailable", "quota", "error"):
+            line = f"{a['tool_unavailable_text']} {a['tool_fallback_text']}".strip()
+            say(f"agent: {line}")
+            dialog.add_assistant(line)
+            return
+        if o.say:
+            say(f"agent: {o.say}")
+            dialog.add_assistant(o.say)
+            return

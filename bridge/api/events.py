@@ -1,0 +1,136 @@
+"""The event bus: every event is numbered and stored before anyone sees it.
+
+Event JSON (the same on the WebSocket, in webhooks and in the store)::
+
+    {"seq": 42, "id": "evt_...", "type": "transcript_created", "call_id": "...",
+     "call_seq": 7, "timestamp": "2026-11-22T04:30:00.123Z", "data": {...}}
+
+``seq`` is the bus sequence: strictly increasing with no gaps on the bus, so a
+subscriber that reconnects with the last ``seq`` it saw is replayed everything
+it missed; ``call_seq`` counts the events of one call from 1.
+
+Topics: ``*`` (everything), ``call:<call_id>``, ``event:<type>``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Callable
+
+from bridge.core import pii
+from bridge.records.store import Store, new_id
+
+log = logging.getLogger("trunkline.events")
+
+EVENT_TYPES = (
+    "call_ringing", "call_progressing", "call_hangup", "dtmf_received",
+    "transcribe_started", "transcribe_stopped",
+    "transcribe_speech_started", "transcribe_speech_interim", "transcribe_speech_ended", "transcript_created",
+    "speaking_started", "speaking_stopped", "turn_latency",
+    "recording_started", "recording_paused", "recording_resumed", "recording_stopped",
+    "stream_started", "stream_reconnecting", "stream_stopped", "stream_failed",
+    "tool_called", "tool_result",
+)
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def matches(topics, event: dict) -> bool:
+    for t in topics:
+        if t == "*" or t == f"call:{event.get('call_id')}" or t == f"event:{event['type']}":
+            return True
+    return False
+
+
+def valid_topic(t: str) -> bool:
+    return t == "*" or (t.startswith("call:") and len(t) > 5) or (t.startswith("event:") and t[6:] in EVENT_TYPES)
+
+
+def from_row(row: dict) -> dict:
+    body = json.loads(row["data"])
+    return {"seq": row["seq"], "id": row["id"], "type": row["type"], "call_id": row["call_id"],
+            "call_seq": body.get("call_seq"), "timestamp": iso(row["at"]), "data": body.get("data", {})}
+
+
+class Tailer:
+    """Follows the events table (which every cell of a box writes) and hands each
+    new event, in ``seq`` order, to its listeners: the WebSocket connections and
+    the webhook dispatcher. Polling the shared store is what makes one box-wide,
+    gapless stream out of many cell processes."""
+
+    def __init__(self, store: Store, interval: float = 0.05):
+        self.store = store
+        self.interval = interval
+        self.listeners: list[Callable[[dict], None]] = []
+        self.last = store.last_event_seq()
+        self.wanted: Callable[[], bool] = lambda: bool(self.listeners)
+
+    def subscribe(self, fn: Callable[[dict], None]) -> None:
+        self.listeners.append(fn)
+
+    def unsubscribe(self, fn: Callable[[dict], None]) -> None:
+        if fn in self.listeners:
+            self.listeners.remove(fn)
+
+    def poll(self) -> int:
+        rows = self.store.events_since(self.last, 1000)
+        for row in rows:
+            ev = from_row(row)
+            self.last = ev["seq"]
+            for fn in list(self.listeners):
+                try:
+                    fn(ev)
+                except Exception:  # noqa: BLE001
+                    log.exception("event listener failed")
+        return len(rows)
+
+    async def run(self) -> None:
+        import asyncio
+        while True:
+            try:
+                if not self.wanted():
+                    # nobody is listening (no WebSocket, no webhook): just keep up, cheaply
+                    self.last = self.store.last_event_seq()
+                    await asyncio.sleep(0.5)
+                elif self.poll() < 1000:
+                    await asyncio.sleep(self.interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - e.g. the database is locked for a moment
+                log.exception("event tailer")
+                await asyncio.sleep(1.0)
+
+
+class EventBus:
+    """Publishing = committing to the store. Subscribers follow the store (``Tailer``)."""
+
+    def __init__(self, store: Store, metrics=None):
+        self.store = store
+        self.metrics = metrics
+        self.call_seq: dict[str, int] = defaultdict(int)
+
+    def publish(self, etype: str, call_id: str | None, data: dict) -> dict | None:
+        assert etype in EVENT_TYPES, etype
+        data = pii.mask(data)          # card numbers and [pii] patterns never reach the store or a webhook
+        at = time.time()
+        eid = new_id("evt")
+        cseq = None
+        if call_id:
+            self.call_seq[call_id] += 1
+            cseq = self.call_seq[call_id]
+        try:
+            seq = self.store.add_event(eid, etype, call_id, at, {"call_seq": cseq, "data": data})
+        except Exception:  # noqa: BLE001 - a full disk must not stop the call
+            log.exception("could not store event %s", etype)
+            if self.metrics:
+                self.metrics.record_errors.inc()
+            return None
+        return {"seq": seq, "id": eid, "type": etype, "call_id": call_id, "call_seq": cseq,
+                "timestamp": iso(at), "data": data}
+
+    def forget_call(self, call_id: str) -> None:
+        self.call_seq.pop(call_id, None)

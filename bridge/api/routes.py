@@ -1,0 +1,523 @@
+"""The control API under /v1: REST, the event WebSocket and the OpenAPI spec.
+
+Routes are declared once in ``ROUTES`` (method, path, scope, request schema,
+summary); the same table registers the aiohttp handlers and generates
+``/v1/openapi.json``. Errors are JSON: ``{"error": {"code", "message", "field"}}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from typing import Awaitable, Callable
+
+from aiohttp import WSMsgType, web
+
+from bridge import __version__
+from bridge.core.app import APPS
+from bridge.api.events import EVENT_TYPES, from_row, matches, valid_topic
+from bridge.api.base import DIRECTION, TEXT, URI_OR_NUMBER, ApiError, Route, error_response
+from bridge.api.media import MEDIA_ROUTES, MediaApi
+from bridge.core.schema import SchemaError, obj, validate
+from bridge.api.speaking import Speaking, Transcriber
+from sip import commands as cmd
+
+log = logging.getLogger("trunkline.api")
+
+ROUTES = [
+    Route("GET", "/v1/calls", "list_calls", "read", "List calls (active first, then recent)"),
+    Route("POST", "/v1/calls", "create_call", "control", "Place an outbound call through a trunk",
+          obj(["to"], to=URI_OR_NUMBER, trunk={"type": "string"}, app={"type": "string", "enum": list(APPS)}), 201),
+    Route("GET", "/v1/calls/{call_id}", "get_call", "read", "One call: state, parties, codec, live quality"),
+    Route("GET", "/v1/calls/{call_id}/transcript", "get_transcript", "read", "Transcript of a call"),
+    Route("POST", "/v1/calls/{call_id}/hangup", "hangup", "control", "Hang up a call", obj()),
+    Route("POST", "/v1/calls/{call_id}/transfer", "transfer", "control", "Blind transfer (REFER)",
+          obj(["to"], to={"type": "string", "pattern": r"^sips?:", "maxLength": 256})),
+    Route("POST", "/v1/calls/{call_id}/dtmf", "send_dtmf", "control", "Send DTMF digits (RFC 4733)",
+          obj(["digits"], digits={"type": "string", "pattern": r"^[0-9*#A-Da-d]{1,32}$"})),
+    Route("POST", "/v1/transcribes", "create_transcribe", "control", "Start live transcription on a call",
+          obj(["call_id"], call_id={"type": "string"}, direction=DIRECTION), 201),
+    Route("GET", "/v1/transcribes/{transcribe_id}", "get_transcribe", "read", "A transcription session"),
+    Route("POST", "/v1/transcribes/{transcribe_id}/stop", "stop_transcribe", "control", "Stop transcription", obj()),
+    Route("POST", "/v1/speakings", "create_speaking", "control", "Create a speaking session on a call",
+          obj(["call_id"], call_id={"type": "string"}, direction={"type": "string", "enum": ["in"]}), 201),
+    Route("GET", "/v1/speakings/{speaking_id}", "get_speaking", "read", "A speaking session"),
+    Route("POST", "/v1/speakings/{speaking_id}/say", "say", "control", "Queue text to be spoken",
+          obj(["text"], text=TEXT), 202),
+    Route("POST", "/v1/speakings/{speaking_id}/flush", "flush", "control",
+          "Stop playback now, drop the queue; returns what the caller heard", obj()),
+    Route("POST", "/v1/speakings/{speaking_id}/stop", "stop_speaking", "control", "Stop the speaking session", obj()),
+    Route("GET", "/v1/numbers", "list_numbers", "read", "Which app answers each inbound number"),
+    Route("PUT", "/v1/numbers/{number}", "put_number", "control", "Route an inbound number to an app",
+          obj(["app"], app={"type": "string", "enum": list(APPS)})),
+    Route("DELETE", "/v1/numbers/{number}", "delete_number", "control", "Remove a number route"),
+    Route("GET", "/v1/webhooks", "list_webhooks", "read", "Webhook subscriptions"),
+    Route("POST", "/v1/webhooks", "create_webhook", "control", "Subscribe a URL to events (returns its secret)",
+          obj(["url"], url={"type": "string", "pattern": r"^https?://", "maxLength": 2048},
+              topics={"type": "array", "items": {"type": "string"}, "minItems": 1},
+              secret={"type": "string", "minLength": 16, "maxLength": 256}), 201),
+    Route("DELETE", "/v1/webhooks/{webhook_id}", "delete_webhook", "control", "Remove a webhook"),
+    Route("GET", "/v1/webhook-deliveries", "list_deliveries", "read", "Webhook deliveries (?status=dead)"),
+    Route("POST", "/v1/webhook-deliveries/{delivery_id}/replay", "replay_delivery", "control",
+          "Deliver again (e.g. a dead letter)", obj()),
+    Route("GET", "/v1/events", "list_events", "read", "Stored events after ?since=SEQ"),
+    *MEDIA_ROUTES,
+    Route("POST", "/v1/calls/{call_id}/tool-results/{tool_call_id}", "post_tool_result", "callback",
+          "Deliver an asynchronous tool result (the URL, with its ?sig=, is given to the tool; no API key)",
+          {"type": "object"}, 202),
+]
+
+
+def _fingerprint(request: web.Request, raw: bytes) -> str:
+    return hashlib.sha256(f"{request.method} {request.path}\n".encode() + raw).hexdigest()
+
+
+class Api(MediaApi):
+    def __init__(self, cell):
+        self.cell = cell
+        self.store = cell.store
+        self.transcribes: dict[str, Transcriber] = {}
+        self.speakings: dict[str, Speaking] = {}
+
+    # -- plumbing ----------------------------------------------------------------------
+    def auth(self, request: web.Request, scope: str) -> dict:
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.startswith("Bearer ") else request.query.get("token", "")
+        key = self.store.check_key(token) if token else None
+        if key is None:
+            raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer ...)")
+        if scope == "control" and key["scope"] != "control":
+            raise ApiError(403, "forbidden", "this key is read-only")
+        if scope == "recordings" and key["scope"] != "recordings":    # control does not imply it
+            raise ApiError(403, "forbidden", "recordings audio needs a key with the recordings scope")
+        return key
+
+    def wrap(self, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+        fn = getattr(self, route.handler)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                key = self.auth(request, route.scope) if route.scope != "callback" else {"id": "callback"}
+                request["api_key"] = key
+                body = None
+                raw = b""
+                if route.method in ("POST", "PUT"):
+                    raw = await request.read()
+                    if raw.strip():
+                        try:
+                            body = json.loads(raw)
+                        except ValueError as exc:
+                            raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+                    else:
+                        body = {}
+                    if route.body is not None:
+                        validate(body, route.body)
+                idem = request.headers.get("Idempotency-Key")
+                if idem and route.method != "GET":
+                    fp = _fingerprint(request, raw)
+                    prev = self.store.idempotent(key["id"], idem)
+                    if prev is not None:
+                        if prev["fingerprint"] != fp:
+                            raise ApiError(422, "idempotency_key_reused",
+                                           "this Idempotency-Key was used for a different request")
+                        return web.Response(status=prev["status"], body=prev["body"].encode(),
+                                            content_type="application/json", headers={"Idempotent-Replayed": "true"})
+                result = await fn(request, body) if body is not None else await fn(request)
+                if isinstance(result, web.StreamResponse):
+                    return result                      # the handler streamed its answer (a download)
+                status, payload = result
+                text = json.dumps(payload)
+                if idem and route.method != "GET" and status < 500:
+                    self.store.remember(key["id"], idem, _fingerprint(request, raw), status, text)
+                return web.Response(status=status, body=text.encode(), content_type="application/json")
+            except ApiError as e:
+                headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+                return error_response(e.status, e.code, e.message, e.field, headers)
+            except SchemaError as e:
+                return error_response(400, e.code, e.message, e.field)
+        return handler
+
+    def register(self, app: web.Application) -> None:
+        for r in ROUTES:
+            app.router.add_route(r.method, r.path, getattr(self, r.handler) if r.raw else self.wrap(r))
+        app.router.add_get("/v1/openapi.json", self.openapi)
+        app.router.add_get("/v1/ws", self.websocket)
+
+    def session(self, call_id: str):
+        s = self.cell.sessions.get(call_id)
+        if s is None:
+            if self.store.get_call(call_id):
+                raise ApiError(409, "call_ended", f"call {call_id} has ended")
+            raise ApiError(404, "not_found", f"no call {call_id}", "call_id")
+        return s
+
+    # -- calls ---------------------------------------------------------------------------
+    def _call_view(self, row: dict) -> dict:
+        live = self.cell.sessions.get(row["id"])
+        q = row.get("quality")
+        if live is not None:
+            lq = self.cell.engine.live_quality().get(row["id"])
+            if lq is not None and lq.rx_packets:
+                q = lq.as_dict()
+        return {"id": row["id"], "direction": row["direction"], "from": row["from_uri"], "to": row["to_uri"],
+                "trunk": row["trunk"], "app": row["app"], "state": live.state if live else row["state"],
+                "codec": row["codec"], "created": row["created"], "answered": row["answered"],
+                "ended": row["ended"], "result": row["result"], "reason": row["reason"], "quality": q}
+
+    async def list_calls(self, request):
+        state = request.query.get("state")
+        if state not in (None, "active", "ended"):
+            raise ApiError(400, "invalid_field", "state must be active or ended", "state")
+        try:
+            limit = max(1, min(500, int(request.query.get("limit", "50"))))
+        except ValueError:
+            raise ApiError(400, "invalid_field", "limit must be an integer", "limit") from None
+        return 200, {"calls": [self._call_view(r) for r in self.store.list_calls(state, limit)]}
+
+    async def get_call(self, request):
+        row = self.store.get_call(request.match_info["call_id"])
+        if row is None:
+            raise ApiError(404, "not_found", "no such call", "call_id")
+        return 200, self._call_view(row)
+
+    async def get_transcript(self, request):
+        cid = request.match_info["call_id"]
+        if self.store.get_call(cid) is None:
+            raise ApiError(404, "not_found", "no such call", "call_id")
+        return 200, {"call_id": cid, "transcript": self.store.transcript(cid)}
+
+    async def create_call(self, request, body):
+        trunk = body.get("trunk")
+        if trunk is not None and trunk not in {t.name for t in self.cell.cfg.trunks}:
+            raise ApiError(400, "invalid_field", f"unknown trunk {trunk!r}", "trunk")
+        app = body.get("app", "api")
+        if app == "agent" and self.cell.hub is None:
+            raise ApiError(409, "no_speech_engines", f"app {app!r} needs the models (models.load)", "app")
+        try:
+            call_id = await self.cell.make_call(body["to"], trunk, app)
+        except Exception as exc:  # noqa: BLE001 - engine refusals
+            raise ApiError(409 if "full" in str(exc) or "draining" in str(exc) else 400, "call_failed", str(exc))
+        return 201, {"id": call_id, "state": "ringing", "app": app}
+
+    async def hangup(self, request, body):
+        s = self.session(request.match_info["call_id"])
+        s.hangup("api hangup")
+        return 200, {"id": s.call_id, "state": "ending"}
+
+    async def transfer(self, request, body):
+        s = self.session(request.match_info["call_id"])
+        if s.state != "progressing":
+            raise ApiError(409, "wrong_state", "the call is not answered")
+        await asyncio.wrap_future(self.cell.engine.submit(cmd.Transfer(s.call_id, body["to"])))
+        return 200, {"id": s.call_id, "transfer": body["to"]}
+
+    async def send_dtmf(self, request, body):
+        s = self.session(request.match_info["call_id"])
+        if s.state != "progressing":
+            raise ApiError(409, "wrong_state", "the call is not answered")
+        await asyncio.wrap_future(self.cell.engine.submit(cmd.SendDtmf(s.call_id, body["digits"].upper())))
+        return 200, {"id": s.call_id, "digits": body["digits"].upper()}
+
+    # -- transcribes and speakings ------------------------------------------------------------
+    def _api_session(self, call_id: str, what: str):
+        s = self.session(call_id)
+        if s.app_name != "api":
+            raise ApiError(409, "wrong_app", f"{what} need a call handled by the API app (this one: {s.app_name})")
+        if self.cell.hub is None:
+            raise ApiError(409, "no_speech_engines", "this cell runs without models (models.load)")
+        return s
+
+    async def create_transcribe(self, request, body):
+        s = self._api_session(body["call_id"], "transcribes")
+        tr = Transcriber(s, self.cell.hub, s.emit, body.get("direction", "in"), self.cell.cfg.raw["agent"])
+        s.transcribers[tr.id] = tr
+        self.transcribes[tr.id] = tr
+        s.emit("transcribe_started", tr.as_dict())
+        return 201, tr.as_dict()
+
+    def _transcribe(self, request) -> Transcriber:
+        tr = self.transcribes.get(request.match_info["transcribe_id"])
+        if tr is None:
+            raise ApiError(404, "not_found", "no such transcribe", "transcribe_id")
+        return tr
+
+    async def get_transcribe(self, request):
+        return 200, self._transcribe(request).as_dict()
+
+    async def stop_transcribe(self, request, body):
+        tr = self._transcribe(request)
+        if tr.status == "stopped":
+            raise ApiError(409, "wrong_state", "already stopped")
+        tr.stop()
+        return 200, tr.as_dict()
+
+    async def create_speaking(self, request, body):
+        s = self._api_session(body["call_id"], "speakings")
+        if any(sp.status != "stopped" for sp in s.speakings.values()):
+            raise ApiError(409, "wrong_state", "the call already has a speaking session")
+        sp = Speaking(s, self.cell.hub, s.emit, body.get("direction", "in"))
+        s.speakings[sp.id] = sp
+        self.speakings[sp.id] = sp
+        out = sp.as_dict()
+        if s.state == "progressing":
+            sp.activate()
+        return 201, out
+
+    def _speaking(self, request) -> Speaking:
+        sp = self.speakings.get(request.match_info["speaking_id"])
+        if sp is None:
+            raise ApiError(404, "not_found", "no such speaking", "speaking_id")
+        return sp
+
+    async def get_speaking(self, request):
+        return 200, self._speaking(request).as_dict()
+
+    async def say(self, request, body):
+        sp = self._speaking(request)
+        if sp.status != "active":
+            raise ApiError(409, "wrong_state", f"speaking is {sp.status}")
+        sp.say(body["text"])
+        return 202, sp.as_dict()
+
+    async def flush(self, request, body):
+        sp = self._speaking(request)
+        if sp.status != "active":
+            raise ApiError(409, "wrong_state", f"speaking is {sp.status}")
+        heard = sp.flush()
+        return 200, {**sp.as_dict(), "heard": heard}
+
+    async def stop_speaking(self, request, body):
+        sp = self._speaking(request)
+        if sp.status == "stopped":
+            raise ApiError(409, "wrong_state", "already stopped")
+        heard = sp.stop()
+        return 200, {**sp.as_dict(), "heard": heard}
+
+    # -- numbers -----------------------------------------------------------------------------------
+    async def list_numbers(self, request):
+        return 200, {"default": self.cell.cfg.app, "numbers": self.store.numbers()}
+
+    async def put_number(self, request, body):
+        number = request.match_info["number"]
+        self.store.set_number(number, body["app"])
+        return 200, {"number": number, "app": body["app"]}
+
+    async def delete_number(self, request):
+        if not self.store.delete_number(request.match_info["number"]):
+            raise ApiError(404, "not_found", "no such number route", "number")
+        return 200, {"deleted": request.match_info["number"]}
+
+    # -- webhooks ----------------------------------------------------------------------------------
+    def _hook_view(self, wh: dict, secret: bool = False) -> dict:
+        out = {"id": wh["id"], "url": wh["url"], "topics": wh["topics"], "created": wh["created"]}
+        if secret:
+            out["secret"] = wh["secret"]
+        return out
+
+    async def list_webhooks(self, request):
+        return 200, {"webhooks": [self._hook_view(w) for w in self.store.webhooks()]}
+
+    async def create_webhook(self, request, body):
+        topics = body.get("topics", ["*"])
+        for i, t in enumerate(topics):
+            if not valid_topic(t):
+                raise ApiError(400, "invalid_field", f"unknown topic {t!r}", f"topics[{i}]")
+        wh = self.store.add_webhook(body["url"], topics, body.get("secret") or secrets.token_hex(32))
+        self.cell.webhooks.hooks_changed()
+        return 201, self._hook_view(wh, secret=True)
+
+    async def delete_webhook(self, request):
+        if not self.store.delete_webhook(request.match_info["webhook_id"]):
+            raise ApiError(404, "not_found", "no such webhook", "webhook_id")
+        self.cell.webhooks.hooks_changed()
+        return 200, {"deleted": request.match_info["webhook_id"]}
+
+    async def list_deliveries(self, request):
+        status = request.query.get("status")
+        if status not in (None, "pending", "sending", "delivered", "failed", "dead"):
+            raise ApiError(400, "invalid_field", "unknown status", "status")
+        return 200, {"deliveries": self.store.deliveries(status)}
+
+    async def replay_delivery(self, request, body):
+        d = self.cell.webhooks.replay(request.match_info["delivery_id"])
+        if d is None:
+            raise ApiError(404, "not_found", "no such delivery", "delivery_id")
+        return 200, d
+
+    async def list_events(self, request):
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            raise ApiError(400, "invalid_field", "since must be an integer", "since") from None
+        return 200, {"events": [from_row(r) for r in self.store.events_since(since, 1000)]}
+
+    # -- WebSocket ---------------------------------------------------------------------------------
+    async def post_tool_result(self, request, body):
+        """An async tool's result: checked against the signed URL, then told to the live call."""
+        call_id, tcid = request.match_info["call_id"], request.match_info["tool_call_id"]
+        tools = getattr(self.cell, "tools", None)
+        tool = tools.take_pending(call_id, tcid, request.query.get("sig", "")) if tools is not None else None
+        if tool is None:
+            raise ApiError(404, "not_found", "no pending tool call at this URL (unknown, already answered or "
+                           "bad signature)")
+        result, say = tools.map_async(tool, body)
+        s = self.cell.sessions.get(call_id)
+        delivered = s is not None and hasattr(s.app, "on_tool_result")
+        self.cell.metrics.tool_async.labels(tool, "delivered" if delivered else "call_gone").inc()
+        self.cell.bus.publish("tool_result", call_id, {"tool_call_id": tcid, "tool": tool, "result": result,
+                                                       "delivered": delivered})
+        if s is not None:
+            s.tool_calls.append({"tool_call_id": tcid, "tool": tool, "status": "async_result", "result": result,
+                                 "at": round(time.time(), 3)})
+        if delivered:
+            s.app.on_tool_result(tool, result, say)
+        return 202, {"tool_call_id": tcid, "delivered": delivered}
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.auth(request, "read")
+        except ApiError as e:
+            return error_response(e.status, e.code, e.message)
+        ws = web.WebSocketResponse(heartbeat=None)
+        await ws.prepare(request)
+        topics: set[str] = set()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=5000)
+        last_sent = 0
+        overflow = False
+
+        def listener(event: dict) -> None:
+            nonlocal overflow
+            if topics and matches(topics, event):
+                try:
+                    queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    overflow = True
+
+        async def sender():
+            nonlocal last_sent
+            interval = self.cell.cfg.raw["http"]["ws_heartbeat"]
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), interval)
+                except asyncio.TimeoutError:
+                    await ws.send_json({"type": "heartbeat", "seq": last_sent, "time": time.time()})
+                    continue
+                if overflow:
+                    await ws.close(code=4008, message=b"consumer too slow; reconnect with since")
+                    return
+                if event["seq"] > last_sent:
+                    last_sent = event["seq"]
+                    await ws.send_json({"type": "event", "event": event})
+
+        self.cell.tailer.subscribe(listener)
+        send_task = asyncio.create_task(sender())
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                try:
+                    m = json.loads(msg.data)
+                    kind = m["type"]
+                except (ValueError, KeyError, TypeError):
+                    await ws.send_json({"type": "error", "code": "invalid_message", "message": "expected JSON with a type"})
+                    continue
+                if kind in ("subscribe", "unsubscribe"):
+                    new = m.get("topics")
+                    if not isinstance(new, list) or not all(isinstance(t, str) and valid_topic(t) for t in new):
+                        await ws.send_json({"type": "error", "code": "invalid_field", "field": "topics",
+                                            "message": "topics: list of '*', 'call:<id>', 'event:<type>'"})
+                        continue
+                    if kind == "unsubscribe":
+                        topics.difference_update(new)
+                        await ws.send_json({"type": "unsubscribed", "topics": sorted(topics)})
+                        continue
+                    topics.update(new)
+                    since = m.get("since")
+                    if isinstance(since, int) and since >= 0:
+                        # replay from the store what was missed; live events queue meanwhile
+                        for row in self.store.events_since(since, 100000):
+                            ev = from_row(row)
+                            if matches(new, ev) and ev["seq"] > last_sent:
+                                last_sent = ev["seq"]
+                                await ws.send_json({"type": "event", "event": ev})
+                    await ws.send_json({"type": "subscribed", "topics": sorted(topics), "seq": last_sent})
+                elif kind == "ping":
+                    await ws.send_json({"type": "pong", "seq": last_sent})
+                else:
+                    await ws.send_json({"type": "error", "code": "unknown_type", "message": f"unknown type {kind!r}"})
+        finally:
+            self.cell.tailer.unsubscribe(listener)
+            send_task.cancel()
+        return ws
+
+    # -- OpenAPI --------------------------------------------------------------------------------------
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_spec())
+
+
+def openapi_spec() -> dict:
+    error = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}},
+        "required": ["code", "message"]}}, "required": ["error"]}
+    paths: dict = {}
+    for r in ROUTES:
+        op = {"summary": r.summary, "operationId": r.handler,
+              "security": [] if r.scope == "callback" else [{"bearer": []}],
+              "x-scope": r.scope,
+              "responses": {str(r.status): {"description": "OK", "content": {"application/json": {"schema": {
+                  "type": "object"}}}},
+                  "400": {"description": "Invalid request", "content": {"application/json": {"schema": error}}},
+                  "401": {"description": "Missing or invalid key", "content": {"application/json": {"schema": error}}},
+                  "403": {"description": "Key lacks the scope", "content": {"application/json": {"schema": error}}},
+                  "404": {"description": "Not found", "content": {"application/json": {"schema": error}}},
+                  "409": {"description": "Wrong state", "content": {"application/json": {"schema": error}}}}}
+        params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in r.path.split("/") if p.startswith("{")]
+        if r.method != "GET":
+            params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                           "schema": {"type": "string", "maxLength": 255}})
+            op["responses"]["422"] = {"description": "Idempotency-Key reused for another request",
+                                      "content": {"application/json": {"schema": error}}}
+        if r.handler == "list_calls":
+            params += [{"name": "state", "in": "query", "schema": {"type": "string", "enum": ["active", "ended"]}},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
+        if r.handler == "list_recordings":
+            params += [{"name": "call_id", "in": "query", "schema": {"type": "string"}},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
+        if r.handler == "recording_audio":
+            binary = {"schema": {"type": "string", "format": "binary"}}
+            op["responses"]["200"] = {"description": "The decrypted recording",
+                                      "content": {"audio/ogg": binary, "audio/wav": binary}}
+            op["responses"]["410"] = {"description": "The file is gone",
+                                      "content": {"application/json": {"schema": error}}}
+            op["responses"]["422"] = {"description": "recording_corrupt: the file failed authentication",
+                                      "content": {"application/json": {"schema": error}}}
+        if r.handler == "list_events":
+            params.append({"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}})
+        if r.handler == "list_deliveries":
+            params.append({"name": "status", "in": "query", "schema": {
+                "type": "string", "enum": ["pending", "sending", "delivered", "failed", "dead"]}})
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": r.body}}}
+        if r.raw:
+            op["responses"] = {"101": {"description": "Switching protocols"},
+                               **{k: v for k, v in op["responses"].items() if k != str(r.status)}}
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    paths["/v1/ws"] = {"get": {"summary": "Event WebSocket: send {type: subscribe, topics, since}; receives "
+                                          "{type: event|heartbeat|subscribed|error}", "operationId": "websocket",
+                               "security": [{"bearer": []}],
+                               "responses": {"101": {"description": "Switching protocols"},
+                                             "401": {"description": "Missing or invalid key"}}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Trunkline control API", "version": __version__,
+                 "description": "Calls, transcribes, speakings, numbers, webhooks and events. "
+                                f"Event types: {', '.join(EVENT_TYPES)}."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }

@@ -1,0 +1,174 @@
+"""Webhook delivery: signed, retried with backoff and jitter, dead-lettered.
+
+Each POST carries ``Trunkline-Signature: t=<unix seconds>,v1=<hex>`` where
+``v1 = HMAC-SHA256(secret, "<t>.<body>")``; ``verify_signature`` is the
+receiver's helper. 2xx delivers; 408, 429, 5xx, timeouts and connection
+errors are retried (``base * 2**n`` seconds, times a random 0.5-1.5, capped);
+any other 4xx stops at once (``failed``); after ``max_attempts`` the delivery
+is ``dead`` and can be listed and replayed through the API. Deliveries are
+rows in the store, so a restart picks up where it left off, and the loop runs
+as its own task: a slow receiver never holds up a call.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+
+import aiohttp
+
+from bridge.api.events import from_row, matches
+from bridge.records.store import Store
+
+log = logging.getLogger("trunkline.webhooks")
+
+
+def sign(secret: str, ts: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={mac}"
+
+
+def verify_signature(secret: str, header: str, body: bytes, tolerance: float = 300.0,
+                     now: float | None = None) -> bool:
+    """True if ``header`` (Trunkline-Signature) signs ``body`` with ``secret`` and is fresh."""
+    try:
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        ts = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs((time.time() if now is None else now) - ts) > tolerance:
+        return False
+    expected = sign(secret, ts, body).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+class WebhookDispatcher:
+    def __init__(self, store: Store, metrics, max_attempts: int = 6, base_delay: float = 1.0,
+                 max_delay: float = 300.0, timeout: float = 5.0, concurrency: int = 8):
+        self.store = store
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.timeout = timeout
+        self.sem = asyncio.Semaphore(concurrency)
+        self.wake = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task | None = None
+        self._hooks: list[dict] | None = None
+        self._inflight: set[str] = set()
+
+    def hooks_changed(self) -> None:
+        self._hooks = None
+
+    def has_hooks(self) -> bool:
+        if self._hooks is None:
+            self._hooks = self.store.webhooks()
+        return bool(self._hooks)
+
+    def on_event(self, event: dict) -> None:
+        if self._hooks is None:
+            self._hooks = self.store.webhooks()
+        created = False
+        for wh in self._hooks:
+            if matches(wh["topics"], event):
+                self.store.add_delivery(wh["id"], event["seq"])
+                created = True
+        if created:
+            self.wake.set()
+
+    async def start(self) -> None:
+        self.store.db.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'sending'")
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self._task = asyncio.create_task(self._run(), name="webhooks")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.session:
+            await self.session.close()
+
+    def replay(self, did: str) -> dict | None:
+        d = self.store.delivery(did)
+        if d is None:
+            return None
+        self.store.update_delivery(did, status="pending", attempts=0, next_at=time.time(), last_error=None)
+        self.wake.set()
+        return self.store.delivery(did)
+
+    async def _run(self) -> None:
+        while True:
+            self.wake.clear()
+            now = time.time()
+            for d in self.store.due_deliveries(now):
+                if d["id"] not in self._inflight:
+                    self._inflight.add(d["id"])
+                    asyncio.create_task(self._deliver(d))
+            row = self.store._one("SELECT MIN(next_at) AS n FROM deliveries WHERE status = 'pending'")
+            wait = 5.0 if not row or row["n"] is None else max(0.01, min(5.0, row["n"] - time.time()))
+            try:
+                await asyncio.wait_for(self.wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _deliver(self, d: dict) -> None:
+        try:
+            async with self.sem:
+                await self._attempt(d)
+        except Exception:  # noqa: BLE001
+            log.exception("webhook delivery %s crashed", d["id"])
+        finally:
+            self._inflight.discard(d["id"])
+
+    async def _attempt(self, d: dict) -> None:
+        wh = self.store.webhook(d["webhook_id"])
+        row = self.store.event(d["event_seq"])
+        if wh is None or row is None:
+            self.store.update_delivery(d["id"], status="failed", last_error="webhook or event gone")
+            return
+        if not self.store.claim_delivery(d["id"]):
+            return
+        body = json.dumps(from_row(row)).encode()
+        ts = int(time.time())
+        headers = {"Content-Type": "application/json", "Trunkline-Signature": sign(wh["secret"], ts, body),
+                   "Trunkline-Event-Id": row["id"], "Trunkline-Delivery-Id": d["id"], "User-Agent": "Trunkline"}
+        attempts = d["attempts"] + 1
+        status, error = None, None
+        try:
+            async with self.session.post(wh["url"], data=body, headers=headers) as resp:
+                status = resp.status
+                await resp.read()
+        except asyncio.TimeoutError:
+            error = "timeout"
+        except aiohttp.ClientError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if status is not None and 200 <= status < 300:
+            self.store.update_delivery(d["id"], status="delivered", attempts=attempts, last_status=status,
+                                       last_error=None)
+            self.metrics.webhook_deliveries.labels("delivered").inc()
+            return
+        retry = status is None or status >= 500 or status in (408, 429)
+        if not retry:
+            self.store.update_delivery(d["id"], status="failed", attempts=attempts, last_status=status,
+                                       last_error=f"HTTP {status}")
+            self.metrics.webhook_deliveries.labels("failed").inc()
+            return
+        if attempts >= self.max_attempts:
+            self.store.update_delivery(d["id"], status="dead", attempts=attempts, last_status=status,
+                                       last_error=error or f"HTTP {status}")
+            self.metrics.webhook_deliveries.labels("dead").inc()
+            log.warning("webhook delivery %s to %s dead after %d attempts", d["id"], wh["url"], attempts)
+            return
+        delay = min(self.max_delay, self.base_delay * 2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
+        self.store.update_delivery(d["id"], status="pending", attempts=attempts, last_status=status,
+                                   last_error=error or f"HTTP {status}", next_at=time.time() + delay)
+        self.metrics.webhook_deliveries.labels("retried").inc()
+        self.wake.set()

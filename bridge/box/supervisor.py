@@ -1,0 +1,286 @@
+"""``trunkline serve --cells N``: N cell processes behind a Kamailio front.
+
+The supervisor starts each cell on its own loopback SIP port, HTTP port and
+RTP range (all sharing one data directory and its SQLite store), generates the
+Kamailio config (deploy/kamailio/kamailio.cfg.tmpl) and runs Kamailio on the
+public SIP address, restarts a cell that dies (backoff 1 s doubling to 30 s,
+reset after a minute up), and on SIGTERM drains every cell before stopping
+Kamailio. It also serves the box's HTTP: one API, WebSocket, webhooks and
+/metrics for all cells (see ``bridge.box.api``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from bridge.box import kamailio
+from bridge.core.config import Config
+from bridge.core.logs import event
+
+log = logging.getLogger("trunkline.supervisor")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies, however it dies."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class CellProc:
+    index: int
+    host: str
+    sip_port: int
+    http_port: int
+    rtp: str
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    next_start: float = 0.0
+    drained: bool = False
+    log_path: str = ""
+    history: list = field(default_factory=list)
+
+    @property
+    def uri(self) -> str:
+        return f"sip:{self.host}:{self.sip_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, n: int, config_path: str | None):
+        self.cfg = cfg
+        self.n = n
+        self.config_path = config_path
+        c = cfg.raw["cells"]
+        sip_host, _, sip_port = cfg.raw["sip"]["listen"].rpartition(":")
+        self.public_host, self.public_port = sip_host.strip("[]"), int(sip_port)
+        http_host, _, http_port = cfg.raw["http"]["listen"].rpartition(":")
+        sip_base = c["sip_base"] or self.public_port + 1
+        http_base = c["http_base"] or int(http_port) + 1
+        lo, _, hi = cfg.raw["media"]["rtp_ports"].partition("-")
+        lo, hi = int(lo), int(hi)
+        per = (hi - lo + 1) // n
+        if per < 8:
+            raise ValueError(f"media.rtp_ports {lo}-{hi} is too small for {n} cells (8 ports per cell at least)")
+        per -= per % 2
+        self.cells = [CellProc(i, c["host"], sip_base + i, http_base + i,
+                               f"{lo + i * per}-{lo + (i + 1) * per - 1}") for i in range(n)]
+        used = {self.public_port, int(http_port)}
+        for c in self.cells:
+            if c.sip_port in used or c.http_port in used or c.sip_port == c.http_port:
+                raise ValueError(f"cells.sip_base/http_base: cell {c.index} ports {c.sip_port}/{c.http_port} "
+                                 "collide with other listeners")
+            used |= {c.sip_port, c.http_port}
+        self.run_dir = os.path.join(os.path.abspath(cfg.data_dir), "run")
+        self.kamailio: subprocess.Popen | None = None
+        self.stopping = False
+
+    # -- cells -------------------------------------------------------------------------
+    def _cell_cmd(self, c: CellProc) -> list[str]:
+        cmd = [sys.executable, "-m", "bridge.cli", "serve", "--sip", f"{c.host}:{c.sip_port}",
+               "--http", f"{c.host}:{c.http_port}", "--rtp-ports", c.rtp, "--data-dir", self.cfg.data_dir,
+               "--app", self.cfg.app]
+        if self.config_path:
+            cmd += ["--config", self.config_path]
+        return cmd
+
+    def _cell_env(self, c: CellProc) -> dict:
+        front = self.public_host if self.public_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return {**os.environ, "TRUNKLINE_CELL": str(c.index),
+                "TRUNKLINE_SIP_TRUSTED_PROXIES": f"{self._front_ip()}/32",
+                "TRUNKLINE_SIP_OUTBOUND_PROXY": f"sip:{front}:{self.public_port}",
+                "TRUNKLINE_WEBHOOKS_DISPATCH": "false",
+                "TRUNKLINE_HTTP_OPS_LISTEN": ""}
+
+    def _front_ip(self) -> str:
+        """The address Kamailio sends to cells from (cells trust only it)."""
+        return self.cfg.raw["cells"]["front_ip"] or "127.0.0.1"
+
+    def start_cell(self, c: CellProc) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        c.log_path = os.path.join(self.run_dir, f"cell{c.index}.log")
+        out = open(c.log_path, "ab")
+        c.proc = subprocess.Popen(self._cell_cmd(c), env=self._cell_env(c), stdout=out, stderr=subprocess.STDOUT,
+                                  cwd=os.getcwd(), preexec_fn=_die_with_parent)
+        out.close()
+        c.started = time.monotonic()
+        event(log, "cell_started", cell=c.index, pid=c.proc.pid, sip=f"{c.host}:{c.sip_port}",
+              http=f"{c.host}:{c.http_port}", rtp=c.rtp, restarts=c.restarts)
+
+    async def wait_healthy(self, c: CellProc, timeout: float) -> bool:
+        import aiohttp
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+            while time.monotonic() < deadline:
+                if not c.alive():
+                    return False
+                try:
+                    async with s.get(f"{c.http}/healthz") as r:
+                        if r.status == 200:
+                            return True
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                await asyncio.sleep(0.2)
+        return False
+
+    # -- kamailio ------------------------------------------------------------------------
+    def start_kamailio(self) -> None:
+        binary = shutil.which(self.cfg.raw["cells"]["kamailio"]) or self.cfg.raw["cells"]["kamailio"]
+        if not shutil.which(binary):
+            raise RuntimeError(f"kamailio not found ({binary}); install the Debian package 'kamailio'")
+        h = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
+        listen = [f"udp:{h}:{self.public_port}", f"tcp:{h}:{self.public_port}"]
+        trusted = [a for t in self.cfg.trunks for a in t.allow]
+        text = kamailio.render(listen, self.run_dir, trusted, self.cfg.raw["sip"]["retry_after"],
+                               ping=self.cfg.raw["cells"]["ping_interval"], pike=self.cfg.raw["cells"]["pike"],
+                               children=self.cfg.raw["cells"]["children"])
+        dlist = kamailio.dispatcher_list([(c.host, c.sip_port) for c in self.cells], self.cfg.raw["sip"]["capacity"])
+        path = kamailio.write(self.run_dir, text, dlist)
+        check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError("generated kamailio config does not parse:\n" + check.stderr[-2000:])
+        out = open(os.path.join(self.run_dir, "kamailio.log"), "ab")
+        self.kamailio = subprocess.Popen([binary, "-DD", "-E", "-f", path, "-P", os.path.join(self.run_dir, "kamailio.pid")],
+                                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        out.close()
+        event(log, "front_started", pid=self.kamailio.pid, listen=f"{h}:{self.public_port}", cells=self.n)
+
+    def kamcmd(self, *args: str) -> str:
+        r = subprocess.run(["kamcmd", "-s", f"unix:{self.run_dir}/kamailio_ctl", *args],
+                           capture_output=True, text=True, timeout=5)
+        if r.returncode != 0:
+            raise RuntimeError(f"kamcmd {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout
+
+    async def wait_front(self, timeout: float) -> bool:
+        """Kamailio is up once its control socket answers (all its workers are forked by then)."""
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while time.monotonic() < deadline:
+            if self.kamailio is None or self.kamailio.poll() is not None:
+                return False
+            try:
+                await loop.run_in_executor(None, self.kamcmd, "core.uptime")
+                return True
+            except (RuntimeError, subprocess.TimeoutExpired):
+                await asyncio.sleep(0.1)
+        return False
+
+    def set_drained(self, c: CellProc, drained: bool) -> None:
+        """A drained cell gets no new calls from the front; its live calls go on."""
+        self.kamcmd("dispatcher.set_state", "d" if drained else "a", "1", c.uri)
+        c.drained = drained
+        event(log, "cell_drained" if drained else "cell_undrained", cell=c.index)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            # whatever happened, no cell or front outlives the supervisor
+            for c in self.cells:
+                if c.alive():
+                    c.proc.kill()
+            if self.kamailio is not None and self.kamailio.poll() is None:
+                self.kamailio.kill()
+
+    async def _run(self) -> int:
+        from bridge.box.api import start_box
+        for c in self.cells:
+            self.start_cell(c)
+        results = await asyncio.gather(*(self.wait_healthy(c, self.cfg.raw["models"]["load_timeout"] + 30)
+                                         for c in self.cells))
+        bad = [c.index for c, ok in zip(self.cells, results) if not ok]
+        if bad:
+            for c in self.cells:
+                if c.alive():
+                    c.proc.terminate()
+            tail = open(self.cells[bad[0]].log_path, errors="replace").read()[-1500:]
+            print(f"trunkline: cell(s) {bad} did not start:\n{tail}", file=sys.stderr)
+            return 1
+        try:
+            self.start_kamailio()
+        except (RuntimeError, ValueError, OSError) as exc:
+            print(f"trunkline: {exc}", file=sys.stderr)
+            await self._stop_cells()
+            return 1
+        if not await self.wait_front(15.0):
+            tail = open(os.path.join(self.run_dir, "kamailio.log"), errors="replace").read()[-1500:]
+            print(f"trunkline: the Kamailio front did not come up:\n{tail}", file=sys.stderr)
+            await self._stop_cells()
+            return 1
+        runners = await start_box(self)
+        event(log, "box_ready", sip=f"{self.public_host}:{self.public_port}", cells=self.n,
+              http=self.cfg.raw["http"]["listen"])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            self._watch()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        self.stopping = True
+        event(log, "box_draining", cells=self.n)
+        await self._stop_cells()
+        if self.kamailio and self.kamailio.poll() is None:
+            self.kamailio.terminate()
+            try:
+                self.kamailio.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kamailio.kill()
+        for r in runners:
+            await r.cleanup()
+        event(log, "box_stopped")
+        return 0
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for c in self.cells:
+            if c.alive():
+                if c.restarts and now - c.started > 60:
+                    c.restarts = 0
+                continue
+            if c.next_start == 0.0:
+                code = c.proc.returncode if c.proc else None
+                delay = min(30.0, 2.0 ** c.restarts)
+                c.next_start = now + delay
+                c.history.append(time.time())
+                event(log, "cell_died", cell=c.index, exit_code=code, restart_in=delay)
+            elif now >= c.next_start:
+                c.restarts += 1
+                c.next_start = 0.0
+                self.start_cell(c)
+        if self.kamailio is not None and self.kamailio.poll() is not None and not self.stopping:
+            log.error("kamailio exited (%s); restarting it", self.kamailio.returncode)
+            self.start_kamailio()
+
+    async def _stop_cells(self) -> None:
+        for c in self.cells:
+            if c.alive():
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.raw["drain_timeout"] + 15
+        while any(c.alive() for c in self.cells) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        for c in self.cells:
+            if c.alive():
+                c.proc.kill()

@@ -1,0 +1,438 @@
+"""A cell: one process, one SIP engine, at most 3 calls, one asyncio loop.
+
+Threads and hand-offs:
+- the SIP engine thread owns pjsua2 and posts events here with
+  ``call_soon_threadsafe`` (a few per call, never per frame);
+- pjmedia's clock thread moves frames through each call's ``CallMedia``;
+- this loop runs a 20 ms tick that drains every call's uplink into its app
+  and serves HTTP. An app that raises ends its own call only.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import replace
+
+from bridge.core import pii
+from bridge.cell.apps import make_app
+from bridge.api.events import EventBus, Tailer
+from bridge.records.store import Store
+from bridge.api.webhooks import WebhookDispatcher
+from bridge.core.config import CODEC_IDS, Config
+from bridge.core.logs import event
+from bridge.core.metrics import Metrics
+from bridge.records.journal import CallRecords
+from bridge.records.recording import Recordings
+from bridge.cell.session import Session
+from bridge.api.streams import StreamManager
+from sip import commands as cmd
+from sip import events as ev
+from sip.engine import Engine, EngineConfig
+from sip.uri import user_part
+
+log = logging.getLogger("trunkline.cell")
+calls_log = logging.getLogger("trunkline.call")
+
+TICK = 0.020
+
+
+def engine_config(cfg: Config) -> EngineConfig:
+    sip, media = cfg.raw["sip"], cfg.raw["media"]
+    host, _, port = sip["listen"].rpartition(":")
+    lo, _, hi = media["rtp_ports"].partition("-")
+    return EngineConfig(
+        host=host.strip("[]"), port=int(port), public_address=sip["public_address"],
+        user_agent=sip["user_agent"], rtp_low=int(lo), rtp_high=int(hi),
+        clock_rate=media["clock_rate"], codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
+        capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
+        rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
+        # with several cells only cell 0 keeps the trunk registrations
+        trunks=[replace(t, register=t.register and os.environ.get("TRUNKLINE_CELL", "0") == "0",
+                        proxy=sip["outbound_proxy"]) for t in cfg.trunks],
+    )
+
+
+class Cell:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None):
+        self.cfg = cfg
+        pii.configure(cfg.raw["pii"]["mask_cards"], cfg.raw["pii"]["patterns"])
+        self.metrics = metrics or Metrics()
+        self.metrics.capacity.set(cfg.raw["sip"]["capacity"])
+        self.sessions: dict[str, Session] = {}
+        self.ready = False
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self.engine_failed: str | None = None
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self.records = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc)
+        self.turns = CallRecords(cfg.data_dir, on_error=self.metrics.record_errors.inc, name="turns.jsonl")
+        self.hub = None                          # the inference process (agent and API speech)
+        self.tools = None                        # the business API tools the agent may call
+        if cfg.toolbox is not None and cfg.toolbox.tools:
+            from bridge.agent.tools.runner import ToolRunner
+            base = cfg.raw["tools"]["callback_base_url"] or "http://" + cfg.raw["http"]["listen"].replace(
+                "0.0.0.0:", "127.0.0.1:")
+            self.tools = ToolRunner(cfg.toolbox, cfg.raw["tools"], self.metrics, callback_base=base,
+                                    mask=pii.mask)     # card numbers and configured patterns out of audits
+        self.store = Store(cfg.data_dir)
+        self.cell_id = os.environ.get("TRUNKLINE_CELL", "0")
+        closed = self.store.close_open_calls("bridge restarted", self.cell_id)
+        if closed:
+            log.warning("closed %d call records left open by an earlier run", closed)
+        for number, app in cfg.raw["numbers"].items():
+            self.store.set_number(number, app)
+        self.bus = EventBus(self.store, self.metrics)
+        w = cfg.raw["webhooks"]
+        self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
+                                          w["max_delay"], w["timeout"])
+        self.tailer = Tailer(self.store)
+        if w["dispatch"]:
+            self.tailer.subscribe(self.webhooks.on_event)
+        self.tailer.wanted = lambda: len(self.tailer.listeners) > int(w["dispatch"]) or (
+            w["dispatch"] and self.webhooks.has_hooks())
+        self._calls_waiting = asyncio.Event()
+        self._tail_task: asyncio.Task | None = None
+        self.engine = Engine(engine_config(cfg), self._post_event)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_task: asyncio.Task | None = None
+        self.ended: list[ev.CallEnded] = []     # for `trunkline call` and tests
+        self.streams = StreamManager(self)       # media streams (WebSocket audio taps)
+        self.recordings = Recordings(self)       # encrypted call recordings (audio taps)
+        self._rec_task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the models (agent app), then start SIP. Raises EngineLoadError / EngineError."""
+        self._loop = asyncio.get_running_loop()
+        self._purge()
+        self._tail_task = asyncio.create_task(self.tailer.run(), name="event-tailer")
+        self._rec_task = asyncio.create_task(self.recordings.run_retention(), name="recording-retention")
+        if self.cfg.raw["webhooks"]["dispatch"]:
+            await self.webhooks.start()
+        if self.tools is not None:
+            await self.tools.start()
+        if self.cfg.needs_models():
+            from bridge.agent.hub import AiHub
+            self.hub = AiHub(self.cfg, self.metrics, self.cfg.raw["media"]["clock_rate"])
+            try:
+                await self.hub.start()
+            except BaseException:
+                await self.hub.stop()
+                await self.webhooks.stop()
+                raise
+        try:
+            await self._loop.run_in_executor(None, self.engine.start)
+        except BaseException:
+            if self.hub is not None:
+                await self.hub.stop()
+            await self.webhooks.stop()
+            raise
+        self._tick_task = asyncio.create_task(self._ticker(), name="cell-tick")
+        self.ready = True
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new calls (503), let live ones finish, then hang up the rest."""
+        timeout = self.cfg.raw["drain_timeout"] if timeout is None else timeout
+        self.draining = True
+        self.engine.draining = True
+        self.metrics.draining.set(1)
+        event(log, "drain_started", calls=len(self.sessions), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline and self.engine.alive():
+            await asyncio.sleep(0.1)
+        for s in list(self.sessions.values()):
+            s.hangup("drain timeout")
+        deadline = time.monotonic() + 5
+        while self.sessions and time.monotonic() < deadline and self.engine.alive():
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.streams.close()
+        if self._tick_task:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        if self.hub is not None:
+            await self.hub.stop()
+        if self.tools is not None:
+            await self.tools.close()
+        await self.webhooks.stop()
+        if self._tail_task:
+            self._tail_task.cancel()
+        if self._rec_task:
+            self._rec_task.cancel()
+        self.recordings.stop_all("cell stopped")
+        self.store.close()
+        self.stopped.set()
+
+    def _purge(self) -> None:
+        days = self.cfg.raw["records"]["retention_days"]
+        if days:
+            removed = self.store.purge(time.time() - days * 86400)
+            if any(removed.values()):
+                event(log, "records_purged", **removed)
+        self.recordings.purge()
+
+    async def make_call(self, uri: str, trunk: str | None = None, app: str | None = None) -> str:
+        fut = self.engine.submit(cmd.MakeCall(uri, trunk, app))
+        return await asyncio.wrap_future(fut)
+
+    # -- events from the engine thread ---------------------------------------
+    def _post_event(self, e) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_event, e)
+
+    def _on_event(self, e) -> None:
+        handler = getattr(self, "_ev_" + type(e).__name__, None)
+        if handler is not None:
+            handler(e)
+
+    def _ev_CallOffered(self, e: ev.CallOffered) -> None:
+        self._calls_waiting.set()
+        s = Session(self, e)
+        self.sessions[e.call_id] = s
+        self.metrics.calls_active.set(len(self.sessions))
+        s.app_name = e.app or self.app_for(e.to_uri)
+        event(calls_log, "call_offered", call_id=e.call_id, direction=e.direction,
+              **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk, app=s.app_name)
+        self._record(s)
+        s.emit("call_ringing", {"direction": e.direction, "from": e.from_uri, "to": e.to_uri, "app": s.app_name})
+        try:
+            # the api app runs without models too (media streams); its transcribes/speakings need them
+            if s.app_name == "agent" and self.hub is None:
+                raise RuntimeError(f"app {s.app_name!r} needs the models, which this cell did not load")
+            s.app = make_app(s.app_name, s, self)
+            s.app.on_start()
+        except Exception as exc:  # noqa: BLE001 - a bad app/prompt ends this call only
+            self._app_failed(s, exc)
+
+    def _ev_CallAnswered(self, e: ev.CallAnswered) -> None:
+        s = self.sessions.get(e.call_id)
+        if s is None:
+            return
+        s.answered_at = time.monotonic()
+        s.codec = e.codec or self._codec_of(e.call_id)
+        s.state = "progressing"
+        event(calls_log, "call_answered", call_id=e.call_id, codec=s.codec)
+        self._record(s)
+        s.emit("call_progressing", {"codec": s.codec})
+        self.recordings.on_answered(s)
+        for sp in s.speakings.values():
+            sp.activate()
+        if s.app is not None:
+            try:
+                s.app.on_answered()
+            except Exception as exc:  # noqa: BLE001
+                self._app_failed(s, exc)
+
+    def _ev_CallRejected(self, e: ev.CallRejected) -> None:
+        self.metrics.sip_rejected.labels(e.reason).inc()
+        self.metrics.calls_total.labels("inbound", "rejected").inc()
+        event(calls_log, "call_rejected", source=e.source, **{"from": e.from_uri}, to=e.to_uri,
+              status=e.status, reason=e.reason)
+
+    def _ev_CallHold(self, e: ev.CallHold) -> None:
+        event(calls_log, "call_hold" if e.held else "call_unhold", call_id=e.call_id)
+
+    def _ev_Dtmf(self, e: ev.Dtmf) -> None:
+        self.metrics.dtmf.labels(e.method).inc()
+        s = self.sessions.get(e.call_id)
+        # A digit typed while the recording is paused (a PCI moment) stays out of logs, events and records.
+        shown = "X" if s is not None and self.recordings.on_dtmf(s, e.digit, e.duration_ms) else e.digit
+        event(calls_log, "dtmf", call_id=e.call_id, digit=shown, method=e.method, duration_ms=e.duration_ms)
+        if s is None:
+            return
+        s.dtmf += shown
+        s.emit("dtmf_received", {"digit": shown, "method": e.method, "duration_ms": e.duration_ms,
+                                 **({"masked": True} if shown != e.digit else {})})
+        target = self.cfg.raw["app"]["dtmf_transfer"].get(e.digit)
+        if target:
+            s.transfer(target)
+        elif s.app is not None:
+            try:
+                s.app.on_dtmf(e.digit)
+            except Exception as exc:  # noqa: BLE001
+                self._app_failed(s, exc)
+
+    def _ev_TransferStatus(self, e: ev.TransferStatus) -> None:
+        event(calls_log, "transfer_status", call_id=e.call_id, status=e.status, reason=e.reason, final=e.final)
+
+    def _ev_Registration(self, e: ev.Registration) -> None:
+        event(log, "registration", trunk=e.trunk, status=e.status, reason=e.reason, registered=e.registered)
+
+    def _ev_EngineStopped(self, e: ev.EngineStopped) -> None:
+        if e.error:
+            self.engine_failed = e.error
+            log.error("SIP engine stopped: %s", e.error)
+            self.stopped.set()
+
+    def _ev_CallEnded(self, e: ev.CallEnded) -> None:
+        s = self.sessions.pop(e.call_id, None)
+        self.metrics.calls_active.set(len(self.sessions))
+        if s is not None:
+            self._flush_timing(s)
+            if s.app is not None:
+                try:
+                    s.app.on_end()
+                except Exception:  # noqa: BLE001
+                    log.exception("app cleanup failed on call %s", e.call_id)
+            for tap in list(s.taps):                  # streams/recordings end before call_hangup
+                ended = getattr(tap, "call_ended", None)
+                if ended is not None:
+                    try:
+                        ended()
+                    except Exception:  # noqa: BLE001
+                        log.exception("audio tap cleanup failed on call %s", e.call_id)
+        result = "answered" if e.answered else ("cancelled" if e.reason == "cancelled" else "failed")
+        self.metrics.calls_total.labels(e.direction, result).inc()
+        q = e.quality
+        if e.answered:
+            self.metrics.duration.observe(e.duration)
+            if q.rx_packets:
+                self.metrics.mos.observe(q.mos)
+                self.metrics.jitter.observe(q.rx_jitter_ms / 1000)
+                self.metrics.loss.observe(q.loss_ratio)
+        timing = e.timing
+        rec = {
+            "call_id": e.call_id, "direction": e.direction, "result": result, "reason": e.reason,
+            "status": e.status, "duration": round(e.duration, 3),
+            "from": s.from_uri if s else "", "to": s.to_uri if s else "", "trunk": s.trunk if s else None,
+            "source": s.source if s else "", "dtmf": s.dtmf if s else "",
+            "codec": q.codec, "mos": round(q.mos, 2) if q.rx_packets else None,
+            "jitter_ms": round(q.rx_jitter_ms, 2), "loss": round(q.loss_ratio, 4),
+            "rtt_ms": q.rtt_ms, "rx_packets": q.rx_packets, "tx_packets": q.tx_packets,
+            "frames": timing.frames if timing else 0,
+            "frame_rate": round(timing.rate, 2) if timing else 0.0,
+            "frame_p99_ms": round(timing.p99 * 1000, 2) if timing else None,
+            "frame_gaps": timing.gaps if timing else 0,
+            "media_errors": s.media.errors if s else 0,
+        }
+        if s is not None and s.tool_calls:
+            rec["tools"] = s.tool_calls            # the audit of every tool call this call made
+        if s is not None and self.tools is not None:
+            self.tools.forget_call(e.call_id)
+        self.ended.append(e)
+        event(calls_log, "call_ended", **rec)
+        if s is not None:
+            s.state = "ended"
+            self._record(s, ended=time.time(), result=result, reason=e.reason,
+                         quality=q.as_dict() if q.rx_packets else None, codec=q.codec or s.codec)
+            self.bus.publish("call_hangup", e.call_id, {"reason": e.reason, "result": result, "status": e.status,
+                                                        "duration": round(e.duration, 3),
+                                                        "quality": q.as_dict() if q.rx_packets else None})
+            self.bus.forget_call(e.call_id)
+        self.records.append({"event": "call_ended", "ended_at": time.time(), **rec})
+
+    # -- records and routing --------------------------------------------------------------
+    def app_for(self, to_uri: str) -> str:
+        """The app for an inbound call: by the dialled number (user part of To), else the default."""
+        user = user_part(to_uri)
+        numbers = self.store.numbers()
+        return numbers.get(user) or numbers.get(user.lstrip("+")) or self.cfg.app
+
+    def _codec_of(self, call_id: str) -> str:
+        q = self.engine.live_quality().get(call_id)
+        return q.codec if q else ""
+
+    def _record(self, s: Session, **fields) -> None:
+        row = {"id": s.call_id, "direction": s.direction, "from_uri": s.from_uri, "to_uri": s.to_uri,
+               "trunk": s.trunk, "app": s.app_name, "state": s.state, "codec": s.codec,
+               "created": s.created, "answered": s.answered_wall, "cell": self.cell_id, **fields}
+        try:
+            self.store.upsert_call(row)
+        except Exception:  # noqa: BLE001 - records must never break a call
+            log.exception("cannot store call record %s", s.call_id)
+            self.metrics.record_errors.inc()
+
+    # -- the 20 ms tick ----------------------------------------------------------
+    async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        max_duration = self.cfg.raw["app"]["max_duration"]
+        while True:
+            if not self.sessions:                      # idle cell: no 50 Hz wake-ups
+                self._calls_waiting.clear()
+                await self._calls_waiting.wait()
+                next_at = loop.time()
+            next_at += TICK
+            delay = next_at - loop.time()
+            if delay < -0.2:               # fell far behind (suspended?): resync
+                next_at = loop.time()
+            await asyncio.sleep(max(0.0, delay))
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                frames = s.media.uplink.drain()
+                if s.taps:
+                    self._feed_taps(s, frames, now)
+                if s.app is None or s.ending:
+                    continue
+                try:
+                    if frames:
+                        s.app.on_frames(frames, now)
+                    s.app.on_tick(now)
+                except Exception as exc:  # noqa: BLE001
+                    self._app_failed(s, exc)
+                if max_duration and s.answered_at and now - s.answered_at > max_duration:
+                    s.hangup("max duration")
+            self._flush_all_timing()
+
+    def _feed_taps(self, s: Session, inbound: list, now: float) -> None:
+        """Both legs of this tick to every tap; a failing tap is removed, never the call."""
+        outbound = s.media.sent.drain()
+        for tap in list(s.taps):
+            try:
+                tap.on_audio(inbound, outbound, now)
+            except Exception as exc:  # noqa: BLE001
+                self.metrics.app_errors.inc()
+                log.error("audio tap %s failed on call %s: %s", type(tap).__name__, s.call_id, exc,
+                          exc_info=exc, extra={"fields": {"call_id": s.call_id}})
+                s.remove_tap(tap)
+                closer = getattr(tap, "failed", None)
+                if closer is not None:
+                    try:
+                        closer(exc)
+                    except Exception:  # noqa: BLE001
+                        log.exception("tap cleanup failed")
+
+    def _flush_all_timing(self) -> None:
+        for s in self.sessions.values():
+            self._flush_timing(s)
+
+    def _flush_timing(self, s: Session) -> None:
+        observe = self.metrics.frame_interval.observe
+        gap = 0
+        for d in s.media.rx_timer.take_intervals():
+            observe(d)
+            if d > 0.040:
+                gap += 1
+        if gap:
+            self.metrics.frame_gaps.inc(gap)
+        up, down = s.drops()
+        if up:
+            self.metrics.frames_dropped.labels("uplink").inc(up)
+        if down:
+            self.metrics.frames_dropped.labels("downlink").inc(down)
+
+    def _app_failed(self, s: Session, exc: BaseException) -> None:
+        self.metrics.app_errors.inc()
+        log.error("app failed on call %s: %s", s.call_id, exc, exc_info=exc,
+                  extra={"fields": {"call_id": s.call_id}})
+        s.app = None
+        s.hangup("app error", 500 if not s.answered_at else 0)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass

@@ -1,0 +1,94 @@
+"""One call as the application sees it: its media hand-off, app and timers."""
+from __future__ import annotations
+
+import logging
+import time
+
+from bridge.core import pii
+from sip import commands as cmd
+
+log = logging.getLogger("trunkline.call")
+
+
+class Session:
+    def __init__(self, cell, offered):
+        self.cell = cell
+        self.call_id = offered.call_id
+        self.direction = offered.direction
+        self.from_uri = offered.from_uri
+        self.to_uri = offered.to_uri
+        self.source = offered.source
+        self.trunk = offered.trunk
+        self.media = offered.media
+        self.started = time.monotonic()
+        self.created = time.time()
+        self.answered_at: float | None = None
+        self.codec = ""
+        self.app = None
+        self.dtmf = ""
+        self.ending = False
+        self._dropped = (0, 0)
+        self.app_name = ""
+        self.state = "ringing"
+        self.transcribers: dict = {}
+        self.speakings: dict = {}
+        self.speak_generation = 0
+        self.tool_calls: list[dict] = []   # audit records of the tool calls made on this call
+        self.taps: list = []          # audio consumers: recordings, media streams
+
+    def add_tap(self, tap) -> None:
+        """``tap.on_audio(inbound, outbound, now)`` gets every tick's frames of both legs:
+        inbound ``[(t, pcm)]`` from the caller, outbound ``[(t, pcm or None)]`` as sent."""
+        if tap not in self.taps:
+            self.taps.append(tap)
+        self.media.tap_out = True
+
+    def remove_tap(self, tap) -> None:
+        if tap in self.taps:
+            self.taps.remove(tap)
+        if not self.taps:
+            self.media.tap_out = False
+            self.media.sent.clear()
+
+    @property
+    def answered_wall(self) -> float | None:
+        return self.created + (self.answered_at - self.started) if self.answered_at else None
+
+    def emit(self, etype: str, data: dict) -> None:
+        """Publish an event about this call on the bus (stored, then sent)."""
+        self.cell.bus.publish(etype, self.call_id, data)
+
+    def record_transcript(self, direction: str, text: str, transcribe_id: str | None = None,
+                          extra: dict | None = None) -> None:
+        """Store a line of the call's transcript and publish ``transcript_created``."""
+        text, extra = pii.mask_text(text), pii.mask(extra)      # card numbers are never stored
+        try:
+            self.cell.store.add_transcript(self.call_id, direction, text, transcribe_id, extra)
+        except Exception:  # noqa: BLE001 - a full disk must not end the call
+            self.cell.metrics.record_errors.inc()
+        data = {"direction": direction, "message": text}
+        if transcribe_id:
+            data["transcribe_id"] = transcribe_id
+        self.emit("transcript_created", data)
+
+    def heard_out(self, text: str) -> None:
+        """Text the caller has just heard from us (for outbound transcription)."""
+        for tr in self.transcribers.values():
+            tr.spoken(text)
+
+    def hangup(self, reason: str, status: int = 0) -> None:
+        if self.ending:
+            return
+        self.ending = True
+        self.cell.engine.submit(cmd.Hangup(self.call_id, status, reason))
+
+    def transfer(self, target: str) -> None:
+        log.info("transfer", extra={"fields": {"event": "transfer", "call_id": self.call_id, "target": target}})
+        self.cell.engine.submit(cmd.Transfer(self.call_id, target))
+
+    def drops(self) -> tuple[int, int]:
+        """Newly dropped (uplink, downlink) frames since the last call."""
+        up, down = self.media.uplink.dropped, self.media.downlink.dropped
+        last_up, last_down = self._dropped
+        self._dropped = (up, down)
+        return up - last_up, down - last_down

@@ -1,0 +1,410 @@
+"""Configuration: defaults < TOML file < TRUNKLINE_* environment < CLI flags.
+
+Every key is declared in ``SCHEMA`` with its type; anything unknown or of
+the wrong type stops the start with one line naming the key, e.g.
+``config error: sip.listen: expected HOST:PORT, got 'nowhere'``.
+"""
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.core.toolspec import ToolBox, ToolConfigError, load_toolbox
+from sip.config import TrunkSpec as Trunk   # one trunk type, from file to engine
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _hostport(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected HOST:PORT, got {v!r}")
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TypeError(f"expected HOST:PORT, got {v!r}")
+    return v
+
+
+def _port_range(v: Any) -> str:
+    if isinstance(v, str) and "-" in v:
+        lo, _, hi = v.partition("-")
+        if lo.isdigit() and hi.isdigit() and 1024 <= int(lo) < int(hi) < 65536:
+            return v
+    raise TypeError(f"expected LOW-HIGH with 1024 <= LOW < HIGH < 65536, got {v!r}")
+
+
+def _int(lo: int, hi: int):
+    def check(v: Any) -> int:
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise TypeError(f"expected an integer {lo}..{hi}, got {v!r}")
+        return v
+    return check
+
+
+def _float(lo: float, hi: float):
+    def check(v: Any) -> float:
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise TypeError(f"expected a number {lo}..{hi}, got {v!r}")
+        return float(v)
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return v.lower() in ("1", "true", "yes", "on")
+    if not isinstance(v, bool):
+        raise TypeError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {v!r}")
+    return v
+
+
+def _choice(*options):
+    def check(v: Any):
+        if isinstance(v, str) and all(isinstance(o, int) for o in options) and v.isdigit():
+            v = int(v)
+        if isinstance(v, bool) or v not in options:
+            raise TypeError(f"expected one of {', '.join(map(str, options))}, got {v!r}")
+        return v
+    return check
+
+
+def _str_list(v: Any) -> list[str]:
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError(f"expected a list of strings, got {v!r}")
+    return v
+
+
+def _cidrs(v: Any) -> list[str]:
+    v = _str_list(v)
+    for c in v:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            raise TypeError(f"not an IP network: {c!r}") from None
+    return v
+
+
+def _digit_map(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k in "0123456789*#ABCD" and len(k) == 1
+                                          and isinstance(x, str) for k, x in v.items()):
+        raise TypeError(f"expected a table of DTMF digit = \"sip:uri\", got {v!r}")
+    return v
+
+
+def _number_flags(v: Any) -> dict[str, bool]:
+    """``{"+15551230000" = true, ...}`` (or "NUMBER=true,NUMBER=false" from the environment)."""
+    if isinstance(v, str):
+        try:
+            v = {k.strip(): _bool(x.strip()) for k, _, x in (p.partition("=") for p in v.split(",") if p.strip())}
+        except TypeError:
+            raise TypeError(f"expected NUMBER=true|false,..., got {v!r}") from None
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k and isinstance(x, bool) for k, x in v.items()):
+        raise TypeError(f"expected a table of \"number\" = true|false, got {v!r}")
+    return v
+
+
+def _regex_list(v: Any) -> list[str]:
+    v = [v] if isinstance(v, str) else v          # from the environment: one pattern
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError(f"expected a list of regular expressions, got {v!r}")
+    from bridge.core.pii import check_patterns
+    try:
+        check_patterns(v)
+    except ValueError as exc:
+        raise TypeError(str(exc)) from None
+    return v
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "": {"data_dir": _str, "log_level": _choice("debug", "info", "warning", "error"),
+         "drain_timeout": _float(0, 86400)},
+    "sip": {"listen": _hostport, "public_address": _str, "user_agent": _str,
+            "capacity": _int(1, 3), "retry_after": _int(1, 3600), "answer_delay": _float(0, 60),
+            "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6),
+            "trusted_proxies": _cidrs, "outbound_proxy": _str},
+    "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
+              "realtime_clock": _bool},
+    "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300)},
+    "records": {"retention_days": _float(0, 36500)},
+    "recordings": {"enabled": _bool, "format": _choice("opus", "wav"), "dir": _str, "numbers": _number_flags,
+                   "key_file": _str, "key_env": _str, "current_key": _str, "retention_days": _float(0, 36500),
+                   "opus_bitrate": _int(6000, 256000), "flush_interval": _float(0.2, 10), "dtmf_pause": _bool,
+                   "dtmf_resume_after": _float(0.5, 60)},
+    "pii": {"mask_cards": _bool, "patterns": _regex_list},
+    "cells": {"host": _str, "sip_base": _int(0, 65535), "http_base": _int(0, 65535), "kamailio": _str,
+              "ping_interval": _int(1, 60), "pike": _int(1, 100000), "children": _int(1, 64), "front_ip": _str},
+    "webhooks": {"max_attempts": _int(1, 50), "base_delay": _float(0.01, 3600), "max_delay": _float(0.1, 86400),
+                 "timeout": _float(0.5, 60), "dispatch": _bool},
+    "streams": {"buffer_frames": _int(5, 3000), "max_per_call": _int(1, 10), "reconnect_attempts": _int(0, 100),
+                "reconnect_base_delay": _float(0.05, 60), "reconnect_max_delay": _float(0.1, 600),
+                "connect_timeout": _float(0.5, 600), "send_timeout": _float(0.5, 120),
+                "playback_seconds": _float(1, 3600)},
+    "app": {"name": _choice("echo", "playback", "agent", "api"), "prompt": _str, "loop": _bool,
+            "dtmf_transfer": _digit_map, "max_duration": _float(0, 86400)},
+    "agent": {"system_prompt": _str, "greeting": _str, "language": _str, "reprompt_text": _str,
+              "reprompt_after": _float(0, 3600), "hangup_after": _float(0, 3600), "goodbye_text": _str,
+              "goodbye_phrases": _str_list, "not_understood_text": _str, "apology_text": _str,
+              "max_reply_tokens": _int(8, 1024), "temperature": _float(0, 2), "repeat_penalty": _float(1, 3),
+              "history_turns": _int(1, 100), "silence": _float(0.2, 5), "pause": _float(0.1, 2),
+              "min_speech": _float(0.04, 1), "min_utterance": _float(0.05, 5), "bargein_floor_dbfs": _float(-90, 0),
+              "vad_mode": _int(0, 3), "interim_every": _float(0, 30), "digits_extra": _float(0, 5),
+              "speculate": _bool, "tool_filler_text": _str, "tool_unavailable_text": _str,
+              "tool_fallback_text": _str},
+    "tools": {"file": _str, "secrets_file": _str, "max_per_call": _int(1, 100), "max_per_turn": _int(1, 5),
+              "shortlist": _int(0, 50), "filler_after": _float(0, 10), "breaker_failures": _int(1, 100),
+              "breaker_cooldown": _float(1, 3600), "callback_base_url": _str},
+    "models": {"stt": _str, "stt_compute_type": _choice("int8", "int8_float32", "float32"),
+               "llm_backend": _choice("llama", "openai"), "llm": _str, "llm_context": _int(256, 32768),
+               "llm_url": _str, "llm_model": _str, "llm_api_key_env": _str, "tts": _str, "tts_config": _str,
+               "threads": _int(1, 64), "tts_threads": _int(1, 64), "load_timeout": _float(1, 3600),
+               "load": _choice("auto", "always", "never")},
+}
+
+TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str,
+                "password": _str, "password_env": _str, "realm": _str, "register": _bool,
+                "expires": _int(60, 86400)}
+
+DEFAULTS: dict[str, Any] = {
+    "data_dir": "./data",
+    "log_level": "info",
+    "drain_timeout": 60.0,
+    "sip": {"listen": "0.0.0.0:5060", "public_address": "", "user_agent": "Trunkline",
+            "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
+            "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": ""},
+    "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
+    "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0},
+    "records": {"retention_days": 30.0},
+    "recordings": {"enabled": False, "format": "opus", "dir": "", "numbers": {}, "key_file": "",
+                   "key_env": "TRUNKLINE_RECORDING_KEYS", "current_key": "", "retention_days": 90.0,
+                   "opus_bitrate": 32000, "flush_interval": 1.0, "dtmf_pause": True, "dtmf_resume_after": 5.0},
+    "pii": {"mask_cards": True, "patterns": []},
+    "cells": {"host": "127.0.0.1", "sip_base": 0, "http_base": 0, "kamailio": "kamailio", "ping_interval": 2,
+              "pike": 60, "children": 1, "front_ip": ""},
+    "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0, "dispatch": True},
+    "streams": {"buffer_frames": 50, "max_per_call": 3, "reconnect_attempts": 5, "reconnect_base_delay": 0.5,
+                "reconnect_max_delay": 10.0, "connect_timeout": 10.0, "send_timeout": 5.0, "playback_seconds": 60.0},
+    "numbers": {},
+    "app": {"name": "echo", "prompt": "", "loop": False, "dtmf_transfer": {}, "max_duration": 3600.0},
+    "agent": {
+        "system_prompt": ("You are a helpful receptionist answering the phone. Answer in one or two short, "
+                          "plain sentences that sound natural when spoken. Never use lists or markdown."),
+        "greeting": "Hello! How can I help you today?",
+        "language": "en",
+        "reprompt_text": "Are you still there?",
+        "reprompt_after": 8.0,
+        "hangup_after": 25.0,
+        "goodbye_text": "Thank you for calling. Goodbye!",
+        "goodbye_phrases": ["goodbye", "bye", "that's all", "hang up"],
+        "not_understood_text": "Sorry, could you repeat that?",
+        "apology_text": "Sorry, I'm having trouble right now. Please bear with me.",
+        "max_reply_tokens": 60, "temperature": 0.3, "repeat_penalty": 1.3, "history_turns": 6,
+        "silence": 0.6, "pause": 0.2, "min_speech": 0.12, "min_utterance": 0.25,
+        "bargein_floor_dbfs": -38.0, "vad_mode": 3, "interim_every": 1.0, "digits_extra": 0.8,
+        "speculate": True,
+        "tool_filler_text": "One moment, let me check.",
+        "tool_unavailable_text": "Sorry, I can't do that right now.",
+        "tool_fallback_text": "I'll have someone call you back.",
+    },
+    "tools": {"file": "", "secrets_file": "", "max_per_call": 8, "max_per_turn": 2, "shortlist": 2,
+              "filler_after": 1.0, "breaker_failures": 5, "breaker_cooldown": 30.0, "callback_base_url": ""},
+    "tool": [],
+    "models": {"stt": "", "stt_compute_type": "int8", "llm_backend": "llama", "llm": "", "llm_context": 2048,
+               "llm_url": "", "llm_model": "", "llm_api_key_env": "OPENAI_API_KEY", "tts": "", "tts_config": "",
+               "threads": 2, "tts_threads": 1, "load_timeout": 180.0,
+               "load": "auto"},
+    "trunks": [{"name": "local", "allow": ["127.0.0.0/8", "::1/128"]}],
+}
+
+CODEC_IDS = {"PCMU": "PCMU/8000", "PCMA": "PCMA/8000", "G722": "G722/16000",
+             "GSM": "GSM/8000", "SPEEX": "speex", "ILBC": "iLBC/8000", "L16": "L16"}
+
+
+@dataclass
+class Config:
+    raw: dict
+    trunks: list[Trunk]
+    toolbox: ToolBox | None = None
+
+    def get(self, section: str, key: str) -> Any:
+        return self.raw[key] if section == "" else self.raw[section][key]
+
+    @property
+    def data_dir(self) -> str:
+        return self.raw["data_dir"]
+
+    @property
+    def app(self) -> str:
+        return self.raw["app"]["name"]
+
+    def needs_models(self) -> bool:
+        load = self.raw["models"]["load"]
+        if load != "auto":
+            return load == "always"
+        return bool({self.app, *self.raw["numbers"].values()} & {"agent", "api"})
+
+
+def _check(section: str, key: str, value: Any) -> Any:
+    name = f"{section}.{key}" if section else key
+    checks = SCHEMA.get(section)
+    if checks is None or key not in checks:
+        raise ConfigError(f"{name}: unknown key")
+    try:
+        return checks[key](value)
+    except TypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _trunk(i: int, t: Any) -> Trunk:
+    where = f"trunks[{i}]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: expected a table")
+    out: dict[str, Any] = {}
+    for k, v in t.items():
+        if k not in TRUNK_SCHEMA:
+            raise ConfigError(f"{where}.{k}: unknown key")
+        try:
+            out[k] = TRUNK_SCHEMA[k](v)
+        except TypeError as exc:
+            raise ConfigError(f"{where}.{k}: {exc}") from None
+    if not out.get("name"):
+        raise ConfigError(f"{where}.name: required")
+    env = out.pop("password_env", "")
+    if env:
+        if env not in os.environ:
+            raise ConfigError(f"{where}.password_env: environment variable {env} is not set")
+        out["password"] = os.environ[env]
+    if not out.get("allow") and out.get("address"):
+        # A trunk with an IP-literal address and no allow-list trusts that address.
+        host = out["address"].removeprefix("sip:").split(";")[0].split("@")[-1]
+        host = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        try:
+            out["allow"] = [str(ipaddress.ip_network(host))]
+        except ValueError:
+            pass
+    if out.get("register") and not (out.get("address") and out.get("username")):
+        raise ConfigError(f"{where}.register: needs address and username")
+    return Trunk(**out)
+
+
+def _merge_file(raw: dict, data: dict) -> None:
+    for key, value in data.items():
+        if key == "numbers":
+            if not isinstance(value, dict) or not all(isinstance(v, str) and v in ("echo", "playback", "agent", "api")
+                                                      for v in value.values()):
+                raise ConfigError("numbers: expected a table of \"number\" = \"echo|playback|agent|api\"")
+            raw["numbers"] = value
+        elif key == "trunks":
+            if not isinstance(value, list):
+                raise ConfigError("trunks: expected an array of tables ([[trunks]])")
+            raw["trunks"] = value
+        elif key == "tool":
+            if not isinstance(value, list):
+                raise ConfigError("tool: expected an array of tables ([[tool]])")
+            raw["tool"] = value
+        elif isinstance(value, dict) and key in SCHEMA and key != "":
+            for k, v in value.items():
+                raw[key][k] = _check(key, k, v)
+        else:
+            raw[key] = _check("", key, value)
+
+
+# TRUNKLINE_* variables that are not settings: the cell index a supervisor gives each
+# cell process, and where the tests find ../shared.
+NOT_SETTINGS = {"TRUNKLINE_CELL", "TRUNKLINE_SHARED", "TRUNKLINE_RECORDING_KEYS"}
+
+
+def _env_overrides(raw: dict, environ: dict[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("TRUNKLINE_") or name in NOT_SETTINGS or name == raw["recordings"]["key_env"]:
+            continue
+        rest = name[len("TRUNKLINE_"):].lower()
+        if rest in SCHEMA[""]:
+            raw[rest] = _check("", rest, value)
+            continue
+        section, _, key = rest.partition("_")
+        if section in SCHEMA and section and key:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{name}: unknown setting {section}.{key}")
+            raw[section][key] = _check(section, key, value)
+        else:
+            raise ConfigError(f"{name}: unknown setting")
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None,
+         environ: dict[str, str] | None = None) -> Config:
+    """``overrides`` maps 'section.key' (or 'key') to values from CLI flags."""
+    raw = copy.deepcopy(DEFAULTS)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        _merge_file(raw, data)
+    _env_overrides(raw, dict(os.environ if environ is None else environ))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        if section:
+            raw[section][key] = _check(section, key, value)
+        else:
+            raw[key] = _check("", key, value)
+    for c in raw["sip"]["codecs"]:
+        if c.upper() not in CODEC_IDS:
+            raise ConfigError(f"sip.codecs: unknown codec {c!r} (known: {', '.join(CODEC_IDS)})")
+    trunks = [_trunk(i, t) for i, t in enumerate(raw["trunks"])]
+    if raw["sip"]["trusted_proxies"]:
+        # A SIP front (Kamailio) checks the trunks' source addresses; the cell trusts the front.
+        trunks.append(Trunk(name="proxy", allow=list(raw["sip"]["trusted_proxies"])))
+    names = [t.name for t in trunks]
+    if len(set(names)) != len(names):
+        raise ConfigError("trunks: names must be unique")
+    m = raw["models"]
+    for key, is_dir in (("stt", True), ("llm", False), ("tts", False), ("tts_config", False)):
+        if m[key] and not os.path.exists(os.path.expanduser(m[key])):
+            raise ConfigError(f"models.{key}: {m[key]} does not exist")
+        if m[key] and is_dir and not os.path.isdir(os.path.expanduser(m[key])):
+            raise ConfigError(f"models.{key}: {m[key]} is not a CTranslate2 model directory")
+    if m["llm_backend"] == "openai" and not (m["llm_url"] and m["llm_model"]):
+        raise ConfigError("models.llm_url: the openai backend needs llm_url and llm_model")
+    if raw["http"]["ops_listen"]:
+        try:
+            _hostport(raw["http"]["ops_listen"])
+        except TypeError as exc:
+            raise ConfigError(f"http.ops_listen: {exc}") from None
+    if raw["app"]["name"] == "playback" and not raw["app"]["prompt"]:
+        raise ConfigError("app.prompt: required for the playback app")
+    from bridge.core.keys import KeyRingError, configured_keyring
+    try:      # recording keys: a missing or bad key stops the start, never a call
+        configured_keyring(raw["recordings"], os.environ if environ is None else environ)
+    except KeyRingError as exc:
+        raise ConfigError(f"recordings.{exc}" if str(exc).split(":")[0] in ("key_file", "current_key")
+                          else f"recordings: {exc}") from None
+    t = raw["tools"]
+    try:
+        toolbox = load_toolbox(raw["tool"], t["secrets_file"], t["file"], environ)
+    except ToolConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return Config(raw, trunks, toolbox)
