@@ -1,16 +1,19 @@
-"""The agent's turn logic with a fake at the model boundary (the inference
-process); the VAD, endpointer, playout and history handling are real."""
+"""The agent on a call (``AgentApp`` around the turn machine) with a fake at the model
+boundary (the inference process); the VAD, endpointer, playout, media queues and
+history handling are real. Caller speech is a stored recording (tests/fixtures/),
+so no model runs here; tests/test_turn_machine.py drives the machine alone."""
 import copy
 
 import pytest
 
 from bridge.agent.app import AgentApp
+from bridge.agent.turn import State
 from bridge.core.config import DEFAULTS
 from bridge.core.metrics import Metrics
 from bridge.records.journal import CallRecords
 from media.callmedia import CallMedia
 from media.frames import split_frames
-from voice import say
+from recorded import speech_frames, spoken, transcript
 
 RATE = 8000
 
@@ -49,6 +52,15 @@ class FakeHub:
         return split_frames(pcm, RATE)
 
 
+class Clock:
+    """The test's time: frames, ticks and callbacks all read it."""
+    def __init__(self, t=100.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
 class Session:
     def __init__(self):
         self.media = CallMedia(RATE)
@@ -73,23 +85,24 @@ def agent(tmp_path):
     cfg = copy.deepcopy(DEFAULTS["agent"])
     cfg.update(greeting="", interim_every=0.0, reprompt_after=0.0, hangup_after=0.0)
     hub, session = FakeHub(), Session()
-    app = AgentApp(session, hub, cfg, Metrics(), CallRecords(str(tmp_path), name="turns.jsonl"))
+    app = AgentApp(session, hub, cfg, Metrics(), CallRecords(str(tmp_path), name="turns.jsonl"), clock=Clock())
     app.on_answered()
     hub.llm_reqs.clear()                       # the KV-cache warm-up request
-    app.clock = 100.0
     return app, hub, session
 
 
 def feed(app, frames):
     """Caller audio in, and the media clock taking one outgoing frame per incoming one."""
     for f in frames:
-        app.clock += 0.02
-        app.on_frames([(app.clock, f)], app.clock)
-        app.on_tick(app.clock)
-        app.session.media.tx(app.clock)
+        app.clock.t += 0.02
+        now = app.clock.t
+        app.on_frames([(now, f)], now)
+        app.on_tick(now)
+        app.session.media.tx(now)
 
 
-SPEECH = split_frames(say("I would like to book a cleaning please."), RATE)
+SPEECH = speech_frames(rate=RATE)                # "I would like to book a cleaning please."
+HEARD = transcript()
 SILENCE = [bytes(320)] * 60
 
 
@@ -99,7 +112,7 @@ def answer(hub, text="Sure, I can help you with that. What day works?"):
         req["tok"](tok + " ")
     req["done"](0.1, 10)
     for t in hub.tts_reqs:
-        t["cb"](say(t["text"]), RATE)
+        t["cb"](spoken(t["text"]), RATE)
         t["done"](0.05)
 
 
@@ -108,26 +121,30 @@ def test_speculative_reply_is_held_until_the_turn_ends(agent):
     feed(app, SPEECH + SILENCE[:12])               # 240 ms of quiet: a pause, not the end
     spec = [r for r in hub.stt_reqs if not r["interim"]]
     assert len(spec) == 1
-    spec[0]["cb"]("I would like to book a cleaning please.", 0.01, -0.2, 2.0, 0.3)
+    spec[0]["cb"](*HEARD.values())
     assert len(hub.llm_reqs) == 1 and hub.llm_reqs[0]["messages"][-1]["content"].startswith("I would like")
     answer(hub)
     assert session.media.queued_out() == 0         # held: nothing goes out yet
     feed(app, SILENCE[:25])                         # the silence window closes
     assert session.media.tx_frames > 0              # released at once
-    assert app.history[-1] == {"role": "user", "content": "I would like to book a cleaning please."}
+    assert app.history[-1] == {"role": "user", "content": HEARD["text"]}
     feed(app, [bytes(320)] * 400)                   # let it all play
     assert app.reply is None
     assert app.history[-1]["role"] == "assistant"
     assert app.history[-1]["content"] == "Sure, I can help you with that. What day works?"
     lines = (app.turns.path and open(app.turns.path).read().splitlines())
     assert len(lines) == 2 and '"role": "caller"' in lines[0] and '"role": "agent"' in lines[1]
+    (lat,) = [d for e, d in session.events if e == "turn_latency"]     # the marked frame was timed on the wire
+    assert lat["turn"] == 1 and 0.5 < lat["voice_to_voice"] < 1.0
+    assert round(app.metrics.turn_latency.labels("voice_to_voice")._sum.get(), 3) == lat["voice_to_voice"]
+    assert [d["direction"] for e, d in session.events if e == "transcript_created"] == ["in", "out"]
 
 
 def test_caller_going_on_after_a_pause_cancels_the_held_reply(agent):
     app, hub, session = agent
     feed(app, SPEECH + SILENCE[:12])
     hub.stt_reqs[-1]["cb"]("I would like to book", 0.01, -0.2, 2.0, 0.3)
-    assert app.reply is not None and app.reply.held
+    assert app.reply is not None and app.state is State.HOLDING
     feed(app, SPEECH[:20])
     assert app.reply is None and hub.cancels == 1
     assert all(m["role"] != "user" for m in app.history)    # nothing was committed
@@ -142,9 +159,14 @@ def test_barge_in_keeps_only_what_was_heard(agent):
     played = session.media.tx_frames
     assert played > 20
     cancels = hub.cancels
-    feed(app, SPEECH[:15])                           # the caller talks over the agent
+    for f in SPEECH[:15]:                            # the caller talks over the agent
+        queued = session.media.queued_out()
+        feed(app, [f])
+        if hub.cancels > cancels:
+            break
     assert hub.cancels == cancels + 1
-    assert session.media.queued_out() == 0
+    assert queued > 0 and session.media.queued_out() == 0         # the downlink was flushed at once
+    assert session.media.mark is None and session.media.mark_time is None
     heard = app.history[-1]
     assert heard["role"] == "assistant"
     spoken = "Sure, we have openings on Monday and Tuesday. Which one suits you best?"
@@ -193,10 +215,9 @@ def tool_agent(tmp_path):
     hub.canned.update({k: split_frames(bytes(3200), RATE) for k in
                        ("tool_filler_text", "tool_unavailable_text", "tool_fallback_text")})
     app = AgentApp(session, hub, cfg, Metrics(), CallRecords(str(tmp_path), name="turns.jsonl"),
-                   tools=runner, tool_settings={**DEFAULTS["tools"], "filler_after": 0.0})
+                   tools=runner, tool_settings={**DEFAULTS["tools"], "filler_after": 0.0}, clock=Clock())
     app.on_answered()
     hub.llm_reqs.clear()
-    app.clock = 100.0
     return app, hub, session, runner
 
 
@@ -223,7 +244,7 @@ def test_a_tool_chosen_on_a_guess_runs_only_when_the_turn_stands(tmp_path):
         assert roles == ["user", "assistant", "tool"] and app.history[1]["tool_calls"][0]["function"]["name"] == \
             "lookup_invoices"
         for t in hub.tts_reqs:                                   # synthesize and play the line
-            t["cb"](say(t["text"]), RATE)
+            t["cb"](spoken(t["text"]), RATE)
             t["done"](0.05)
         feed(app, [bytes(320)] * 200)
         assert app.reply is None and app.history[-1] == {"role": "assistant", "content": "You have 2 open invoices."}
@@ -253,8 +274,13 @@ def test_async_result_waits_for_the_caller_to_finish(tmp_path):
         app.on_tool_result("pay_invoice_later", {"status": "confirmed"}, "Your payment is confirmed.")
         assert hub.tts_reqs == []                               # not over the caller
         assert app.history[-1]["role"] == "system" and "confirmed" in app.history[-1]["content"]
-        app.ep.in_speech = False                                # (the caller stops; no turn to answer)
-        app.utterance = []
-        feed(app, [bytes(320)])
+        feed(app, SILENCE[:12])                                 # a pause: the utterance is decoded
+        hub.stt_reqs[-1]["cb"]("", 0.9, -2.0, 0.6, 0.2)         # ... and was not words
+        assert hub.tts_reqs == []
+        feed(app, SILENCE[:20])                                 # the turn ends: "Sorry, could you repeat that?"
+        assert app.state is State.LISTENING and hub.tts_reqs == []
+        assert app.playout.active or session.media.queued_out()  # the canned line is playing
+        feed(app, SILENCE[:15])                                 # it has played: the line is free
         assert [t["text"] for t in hub.tts_reqs] == ["Your payment is confirmed."]
+        assert app.state is State.REPLYING
     asyncio.run(scenario())

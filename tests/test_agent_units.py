@@ -86,8 +86,8 @@ def test_vad_rejects_dtmf_silence_and_line_noise():
 
 
 def test_vad_hears_real_speech():
-    from voice import say
-    pcm = say("Hello, I would like to check my appointment.")
+    from recorded import speech
+    pcm = speech(rate=RATE)                 # stored Piper speech (tests/fixtures/)
     vad = VoiceDetector(RATE, mode=3)
     frames = [pcm[i:i + 320] for i in range(0, len(pcm) - 319, 320)]
     voiced = sum(vad.is_speech(f) for f in frames)

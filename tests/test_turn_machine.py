@@ -1,0 +1,477 @@
+"""The agent's turn machine on its own: a synthetic clock, stored caller speech and its
+stored transcript (tests/fixtures/), the real VAD, and the actions checked one by one.
+No model, no loop, no I/O: each test runs in milliseconds."""
+import ast
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridge.agent import actions as A
+from bridge.agent.turn import State, TurnMachine
+from bridge.core.config import DEFAULTS
+from media import dtmf
+from media.frames import split_frames
+from media.vad import VoiceDetector
+from recorded import speech_frames, spoken, transcript
+
+RATE = 16000
+T0 = 100.0
+FRAME = bytes(640)
+SPEECH = speech_frames(rate=RATE)               # "I would like to book a cleaning please." (97 frames)
+HEARD = A.Transcript(**transcript())
+CANNED = ("greeting", "reprompt_text", "goodbye_text", "not_understood_text", "apology_text",
+          "tool_filler_text", "tool_unavailable_text", "tool_fallback_text")
+
+
+class Runner:
+    """What the machine sees of the tool runner: its declared tools."""
+    def __init__(self):
+        from bridge.core.toolspec import load_toolbox
+        self.specs = load_toolbox([{"name": "lookup_invoices", "description": "Look up open invoices and the bill",
+                                    "url": "http://127.0.0.1:9/v1/invoices"}], environ={}).tools
+
+
+class Outcome:
+    """The runner's answer, as the machine reads it."""
+    def __init__(self, tool, status="ok", say=None, result=None):
+        self.tool, self.status, self.say, self.kind, self.seconds = tool, status, say, None, 0.2
+        self.tool_call_id = "tc_1"
+        self.result = result or {"count": 2}
+        self.audit = {"tool": tool, "status": status}
+
+    def for_model(self):
+        return '{"status":"%s"}' % self.status
+
+
+class Call:
+    """Drives a TurnMachine the way AgentApp and the media clock do, on a synthetic clock:
+    each step is 20 ms: an uplink frame (through the real VAD), a tick, and the clock
+    taking one frame off the downlink."""
+
+    def __init__(self, tools=False, filler_after=0.0, **cfg):
+        conf = copy.deepcopy(DEFAULTS["agent"])
+        conf.update(greeting="", interim_every=0.0, reprompt_after=0.0, hangup_after=0.0)
+        conf.update(cfg)
+        self.canned = {k: split_frames(bytes(6400), RATE) for k in CANNED}       # 10 frames each
+        self.m = TurnMachine(conf, self.canned, Runner() if tools else None,
+                             {**DEFAULTS["tools"], "filler_after": filler_after}, call_id="c1", now=T0)
+        self.now = T0
+        self.vad = VoiceDetector(RATE, conf["vad_mode"])
+        self.downlink: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.mark, self.mark_time = None, None
+        self.log: list = []                     # every action, in order
+        self.at: dict[int, float] = {}          # id(action) -> when it came out
+        self.voiced_at: list[float] = []        # times of the frames the VAD called speech
+        self.mark_sent_at = None
+        self.synthesized: set[int] = set()     # Synthesize.seq already answered
+
+    def line(self):
+        return A.Line(len(self.downlink), self.mark_time, 0)
+
+    def do(self, actions):
+        for a in actions:
+            self.log.append(a)
+            self.at[id(a)] = self.now
+            if isinstance(a, A.Send):
+                self.downlink.extend(a.frames)
+            elif isinstance(a, A.Flush):
+                self.downlink.clear()
+            elif isinstance(a, A.MarkFrame):
+                self.mark, self.mark_time = a.pcm, None
+            elif isinstance(a, A.ClearMark):
+                if not a.time_only:
+                    self.mark = None
+                self.mark_time = None
+        return actions
+
+    def step(self, pcm=None, voiced=None, level=-20.0):
+        """20 ms: ``pcm`` through the VAD (or a given verdict), the tick, one frame sent."""
+        self.now = round(self.now + 0.02, 6)
+        if pcm is not None or voiced is not None:
+            if voiced is None:
+                voiced, level = self.vad.is_speech(pcm), self.vad.last_level
+            if voiced:
+                self.voiced_at.append(self.now)
+            self.do(self.m.frame(A.Frame(self.now, pcm or FRAME, voiced, level), self.now, self.line()))
+        self.do(self.m.tick(self.now, self.line()))
+        if self.downlink:
+            f = self.downlink.pop(0)
+            self.sent.append(f)
+            if f is self.mark:
+                self.mark, self.mark_time = None, self.now
+                self.mark_sent_at = self.now
+
+    def feed(self, frames):
+        for f in frames:
+            self.step(f)
+
+    def quiet(self, n):
+        self.feed([FRAME] * n)
+
+    def idle(self, seconds):
+        for _ in range(round(seconds / 0.02)):
+            self.step()
+
+    def of(self, kind):
+        return [a for a in self.log if isinstance(a, kind)]
+
+    def stt(self, interim=False):
+        return [a for a in self.of(A.RequestStt) if a.interim == interim]
+
+    def answer(self, text="Sure, I can help you with that. What day works?"):
+        """The model streams ``text`` for the last reply request; TTS answers every sentence."""
+        req = self.of(A.RequestReply)[-1]
+        for tok in text.split(" "):
+            self.do(self.m.token(req.reply, tok + " ", self.now))
+        self.do(self.m.reply_done(req.reply, 0.1, 10, self.now))
+        self.synthesize()
+
+    def synthesize(self):
+        """TTS answers every sentence not answered yet: stand-in audio, then done."""
+        for s in self.of(A.Synthesize):
+            if s.seq in self.synthesized:
+                continue
+            self.synthesized.add(s.seq)
+            self.do(self.m.speech_audio(s.reply, s.seq, split_frames(spoken(s.text, RATE), RATE), self.now))
+            self.do(self.m.speech_done(s.reply, self.now))
+
+    def turns(self, role=None):
+        return [a for a in self.of(A.LogTurn) if role is None or a.role == role]
+
+
+# -- a whole turn ------------------------------------------------------------------------
+def test_a_normal_turn_with_the_stored_utterance():
+    c = Call(speculate=False)
+    c.do(c.m.answered(c.now))
+    assert isinstance(c.log[-1], A.RequestReply) and c.log[-1].reply is None     # KV-cache warm-up
+    c.feed(SPEECH)
+    c.quiet(12)                                   # a pause: decoded, but no guess is answered
+    (spec,) = c.stt()
+    assert len(spec.pcm16k) > 0.8 * len(b"".join(SPEECH))       # the utterance, with its pre-roll
+    c.quiet(20)                                   # the silence window closes
+    assert c.m.state is State.DECODING and len(c.of(A.RequestReply)) == 1
+    c.now += 0.3                                  # whisper answers 300 ms later
+    c.do(c.m.stt_result(spec.decode, HEARD, c.now))
+    req = c.of(A.RequestReply)[-1]
+    assert c.m.state is State.REPLYING and not req.speculative
+    assert req.messages[0]["role"] == "system" and req.messages[-1] == {"role": "user", "content": HEARD.text}
+    assert req.params["tools"] == []
+    (caller,) = c.turns("caller")
+    assert caller.turn == 1 and caller.text == HEARD.text
+    assert caller.extra == {"stt_seconds": round(HEARD.seconds, 3),
+                            "stt_wait": round(c.now - c.at[id(spec)], 3)}
+    reply = c.m.reply
+    assert reply.last_voice == c.voiced_at[-1]    # the caller's last voiced frame
+    c.now += 0.2                                  # the first token 200 ms later
+    c.answer()
+    assert [s.text for s in c.of(A.Synthesize)] == ["Sure, I can help you with that.", "What day works?"]
+    assert c.m.state is State.PLAYING             # composed; now it plays out
+    assert c.of(A.MarkFrame)[0].pcm is c.m.playout.queue[0].frames[0]
+    c.idle(8)
+    assert c.m.state is State.LISTENING and c.m.reply is None
+    (agent,) = c.turns("agent")
+    assert agent.text == agent.extra["heard"] == "Sure, I can help you with that. What day works?"
+    assert agent.extra["interrupted"] is False and agent.extra["llm_first_token"] == 0.2
+    # Voice to voice: the caller's last voiced frame to the reply's first frame on the wire.
+    (lat,) = [a for a in c.of(A.Emit) if a.type == "turn_latency"]
+    assert lat.data == {"turn": 1, "voice_to_voice": round(c.mark_sent_at - reply.last_voice, 3),
+                        "stt": round(HEARD.seconds, 3), "llm_first_token": 0.2, "tts_first_audio": 0.0}
+    assert [(a.name, a.label) for a in c.of(A.Metric)][:2] == [("turn_latency", "stt"), ("rtf", "stt")]
+    assert ("turn_latency", "voice_to_voice") in [(a.name, a.label) for a in c.of(A.Metric)]
+    assert c.m.history[-2:] == [{"role": "user", "content": HEARD.text},
+                                {"role": "assistant", "content": agent.text}]
+    assert [(t.old, t.new) for t in c.m.transitions] == [
+        (State.LISTENING, State.DECODING), (State.DECODING, State.REPLYING),
+        (State.REPLYING, State.PLAYING), (State.PLAYING, State.LISTENING)]
+
+
+# -- speculation ----------------------------------------------------------------------------
+def test_speculative_reply_is_held_then_released_at_once():
+    c = Call(speculate=True)
+    c.feed(SPEECH)
+    c.quiet(12)
+    (spec,) = c.stt()
+    c.do(c.m.stt_result(spec.decode, HEARD, c.now))
+    assert c.m.state is State.HOLDING
+    req = c.of(A.RequestReply)[-1]
+    assert req.speculative and req.messages[-1] == {"role": "user", "content": HEARD.text}
+    assert not [m for m in c.m.history if m["role"] == "user"]        # nothing committed on a guess
+    c.answer()
+    c.quiet(5)                                    # still inside the silence window
+    assert c.m.state is State.HOLDING and not c.of(A.Send) and not c.sent    # audio kept back
+    assert c.of(A.MarkFrame)                      # (its first frame is marked, to time it when it goes)
+    c.quiet(15)                                   # the silence window closes: the guess stands
+    assert c.m.state is State.PLAYING and c.of(A.Send) and c.sent
+    assert len(c.stt()) == 1                      # no second decode
+    c.idle(8)
+    assert c.m.state is State.LISTENING
+    assert [(t.old, t.new) for t in c.m.transitions][:2] == [(State.LISTENING, State.HOLDING),
+                                                            (State.HOLDING, State.PLAYING)]
+    assert c.m.history[-1] == {"role": "assistant", "content": "Sure, I can help you with that. What day works?"}
+
+
+def test_speculative_reply_is_dropped_when_the_caller_goes_on():
+    c = Call(speculate=True)
+    c.feed(SPEECH)
+    c.quiet(12)
+    (spec,) = c.stt()
+    c.do(c.m.stt_result(spec.decode, A.Transcript("I would like to book", 0.01, -0.2, 1.2, 0.3), c.now))
+    held = c.m.reply
+    assert c.m.state is State.HOLDING
+    c.feed(SPEECH[:20])                           # the caller was not finished
+    assert c.m.state is State.LISTENING and c.m.reply is None and len(c.of(A.Cancel)) == 1
+    assert c.m.token(held.id, "Sure. ", c.now) == []            # a late answer is dropped
+    assert not [m for m in c.m.history if m["role"] == "user"]
+    assert (State.HOLDING, State.LISTENING) in [(t.old, t.new) for t in c.m.transitions]
+    assert [t.why for t in c.m.transitions if t.old is State.HOLDING] == ["caller went on"]
+
+
+# -- barge-in ---------------------------------------------------------------------------------
+def playing_reply(text="Sure, we have openings on Monday and Tuesday. Which one suits you best?"):
+    c = Call(speculate=False)
+    c.feed(SPEECH)
+    c.quiet(32)
+    c.do(c.m.stt_result(c.stt()[-1].decode, HEARD, c.now))
+    c.answer(text)
+    c.quiet(30)                                   # the reply plays for 600 ms
+    return c, text
+
+
+def test_barge_in_flushes_the_playout_and_keeps_what_was_heard():
+    c, text = playing_reply()
+    assert c.m.state is State.PLAYING and len(c.sent) >= 29
+    cancels = len(c.of(A.Cancel))
+    c.feed(SPEECH[:15])                           # the caller talks over the agent
+    assert c.of(A.Flush) and len(c.of(A.Cancel)) == cancels + 1 and not c.downlink
+    assert c.m.state is State.LISTENING and c.m.reply is None and not c.m.playout.active
+    (cut,) = [t for t in c.turns("agent") if t.extra.get("interrupted")]
+    assert cut.text == text
+    heard = cut.extra["heard"]
+    assert text.startswith(heard) and 0 < len(heard) < len(text)
+    assert c.m.history[-1] == {"role": "assistant", "content": heard}
+    assert [a.name for a in c.of(A.Metric) if a.name in ("bargein_latency", "interruptions")] == \
+        ["bargein_latency", "interruptions"]
+    (ev,) = [a for a in c.of(A.LogEvent) if a.name == "barge_in"]
+    assert ev.fields["heard"] == heard and 0 <= ev.fields["latency"] < 0.2
+    assert isinstance(c.of(A.ClearMark)[-1], A.ClearMark) and not c.of(A.ClearMark)[-1].time_only
+
+
+def test_quiet_voice_while_the_agent_talks_is_not_a_barge_in():
+    c, _ = playing_reply()
+    for _ in range(20):                           # voiced by the VAD but under bargein_floor_dbfs: echo
+        c.step(voiced=True, level=c.m.cfg["bargein_floor_dbfs"] - 6)
+    assert not c.of(A.Flush) and c.m.state is State.PLAYING
+    for _ in range(10):                           # the same, loud: the caller
+        c.step(voiced=True, level=-20.0)
+    assert c.of(A.Flush) and c.m.state is State.LISTENING
+
+
+def test_dtmf_tones_are_not_speech():
+    c = Call()
+    n = RATE // 50
+    t = np.arange(n) / RATE
+    row, col = dtmf.LOW[0], dtmf.HIGH[0]                       # "1"
+    tone = (6000 * (np.sin(2 * math.pi * row * t) + np.sin(2 * math.pi * col * t))).astype("<i2").tobytes()
+    c.feed([tone] * 40 + [FRAME] * 40)
+    assert c.vad.last_dtmf is None and not c.stt() and c.m.state is State.LISTENING and not c.m.ep.in_speech
+
+
+# -- tools ------------------------------------------------------------------------------------
+def held_tool_choice():
+    c = Call(tools=True, filler_after=0.5, speculate=True)
+    c.feed(SPEECH)
+    c.quiet(12)
+    c.do(c.m.stt_result(c.stt()[-1].decode, A.Transcript("How much do I owe on my bill?", 0.01, -0.2, 1.9, 0.3),
+                        c.now))
+    req = c.of(A.RequestReply)[-1]
+    assert req.speculative and [t["name"] for t in req.params["tools"]] == ["lookup_invoices"]
+    c.do(c.m.tool_chosen(req.reply, A.ToolChoice("lookup_invoices", {}, "tc_1"), c.now))
+    c.do(c.m.reply_done(req.reply, 0.1, 0, c.now))
+    assert c.m.state is State.HOLDING and not c.of(A.CallTool)           # no request on a guess
+    return c, req
+
+
+def test_a_held_tool_choice_runs_when_the_turn_stands_with_the_filler_if_slow():
+    c, req = held_tool_choice()
+    c.quiet(20)                                   # the turn ends with the same words: the guess stands
+    (call,) = c.of(A.CallTool)
+    assert call.reply == req.reply and call.choice.tool == "lookup_invoices" and c.m.state is State.TOOL
+    c.idle(0.3)
+    assert not [t for t in c.turns("agent") if t.extra.get("kind") == "tool_filler_text"]
+    c.idle(0.3)                                   # past filler_after (0.5 s): "One moment"
+    assert [t.extra.get("kind") for t in c.turns("agent")] == ["tool_filler_text"]
+    c.do(c.m.tool_done(call.reply, call.choice, Outcome("lookup_invoices", say="You have 2 open invoices."),
+                       c.now))
+    assert c.of(A.AuditTool)[-1].audit == {"tool": "lookup_invoices", "status": "ok"}
+    assert [a.type for a in c.of(A.Emit)] == ["tool_called"] and c.of(A.LogTool)[-1].status == "ok"
+    assert [s.text for s in c.of(A.Synthesize)] == ["You have 2 open invoices."]
+    c.synthesize()
+    c.idle(6)
+    assert c.m.state is State.LISTENING
+    assert [m["role"] for m in c.m.history] == ["user", "assistant", "tool", "assistant"]
+    assert [(t.old, t.new) for t in c.m.transitions] == [
+        (State.LISTENING, State.HOLDING), (State.HOLDING, State.TOOL), (State.TOOL, State.REPLYING),
+        (State.REPLYING, State.PLAYING), (State.PLAYING, State.LISTENING)]
+
+
+def test_a_held_tool_choice_is_dropped_when_the_caller_goes_on():
+    c, req = held_tool_choice()
+    c.feed(SPEECH[:20])
+    c.quiet(60)
+    assert not c.of(A.CallTool) and c.of(A.Cancel)
+    assert c.m.tool_chosen(req.reply, A.ToolChoice("lookup_invoices"), c.now) == []   # stale: ignored
+
+
+def test_a_tool_that_is_down_gets_the_unavailable_and_fallback_lines():
+    c, req = held_tool_choice()
+    c.quiet(20)
+    (call,) = c.of(A.CallTool)
+    c.do(c.m.tool_done(call.reply, call.choice, Outcome("lookup_invoices", status="unavailable"), c.now))
+    kinds = [t.extra.get("kind") for t in c.turns("agent")]
+    assert kinds == ["tool_unavailable_text", "tool_fallback_text"] and c.m.state is State.PLAYING
+    c.idle(2)
+    assert c.m.state is State.LISTENING and c.m.history[-1]["content"] == \
+        " ".join(c.m.cfg[k] for k in ("tool_unavailable_text", "tool_fallback_text"))
+
+
+def test_async_tool_result_waits_for_the_caller_to_stop():
+    c = Call(tools=True)
+    for _ in range(10):
+        c.step(voiced=True)                       # the caller is talking (a turn has started)
+    assert c.m.ep.in_speech
+    assert c.do(c.m.tool_result("pay_invoice_later", {"status": "confirmed"}, "Your payment is confirmed.",
+                                c.now)) == []
+    assert c.m.history[-1]["role"] == "system" and "confirmed" in c.m.history[-1]["content"]
+    c.step(voiced=True)
+    assert not c.of(A.Synthesize)                 # not over the caller
+    c.quiet(28)
+    assert not c.of(A.Synthesize)                 # the caller may still go on
+    c.quiet(4)                                    # 600 ms of quiet: too short for a turn (noise), line free
+    assert not c.stt()
+    (say,) = c.of(A.Synthesize)
+    assert say.text == "Your payment is confirmed." and c.m.state is State.REPLYING
+    assert c.m.transitions[-1].why == "update from pay_invoice_later"
+
+
+# -- timers -----------------------------------------------------------------------------------
+def test_reprompt_once_then_idle_hang_up_after_the_goodbye_plays():
+    c = Call(reprompt_after=8.0, hangup_after=25.0)
+    c.do(c.m.answered(c.now))
+    c.idle(7.98)
+    assert not c.turns()
+    c.idle(0.04)                                  # just past 8 s of quiet: "Are you still there?"
+    (rep,) = c.turns()
+    assert rep.extra["kind"] == "reprompt_text" and rep.text == c.m.cfg["reprompt_text"]
+    assert [(a.name, a.label) for a in c.of(A.Metric)] == [("reprompts", "reprompt")]
+    c.idle(0.02)
+    assert c.of(A.Send)                           # and it goes out
+    c.idle(16.0)
+    assert len(c.turns()) == 1                    # once only
+    assert not c.of(A.HangUp)
+    c.idle(1.0)                                   # 25 s since the last activity: goodbye
+    bye = c.turns()[-1]
+    assert bye.extra["kind"] == "goodbye_text" and c.m.state is State.HANGING_UP
+    assert [(a.name, a.label) for a in c.of(A.Metric)][-1] == ("reprompts", "hangup")
+    assert not c.of(A.HangUp)                     # not over the goodbye
+    c.idle(0.4)                                   # its 10 frames have played
+    assert c.of(A.HangUp) == [A.HangUp("goodbye")] and c.m.state is State.ENDED
+    assert [(t.old, t.new, t.why) for t in c.m.transitions] == [
+        (State.LISTENING, State.HANGING_UP, "idle"), (State.HANGING_UP, State.ENDED, "goodbye played")]
+    hang_at = c.m.transitions[-1].at
+    assert 25.0 < c.m.transitions[0].at - T0 < 25.1 and hang_at - c.m.transitions[0].at < 0.3
+
+
+def test_the_caller_speaking_restarts_the_timers():
+    c = Call(reprompt_after=8.0, hangup_after=25.0, speculate=False)
+    c.do(c.m.answered(c.now))
+    c.idle(6.0)
+    c.feed(SPEECH)
+    c.quiet(32)                                   # a turn ends at about 8.6 s
+    c.do(c.m.stt_result(c.stt()[-1].decode, A.Transcript("", 0.9, -2.0, 1.9, 0.3), c.now))  # unclear
+    assert [t.extra.get("kind") for t in c.turns("agent")] == ["not_understood_text"]
+    end = c.m.transitions[0].at                   # the caller's turn ended (LISTENING -> DECODING)
+    assert c.m.transitions[0].new is State.DECODING and end - T0 > 8.0
+    c.idle(end + 7.9 - c.now)
+    assert [t.extra.get("kind") for t in c.turns("agent")] == ["not_understood_text"]   # no reprompt yet
+    c.idle(0.2)
+    kinds = [t.extra.get("kind") for t in c.turns("agent")]
+    assert kinds == ["not_understood_text", "reprompt_text"]
+    assert 8.0 < c.at[id(c.turns("agent")[-1])] - end <= 8.04
+
+
+def test_goodbye_phrase_hangs_up_after_the_goodbye():
+    c = Call(speculate=False)
+    c.feed(SPEECH)
+    c.quiet(32)
+    c.do(c.m.stt_result(c.stt()[-1].decode, A.Transcript("Thanks, that's all. Goodbye.", 0.01, -0.2, 1.9, 0.3),
+                        c.now))
+    assert c.m.state is State.HANGING_UP and not c.of(A.RequestReply)
+    c.idle(0.1)
+    assert not c.of(A.HangUp)
+    c.idle(0.3)
+    assert c.of(A.HangUp) == [A.HangUp("goodbye")]
+
+
+def test_engine_error_apologises_and_listens_again():
+    c = Call(speculate=False)
+    c.feed(SPEECH)
+    c.quiet(32)
+    c.do(c.m.stt_result(c.stt()[-1].decode, HEARD, c.now))
+    req = c.of(A.RequestReply)[-1]
+    c.do(c.m.reply_failed(req.reply, "inference process died", c.now))
+    assert c.m.state is State.LISTENING and c.of(A.Cancel)
+    assert [t.extra.get("kind") for t in c.turns("agent")] == ["apology_text"]
+    assert c.m.reply_failed(req.reply, "again", c.now) == []       # only once per reply
+
+
+# -- the machine's own rules -------------------------------------------------------------------
+TURN = Path(__file__).resolve().parent.parent / "bridge" / "agent"
+
+
+@pytest.mark.parametrize("module", ["turn.py", "actions.py"])
+def test_the_machine_reads_no_clock_and_does_no_io(module):
+    tree = ast.parse((TURN / module).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    banned = {"time", "datetime", "asyncio", "threading", "socket", "select", "subprocess", "queue", "os"}
+    assert not imported & banned, f"{module} imports {imported & banned}"
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | \
+        {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not names & {"monotonic", "perf_counter", "time_ns", "call_later", "get_running_loop", "open"}
+
+
+def test_state_changes_only_through_the_one_setter():
+    tree = ast.parse((TURN / "turn.py").read_text())
+    machine = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TurnMachine")
+    writers = set()
+    for fn in machine.body:
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            if any(isinstance(t, ast.Attribute) and t.attr == "state" for t in targets):
+                writers.add(fn.name)
+    assert writers == {"__init__", "_set"}
+
+
+def test_every_transition_is_logged_with_its_time_and_reason(caplog):
+    import logging
+    caplog.set_level(logging.DEBUG, logger="trunkline.agent")
+    c, _ = playing_reply()
+    c.feed(SPEECH[:15])
+    pairs = [(t.old, t.new) for t in c.m.transitions]
+    assert pairs == [(State.LISTENING, State.DECODING), (State.DECODING, State.REPLYING),
+                     (State.REPLYING, State.PLAYING), (State.PLAYING, State.LISTENING)]
+    assert c.m.transitions[-1].why == "barge-in"
+    assert all(a.at <= b.at for a, b in zip(c.m.transitions, list(c.m.transitions)[1:]))
+    lines = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert lines == [f"call c1: {t.old.value} -> {t.new.value} ({t.why})" for t in c.m.transitions]
