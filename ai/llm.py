@@ -151,8 +151,21 @@ class LlamaChat:
                 yield delta
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: it could send the request (and its API key) anywhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class OpenAIChat:
-    """Any OpenAI-compatible /chat/completions endpoint, streamed (SSE)."""
+    """Any OpenAI-compatible /chat/completions endpoint, streamed (SSE).
+
+    The URL is checked against the SSRF guard when the config is loaded
+    (``bridge.core.config``: ``http.outbound_allow``); redirects are never followed."""
     parallel = True                    # each stream blocks on the network: one thread each
 
     def __init__(self, url: str, model: str, api_key: str = "", timeout: float = 20.0):
@@ -177,8 +190,10 @@ class OpenAIChat:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            resp = urllib.request.urlopen(req, timeout=self.timeout)
+            resp = _OPENER.open(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise RuntimeError(f"LLM endpoint answered {exc.code}: redirects are not followed") from None
             raise RuntimeError(f"LLM endpoint answered {exc.code}: {exc.read()[:200]!r}") from None
         except urllib.error.URLError as exc:
             raise RuntimeError(f"LLM endpoint unreachable: {exc.reason}") from None

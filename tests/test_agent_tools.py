@@ -24,6 +24,7 @@ def test_agent_looks_up_with_filler_then_pays_async(cell_factory, tmp_path):
     secrets = tmp_path / "secrets.toml"
     secrets.write_text(f'billing_token = "{TOKEN}"\n')
     config = (f'[models]\nllm_backend = "openai"\nllm_url = "{llm.url}"\nllm_model = "big"\n'
+              '[http]\noutbound_allow = ["127.0.0.1/32"]\n'     # the fake LLM and billing API are on loopback
               '[agent]\nspeculate = true\n' + tools_toml(billing.url, timeout=3.0).replace("{secrets}", str(secrets)))
     cell = cell_factory(config, args=("--app", "agent"))
     scenario = tmp_path / "caller.xml"

@@ -12,7 +12,7 @@ from bridge.api.routes import ROUTES
 from bridge.api.webhooks import verify_signature
 from support import Api, create_key, sipp
 
-ECHO = "[models]\nload = \"never\"\n[http]\nws_heartbeat = 1.0\n"
+ECHO = "[models]\nload = \"never\"\n[http]\nws_heartbeat = 1.0\noutbound_allow = [\"127.0.0.1/32\"]\n"   # loopback receivers
 
 
 def test_auth_scopes_and_errors(cell_factory, tmp_path):

@@ -31,6 +31,7 @@ def billing():
 def test_chat_looks_up_and_pays_with_native_tool_calls(tmp_path, billing):
     llm = FakeLLM()
     config = (f'[models]\nllm_backend = "openai"\nllm_url = "{llm.url}"\nllm_model = "big"\n'
+              '[http]\noutbound_allow = ["127.0.0.1/32"]\n'     # the fake LLM and billing API are on loopback
               + tools_toml(billing.url))
     p = chat(tmp_path, config, ["Hi, what are your hours?", "How much do I owe?", "Pay it please",
                                 "pay it please", "/quit"])
@@ -57,6 +58,7 @@ def test_chat_looks_up_and_pays_with_native_tool_calls(tmp_path, billing):
 def test_chat_says_the_fallback_when_the_api_is_down(tmp_path, billing):
     llm = FakeLLM()
     config = (f'[models]\nllm_backend = "openai"\nllm_url = "{llm.url}"\nllm_model = "big"\n'
+              '[http]\noutbound_allow = ["127.0.0.1/32"]\n'     # the fake LLM and billing API are on loopback
               + tools_toml(billing.url, attempts=2))
     billing.fail("/v1/invoices", "500", times=2)
     p = chat(tmp_path, config, ["what do I owe?"])
@@ -70,7 +72,8 @@ def test_chat_says_the_fallback_when_the_api_is_down(tmp_path, billing):
 def test_chat_with_the_bundled_model_and_tools(tmp_path, billing):
     """The default 135M model with the tools offered: whatever it picks, the
     chat runs, and a tool line is always followed by its outcome."""
-    p = chat(tmp_path, tools_toml(billing.url), ["How much do I owe on my bill?", "Where is your office?"])
+    p = chat(tmp_path, '[http]\noutbound_allow = ["127.0.0.1/32"]\n' + tools_toml(billing.url),   # loopback API
+             ["How much do I owe on my bill?", "Where is your office?"])
     assert p.returncode == 0, p.stderr[-2000:]
     out = p.stdout.splitlines()
     agent = [line for line in out if line.startswith("agent: ")]

@@ -24,7 +24,8 @@ from media.resample import resample
 from support import ROOT, Api, RtpPeer, create_key, sipp
 from test_streamcodec import voice_like
 
-API_CALLS = '[models]\nload = "never"\n[numbers]\n"service" = "api"\n'   # SIPp dials sip:service@...
+API_CALLS = ('[models]\nload = "never"\n[numbers]\n"service" = "api"\n'   # SIPp dials sip:service@...
+             '[http]\noutbound_allow = ["127.0.0.1/32"]\n')                # the test's consumers are on loopback
 SILENCE = bytes([0xFF]) * 160
 
 
@@ -360,7 +361,8 @@ def test_inbound_client_plays_into_the_call_with_marks_and_clear(cell_factory, t
 
 def test_stream_api_refusals(cell_factory, tmp_path):
     """Echo calls can be streamed but not played into; limits per call; stop is final."""
-    cell = cell_factory('[models]\nload = "never"\n[streams]\nmax_per_call = 2\n')
+    cell = cell_factory('[models]\nload = "never"\n[streams]\nmax_per_call = 2\n'
+                        '[http]\noutbound_allow = ["127.0.0.1/32"]\n')
     peer, proc, api, call_id = start_call(cell, tmp_path, 3.0)
     try:
         base = f"/v1/calls/{call_id}/streams"

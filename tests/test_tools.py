@@ -10,6 +10,7 @@ import pytest
 
 from bridge.core import config
 from bridge.core.metrics import Metrics
+from bridge.core.netguard import Policy
 from bridge.agent.tools.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, RateWindow, backoff, retry_after
 from bridge.agent.tools.mapping import map_result
 from bridge.agent.tools.runner import CallContext, ToolRunner
@@ -67,6 +68,7 @@ def run(coro):
 
 async def with_runner(box, sets, fn, clock=None, metrics=None):
     r = ToolRunner(box, sets, metrics or Metrics(), callback_base="http://127.0.0.1:1",
+                   guard=Policy.parse(["127.0.0.1/32"]),        # the test's API is on loopback
                    **({"clock": clock} if clock else {}))
     await r.start()
     try:

@@ -62,7 +62,9 @@ def parse_keys(text: str, source: str, env: bool = False) -> dict[str, bytes]:
         if not line or line.startswith("#"):
             continue
         parts = re.split(r"[\s,;]+", line) if env else [line]
-        entries += [(f"entry {p.split(':', 1)[0]!r}" if env else f"line {n}", p) for p in parts if p]
+        # an entry is named by its position, never by its text: a malformed entry may be key material
+        entries += [(f"entry {len(entries) + i + 1}" if env else f"line {n}", p)
+                    for i, p in enumerate(q for q in parts if q)]
     for where, entry in entries:
         kid, sep, b64 = entry.partition(":")
         kid = kid.strip()

@@ -55,6 +55,11 @@ class Metrics:
                                           ["result"], registry=r)
         self.record_errors = Counter("trunkline_record_write_errors_total",
                                      "Call records that could not be written", registry=r)
+        self.record_queue = Gauge("trunkline_record_queue_depth",
+                                  "Records waiting for the cell's durable writer (queued or held for retry)",
+                                  registry=r)
+        self.records_dropped = Counter("trunkline_records_dropped_total", "Records the durable writer gave up "
+                                       "(queue full or rejected by the database), each logged in full", registry=r)
         self.recordings_active = Gauge("trunkline_recordings_active", "Call recordings being written", registry=r)
         self.recording_bytes = Counter("trunkline_recording_bytes_total",
                                        "Bytes of encrypted recordings written to disk", registry=r)
@@ -86,5 +91,11 @@ class Metrics:
         self.tool_retries = Counter("trunkline_tool_retries_total", "Tool request retries", ["tool"], registry=r)
         self.tool_breaker = Gauge("trunkline_tool_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
                                   ["tool"], registry=r)
+        self.outbound_refused = Counter("trunkline_outbound_refused_total",
+                                        "Outbound connections refused by the SSRF guard (http.outbound_allow)",
+                                        ["use"], registry=r)
+        self.api_limited = Counter("trunkline_api_limited_total",
+                                   "API requests or client messages refused or dropped by a limit",
+                                   ["limit"], registry=r)
         self.tool_async = Counter("trunkline_tool_async_results_total", "Asynchronous tool results received",
                                   ["tool", "outcome"], registry=r)

@@ -16,6 +16,12 @@ Cards are shown as ``[card ****1234]`` (last four, as PCI DSS allows).
 Other patterns are regular expressions from ``[pii] patterns``; each match
 becomes ``[redacted]``.
 
+DTMF digits are masked too (``X``) in logs, events and call records unless
+the operator sets ``[pii] show_dtmf = true``: callers key in card numbers,
+PINs and account numbers, and a digit at a time escapes the card check. A
+digit typed while the recording is paused is masked even then. The call's
+app (an IVR menu, ``dtmf_transfer``) still gets the real digit.
+
 The masker is process-wide (the log formatter has no other way to find it)
 and configured once at start with ``configure``.
 """
@@ -78,10 +84,14 @@ def _card_sub(m: re.Match) -> str:
     return text
 
 
+DTMF_MASK = "X"
+
+
 class Masker:
-    def __init__(self, cards: bool = True, patterns: list[str] | None = None):
+    def __init__(self, cards: bool = True, patterns: list[str] | None = None, show_dtmf: bool = False):
         self.cards = cards
         self.patterns = [re.compile(p) for p in (patterns or [])]
+        self.show_dtmf = show_dtmf
 
     @property
     def active(self) -> bool:
@@ -117,9 +127,15 @@ def check_patterns(patterns: list[str]) -> None:
 _masker = Masker()
 
 
-def configure(cards: bool = True, patterns: list[str] | None = None) -> None:
+def configure(cards: bool = True, patterns: list[str] | None = None, show_dtmf: bool = False) -> None:
     global _masker
-    _masker = Masker(cards, patterns)
+    _masker = Masker(cards, patterns, show_dtmf)
+
+
+def dtmf(digit: str, paused: bool = False) -> str:
+    """A received DTMF digit as logs, events and records show it: ``X`` unless ``show_dtmf``
+    (and always ``X`` while the recording is paused)."""
+    return DTMF_MASK if paused or not _masker.show_dtmf else digit
 
 
 def mask_text(s: str) -> str:

@@ -30,11 +30,13 @@ from typing import Any, Callable
 
 import aiohttp
 
+from bridge.core.guarded_http import RedirectRefused, RefusedConnection, guarded_session
+from bridge.core.netguard import DEFAULT as DEFAULT_POLICY, Policy
 from bridge.core.schema import SchemaError, validate
 from bridge.agent.tools.breaker import CLOSED, STATE_NAMES, Breaker, RateWindow, backoff, retry_after
 from bridge.agent.tools.mapping import map_result
 from bridge.core.toolspec import PLACEHOLDER, ToolBox, ToolSpec
-from bridge.agent.tools.template import MissingValue, args_hash, lookup, render, render_url
+from bridge.agent.tools.template import MissingValue, UnsafeValue, args_hash, lookup, render, render_url
 from sip.uri import user_part
 
 log = logging.getLogger("trunkline.tools")
@@ -89,8 +91,9 @@ def _mask_secrets(text: str, values: list[str]) -> str:
 class ToolRunner:
     def __init__(self, box: ToolBox, settings: dict, metrics=None, *, callback_base: str = "",
                  mask: Callable[[Any], Any] = lambda v: v, rand: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, guard: Policy = DEFAULT_POLICY):
         self.box = box
+        self.guard = guard               # the SSRF guard: where tool requests may connect
         self.settings = settings
         self.metrics = metrics
         self.callback_base = callback_base.rstrip("/")
@@ -111,8 +114,8 @@ class ToolRunner:
 
     async def start(self) -> None:
         if self.http is None:
-            self.http = aiohttp.ClientSession(headers={"User-Agent": "Trunkline"},
-                                              connector=aiohttp.TCPConnector(limit=32))
+            self.http = guarded_session(self.guard, metric=getattr(self.metrics, "outbound_refused", None),
+                                        use="tool", limit=32, headers={"User-Agent": "Trunkline"})
 
     async def close(self) -> None:
         if self.http is not None:
@@ -212,6 +215,9 @@ class ToolRunner:
         except MissingValue as exc:
             breaker.release()
             return self._invalid(spec, tcid, f"missing value for {exc.args[0]}", args)
+        except UnsafeValue as exc:
+            breaker.release()
+            return self._invalid(spec, tcid, f"invalid argument: {exc}", args)
         o = await self._send(spec, req, tcid)
         o.audit = {"args": args, "request": {k: v for k, v in req.items() if k != "headers"}}
         if o.kind in BREAKER_KINDS:
@@ -255,17 +261,23 @@ class ToolRunner:
             delay = None
             try:
                 async with self.http.request(req["method"], req["url"], params=req["query"] or None,
-                                             json=req["body"], headers=req["headers"],
+                                             json=req["body"], headers=req["headers"], allow_redirects=False,
                                              timeout=aiohttp.ClientTimeout(total=spec.timeout)) as resp:
                     status = resp.status
                     raw = await resp.content.read(MAX_BODY + 1)
                     ra = resp.headers.get("Retry-After")
             except asyncio.TimeoutError:
                 kind, message, status = "timeout", f"no answer within {spec.timeout:g} s", None
+            except (RefusedConnection, RedirectRefused):
+                kind, message, status = "refused", "the service's address is not allowed", None
+                break                                  # asking again will not change the answer
             except aiohttp.ClientError as exc:
                 kind, message, status = "connect", f"cannot reach the service ({type(exc).__name__})", None
             else:
                 kind = None
+                if 300 <= status < 400:
+                    kind, message = "refused", "the service answered with a redirect (not followed)"
+                    break
                 if 200 <= status < 300:
                     if len(raw) > MAX_BODY:
                         kind, message = "bad_response", "the answer was too large"

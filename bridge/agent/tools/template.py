@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from typing import Any, Callable
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from bridge.core.toolspec import PLACEHOLDER
 
@@ -19,6 +19,10 @@ _STEP = re.compile(r"\.?([A-Za-z0-9_]+)|\[([0-9]+)\]")
 
 class MissingValue(KeyError):
     pass
+
+
+class UnsafeValue(ValueError):
+    """A value that would change which resource a URL names (a ``.``/``..`` path segment)."""
 
 
 def lookup(data: Any, path: str) -> Any:
@@ -64,9 +68,28 @@ def render(template: str, values: dict, escape: Callable[[str], str] = lambda s:
     return PLACEHOLDER.sub(sub, template)
 
 
+def _dot_segment(segment: str) -> bool:
+    """``.`` or ``..``, also percent-encoded (``%2e``, ``%252e%252e``: decoded up to 3 times)."""
+    for _ in range(4):
+        if segment in (".", ".."):
+            return True
+        decoded = unquote(segment)
+        if decoded == segment:
+            return False
+        segment = decoded
+    return False
+
+
 def render_url(template: str, values: dict) -> str:
-    """Path pieces are percent-encoded, so an argument cannot add ``/``, ``?`` or ``#``."""
-    return render(template, values, escape=lambda s: quote(s, safe=""))
+    """Path pieces are percent-encoded, so an argument cannot add ``/``, ``?`` or ``#``; and an
+    argument that makes a path segment ``.`` or ``..`` (in any encoding) is refused with
+    ``UnsafeValue``: HTTP clients normalise such paths, so ``..`` would climb out of the path
+    the operator wrote."""
+    url = render(template, values, escape=lambda s: quote(s, safe=""))
+    path = urlsplit(url).path
+    if any(_dot_segment(seg) for seg in path.split("/")):
+        raise UnsafeValue("an argument may not be '.' or '..' in the URL path")
+    return url
 
 
 def args_hash(args: dict) -> str:
