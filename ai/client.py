@@ -5,7 +5,8 @@ of pjsua2 is inherited) and owns the two ends of the
 hand-off: a writer thread drains a queue into the Pipe (so the event loop
 never blocks on a full pipe) and a reader thread delivers every message from
 the worker to ``on_message`` (which the bridge turns into a loop callback).
-When the worker dies, ``on_message(("died", exitcode))`` is delivered once.
+When the worker dies, ``on_message(Died(exitcode))`` is delivered once. The
+messages are the dataclasses of ``ai/messages.py``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
+from ai import messages as m
+
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -28,7 +31,7 @@ class EngineLoadError(RuntimeError):
 
 
 class InferenceClient:
-    def __init__(self, cfg: dict, on_message: Callable[[tuple], None]):
+    def __init__(self, cfg: dict, on_message: Callable[[m.FromWorker], None]):
         self.cfg = cfg
         self.on_message = on_message
         self._out: queue.Queue = queue.Queue(maxsize=1000)
@@ -58,15 +61,18 @@ class InferenceClient:
         except EOFError:
             code = self.proc.wait(5)
             raise EngineLoadError(f"inference process exited while loading models (exit code {code})") from None
-        if msg[0] == "fatal":
+        if isinstance(msg, m.Fatal):
             self.proc.wait(5)
-            raise EngineLoadError(msg[1])
-        self.info = msg[1]
+            raise EngineLoadError(msg.message)
+        if not isinstance(msg, m.Ready):
+            self.proc.kill()
+            raise EngineLoadError(f"unexpected first message from the inference process: {type(msg).__name__}")
+        self.info = msg.info
         threading.Thread(target=self._reader, name="ai-reader", daemon=True).start()
         threading.Thread(target=self._writer, name="ai-writer", daemon=True).start()
         return self.info
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: m.ToWorker) -> None:
         try:
             self._out.put_nowait(msg)
         except queue.Full:
@@ -98,14 +104,14 @@ class InferenceClient:
             self.proc.kill()
             code = self.proc.wait(2)
         if not self._stopping:
-            self.on_message(("died", code))
+            self.on_message(m.Died(code))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
         if self.proc is None:
             return
         try:
-            self._out.put_nowait(("stop",))
+            self._out.put_nowait(m.Stop())
             self._out.put_nowait(None)
         except queue.Full:
             pass

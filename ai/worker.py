@@ -2,16 +2,10 @@
 
 The cell starts this process (``python -m ai.worker FD CONFIG``, talking over
 a socket pair) so model inference can never stall the media clock or crash
-the calls. Messages are plain tuples:
-
-  cell -> worker                               worker -> cell
-  ("stt", rid, call, pcm16k, interim)          ("stt", rid, text, no_speech, logprob, audio_s, secs)
-  ("llm", rid, call, messages, params)         ("tok", rid, text) ... ("llm_done", rid, secs, ntok)
-                                               or ("tool", rid, {"tool", "arguments", "id"}), ("llm_done", ...)
-  ("tts", rid, call, text)                     ("pcm", rid, pcm, rate) ... ("tts_done", rid, secs)
-  ("cancel", call)                             ("error", rid, engine, message)
-  ("release", call)                            ("ready", info) | ("fatal", message)
-  ("stop",)
+the calls. The messages are the dataclasses of ``ai/messages.py`` (requests
+``SttRequest``/``LlmRequest``/``TtsRequest``, ``Cancel``, ``Release``, ``Stop``
+in; ``SttResult``, ``Token``/``ToolChoice``/``LlmDone``, ``Pcm``/``TtsDone``,
+``EngineError``, ``Ready``/``Fatal`` out).
 
 Each engine has one thread and a fair queue: requests are taken round-robin
 across calls, so one chatty call cannot starve the others. llama.cpp streams
@@ -24,8 +18,18 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
+from typing import NamedTuple
 
+from ai import messages as m
 from ai.llm import GenParams
+
+
+class Job(NamedTuple):
+    """A request waiting in an engine's queue; ``interim`` last (``FairQueue`` coalesces on it)."""
+    request: m.SttRequest | m.LlmRequest | m.TtsRequest
+    queued_at: float
+    params: GenParams | None = None      # an LLM request's generation parameters, checked on arrival
+    interim: bool = False
 
 
 class FairQueue:
@@ -103,7 +107,7 @@ class Worker:
         self.cancelled: dict[str, float] = {}        # call -> time of the last cancel
         self.stopping = False
 
-    def send(self, msg) -> None:
+    def send(self, msg: m.FromWorker) -> None:
         with self.send_lock:
             self.conn.send(msg)
 
@@ -116,30 +120,32 @@ class Worker:
             got = self.q["stt"].get(0.5)
             if got is None:
                 continue
-            call, (rid, pcm, queued_at, interim) = got
-            if self._is_cancelled(call, queued_at):
+            call, job = got
+            req = job.request
+            if self._is_cancelled(call, job.queued_at):
                 continue
             try:
-                r = self.stt.transcribe(pcm)
-                self.send(("stt", rid, r.text, r.no_speech_prob, r.avg_logprob, r.audio_seconds, r.seconds))
+                r = self.stt.transcribe(req.pcm)
+                self.send(m.SttResult(req.rid, r.text, r.no_speech_prob, r.avg_logprob, r.audio_seconds, r.seconds))
             except Exception as exc:  # noqa: BLE001
-                self.send(("error", rid, "stt", f"{type(exc).__name__}: {exc}"))
+                self.send(m.EngineError(req.rid, "stt", f"{type(exc).__name__}: {exc}"))
 
     def tts_loop(self) -> None:
         while not self.stopping:
             got = self.q["tts"].get(0.5)
             if got is None:
                 continue
-            call, (rid, text, queued_at, _) = got
+            call, job = got
+            rid = job.request.rid
             start = time.perf_counter()
             try:
-                for pcm in self.tts.synthesize(text):
-                    if self._is_cancelled(call, queued_at):
+                for pcm in self.tts.synthesize(job.request.text):
+                    if self._is_cancelled(call, job.queued_at):
                         break
-                    self.send(("pcm", rid, pcm, self.tts.rate))
-                self.send(("tts_done", rid, time.perf_counter() - start))
+                    self.send(m.Pcm(rid, pcm, self.tts.rate))
+                self.send(m.TtsDone(rid, time.perf_counter() - start))
             except Exception as exc:  # noqa: BLE001
-                self.send(("error", rid, "tts", f"{type(exc).__name__}: {exc}"))
+                self.send(m.EngineError(rid, "tts", f"{type(exc).__name__}: {exc}"))
 
     def _llm_one(self, call, rid, messages, params, queued_at):
         start = time.perf_counter()
@@ -149,13 +155,13 @@ class Worker:
                 if self._is_cancelled(call, queued_at) or self.stopping:
                     break
                 if isinstance(tok, dict):
-                    self.send(("tool", rid, tok))
+                    self.send(m.ToolChoice(rid, tok))
                     continue
                 n += 1
-                self.send(("tok", rid, tok))
-            self.send(("llm_done", rid, time.perf_counter() - start, n))
+                self.send(m.Token(rid, tok))
+            self.send(m.LlmDone(rid, time.perf_counter() - start, n))
         except Exception as exc:  # noqa: BLE001
-            self.send(("error", rid, "llm", f"{type(exc).__name__}: {exc}"))
+            self.send(m.EngineError(rid, "llm", f"{type(exc).__name__}: {exc}"))
 
     def llm_loop(self) -> None:
         if self.llm.parallel:
@@ -163,18 +169,20 @@ class Worker:
                 got = self.q["llm"].get(0.5)
                 if got is None:
                     continue
-                call, (rid, (messages, params), queued_at, _) = got
-                threading.Thread(target=self._llm_one, args=(call, rid, messages, params, queued_at),
-                                 daemon=True).start()
+                call, job = got
+                req = job.request
+                threading.Thread(target=self._llm_one, args=(call, req.rid, req.messages, job.params,
+                                                             job.queued_at), daemon=True).start()
             return
         active: deque = deque()       # (call, rid, generator, started, ntok, queued_at)
         while not self.stopping:
             got = self.q["llm"].get(0 if active else 0.5)
             while got is not None:
-                call, (rid, (messages, params), queued_at, _) = got
-                if not self._is_cancelled(call, queued_at):
-                    gen = self.llm.stream(call, messages, params)
-                    active.append([call, rid, gen, time.perf_counter(), 0, queued_at])
+                call, job = got
+                req = job.request
+                if not self._is_cancelled(call, job.queued_at):
+                    gen = self.llm.stream(call, req.messages, job.params)
+                    active.append([call, req.rid, gen, time.perf_counter(), 0, job.queued_at])
                 got = self.q["llm"].get(0)
             if not active:
                 continue
@@ -186,19 +194,48 @@ class Worker:
             try:
                 tok = next(gen)
             except StopIteration:
-                self.send(("llm_done", rid, time.perf_counter() - started, ntok))
+                self.send(m.LlmDone(rid, time.perf_counter() - started, ntok))
                 continue
             except Exception as exc:  # noqa: BLE001
-                self.send(("error", rid, "llm", f"{type(exc).__name__}: {exc}"))
+                self.send(m.EngineError(rid, "llm", f"{type(exc).__name__}: {exc}"))
                 continue
             if isinstance(tok, dict):
-                self.send(("tool", rid, tok))
+                self.send(m.ToolChoice(rid, tok))
             else:
                 item[4] = ntok + 1
-                self.send(("tok", rid, tok))
+                self.send(m.Token(rid, tok))
             active.append(item)
 
     # -- reader -------------------------------------------------------------
+    def handle(self, msg: m.ToWorker, now: float) -> bool:
+        """One message from the hub; False when the worker is to stop."""
+        if isinstance(msg, (m.SttRequest, m.TtsRequest)) and getattr(self, msg.engine) is None:
+            self.send(m.EngineError(msg.rid, msg.engine, f"the {msg.engine} engine is not loaded in this process"))
+        elif isinstance(msg, m.SttRequest):
+            self.q["stt"].put(msg.call, Job(msg, now, interim=msg.interim), replace_interim=msg.interim)
+        elif isinstance(msg, m.LlmRequest):
+            try:
+                params = GenParams(**msg.params)
+            except TypeError as exc:
+                self.send(m.EngineError(msg.rid, "llm", f"bad generation parameters: {exc}"))
+            else:
+                self.q["llm"].put(msg.call, Job(msg, now, params))
+        elif isinstance(msg, m.TtsRequest):
+            self.q["tts"].put(msg.call, Job(msg, now))
+        elif isinstance(msg, m.Cancel):
+            self.cancelled[msg.call] = now
+            for q in self.q.values():
+                q.drop(msg.call)
+        elif isinstance(msg, m.Release):
+            self.cancelled.pop(msg.call, None)
+            try:
+                self.llm.release(msg.call)
+            except Exception:  # noqa: BLE001
+                pass
+        elif isinstance(msg, m.Stop):
+            return False
+        return True
+
     def run(self) -> None:
         threads = [threading.Thread(target=f, name=n, daemon=True) for f, n, e in
                    ((self.stt_loop, "stt", self.stt), (self.llm_loop, "llm", self.llm), (self.tts_loop, "tts", self.tts))
@@ -210,30 +247,7 @@ class Worker:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 break
-            kind = msg[0]
-            now = time.monotonic()
-            if kind in ("stt", "tts") and getattr(self, kind) is None:
-                self.send(("error", msg[1], kind, f"the {kind} engine is not loaded in this process"))
-            elif kind == "stt":
-                _, rid, call, pcm, interim = msg
-                self.q["stt"].put(call, (rid, pcm, now, interim), replace_interim=interim)
-            elif kind == "llm":
-                _, rid, call, messages, params = msg
-                self.q["llm"].put(call, (rid, (messages, GenParams(**params)), now, False))
-            elif kind == "tts":
-                _, rid, call, text = msg
-                self.q["tts"].put(call, (rid, text, now, False))
-            elif kind == "cancel":
-                self.cancelled[msg[1]] = now
-                for q in self.q.values():
-                    q.drop(msg[1])
-            elif kind == "release":
-                self.cancelled.pop(msg[1], None)
-                try:
-                    self.llm.release(msg[1])
-                except Exception:  # noqa: BLE001
-                    pass
-            elif kind == "stop":
+            if not self.handle(msg, time.monotonic()):
                 break
         self.stopping = True
         for q in self.q.values():
@@ -249,9 +263,9 @@ def main(conn, cfg: dict) -> None:
     try:
         engines = load_engines(cfg)
     except BaseException as exc:  # noqa: BLE001
-        conn.send(("fatal", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
+        conn.send(m.Fatal(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
         return
-    conn.send(("ready", {"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0}))
+    conn.send(m.Ready({"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0}))
     Worker(conn, *engines).run()
 
 

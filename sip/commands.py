@@ -39,5 +39,11 @@ class MakeCall(Command):
 
 
 @dataclass
+class SetDraining(Command):
+    """Refuse (``True``) or take again (``False``) new calls; the engine publishes a ``CallsSnapshot``."""
+    draining: bool = True
+
+
+@dataclass
 class Shutdown(Command):
     pass

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 from media.callmedia import CallMedia
 from media.frames import TimingSummary
@@ -82,3 +84,14 @@ class Registration:
 @dataclass(frozen=True)
 class EngineStopped:
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class CallsSnapshot:
+    """The engine's live view, published on its stats interval, when a call starts or ends and when
+    draining changes. The only way other threads learn the engine's state: they keep the latest one
+    and never read the engine's own structures."""
+    active_calls: int                       # calls admitted and not yet ended (what ``capacity`` counts)
+    quality: Mapping[str, Quality] = field(default_factory=lambda: MappingProxyType({}))   # call_id -> copy
+    draining: bool = False                  # the engine refuses new calls (503)
+    at: float = 0.0                         # time.monotonic() when taken

@@ -193,8 +193,9 @@ def test_parse_client_messages():
 
 
 def test_backoff_doubles_to_the_cap_with_jitter():
-    assert [backoff(n, 0.5, 4.0, rnd=lambda: 0.5) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    assert backoff(1, 1.0, 10.0, rnd=lambda: 0.0) == 0.5 and backoff(1, 1.0, 10.0, rnd=lambda: 1.0) == 1.5
+    # the one rule of bridge/core/backoff.py: full jitter, uniform in [0, min(cap, base * 2**(attempt-1)))
+    assert [backoff(n, 0.5, 4.0, rnd=lambda: 0.5) for n in range(1, 7)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+    assert backoff(1, 1.0, 10.0, rnd=lambda: 0.0) == 0.0 and backoff(1, 1.0, 10.0, rnd=lambda: 0.999) < 1.0
 
 
 # ---- a MediaStream driven by hand ------------------------------------------------------------
@@ -205,7 +206,7 @@ CFG = {"buffer_frames": 50, "max_per_call": 3, "reconnect_attempts": 2, "reconne
 def hand_stream(direction="in", bidirectional=False, encoding="pcm16"):
     events = []
     manager = types.SimpleNamespace(cfg=CFG, metrics=Metrics(), ended=lambda st: None)
-    session = types.SimpleNamespace(call_id="call-1", media=CallMedia(16000), cell=types.SimpleNamespace(cell_id="0"),
+    session = types.SimpleNamespace(call_id="call-1", media=CallMedia(16000), services=types.SimpleNamespace(cell_id="0"),
                                     emit=lambda t, d: events.append((t, d)), remove_tap=lambda tap: None)
     return MediaStream(manager, session, None, direction, encoding, bidirectional), session, events
 

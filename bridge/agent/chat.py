@@ -55,7 +55,7 @@ async def run_chat(cfg: Config, caller: str = "", inp=None, out=None) -> int:
     if cfg.toolbox is not None and cfg.toolbox.tools:
         from bridge.agent.tools.runner import ToolRunner
         runner = ToolRunner(cfg.toolbox, cfg.raw["tools"], Metrics(),
-                            callback_base=cfg.raw["tools"]["callback_base_url"])
+                            callback_base=cfg.raw["tools"]["callback_base_url"], guard=cfg.outbound)
         await runner.start()
     dialog = Dialog(a, cfg.raw["tools"], runner)
     key = "chat-" + secrets.token_hex(4)

@@ -3,7 +3,8 @@
 Requests carry callbacks; replies from the worker's reader thread are posted
 onto the loop and dispatched by request id. If the worker dies, every open
 request gets ``on_error`` and the worker is restarted with backoff; calls
-meanwhile hear the canned apology rendered at start.
+meanwhile hear the canned apology rendered at start. The messages both ways
+are the typed dataclasses of ``ai/messages.py``.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ai import messages as m
 from ai import models
 from ai.client import EngineLoadError, InferenceClient
+from bridge.core import backoff
 from bridge.core.config import Config
 from bridge.core.logs import event
 from media.frames import split_frames
@@ -114,7 +117,8 @@ class AiHub:
         return split_frames(normalize(resample(pcm, rate, self.rate)), self.rate)
 
     # -- requests -------------------------------------------------------------
-    def _send(self, msg: tuple, req: Request) -> int | None:
+    def _send(self, make: Callable[[int], m.Request], req: Request) -> int | None:
+        """Send the request ``make(rid)`` builds; ``req`` waits in ``pending`` for its replies."""
         if not self.up or self.client is None:
             if req.on_error:
                 req.on_error("inference process is restarting")
@@ -122,7 +126,7 @@ class AiHub:
         rid = self.client.next_id()
         self.pending[rid] = req
         try:
-            self.client.send((msg[0], rid, *msg[1:]))
+            self.client.send(make(rid))
         except RuntimeError as exc:
             self.pending.pop(rid, None)
             if req.on_error:
@@ -131,7 +135,8 @@ class AiHub:
         return rid
 
     def stt(self, call: str, pcm16k: bytes, interim: bool, on_result, on_error=None) -> int | None:
-        return self._send(("stt", call, pcm16k, interim), Request(call, "stt", on_result=on_result, on_error=on_error))
+        return self._send(lambda rid: m.SttRequest(rid, call, pcm16k, interim),
+                          Request(call, "stt", on_result=on_result, on_error=on_error))
 
     def stt_backlog(self) -> int:
         """STT requests sent and not answered yet, over all calls."""
@@ -139,13 +144,13 @@ class AiHub:
 
     def llm(self, call: str, messages: list[dict], params: dict, on_token, on_done, on_error,
             on_tool=None) -> int | None:
-        return self._send(("llm", call, messages, params),
+        return self._send(lambda rid: m.LlmRequest(rid, call, messages, params),
                           Request(call, "llm", on_token=on_token, on_done=on_done, on_error=on_error,
                                   on_tool=on_tool))
 
     def tts(self, call: str, text: str, on_result, on_done=None, on_error=None) -> int | None:
-        return self._send(("tts", call, text), Request(call, "tts", on_result=on_result, on_done=on_done,
-                                                         on_error=on_error))
+        return self._send(lambda rid: m.TtsRequest(rid, call, text),
+                          Request(call, "tts", on_result=on_result, on_done=on_done, on_error=on_error))
 
     def cancel(self, call: str) -> None:
         """Stop everything queued or running for this call; late replies are dropped."""
@@ -153,7 +158,7 @@ class AiHub:
             del self.pending[rid]
         if self.up and self.client is not None:
             try:
-                self.client.send(("cancel", call))
+                self.client.send(m.Cancel(call))
             except RuntimeError:
                 pass
 
@@ -161,45 +166,49 @@ class AiHub:
         self.cancel(call)
         if self.up and self.client is not None:
             try:
-                self.client.send(("release", call))
+                self.client.send(m.Release(call))
             except RuntimeError:
                 pass
 
     # -- replies ----------------------------------------------------------------
-    def _from_thread(self, msg: tuple) -> None:
+    def _from_thread(self, msg: m.FromWorker) -> None:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._dispatch, msg)
 
-    def _dispatch(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "died":
-            self._died(msg[1])
+    def _dispatch(self, msg: m.FromWorker) -> None:
+        if isinstance(msg, m.Died):
+            self._died(msg.exitcode)
             return
-        req = self.pending.get(msg[1])
-        if req is None:                      # cancelled or unknown: drop
+        rid = getattr(msg, "rid", None)
+        req = self.pending.get(rid) if rid is not None else None
+        if req is None:                      # cancelled, unknown or not a reply: drop
             return
         try:
-            if kind == "tok":
-                req.on_token(msg[2])
-            elif kind == "tool":
+            if isinstance(msg, m.Token):
+                req.on_token(msg.text)
+            elif isinstance(msg, m.ToolChoice):
                 if req.on_tool:
-                    req.on_tool(msg[2])
-            elif kind == "pcm":
-                req.on_result(msg[2], msg[3])
-            elif kind == "stt":
-                del self.pending[msg[1]]
-                req.on_result(*msg[2:])
-            elif kind in ("llm_done", "tts_done"):
-                del self.pending[msg[1]]
+                    req.on_tool(msg.choice)
+            elif isinstance(msg, m.Pcm):
+                req.on_result(msg.pcm, msg.rate)
+            elif isinstance(msg, m.SttResult):
+                del self.pending[rid]
+                req.on_result(msg.text, msg.no_speech, msg.logprob, msg.audio_seconds, msg.seconds)
+            elif isinstance(msg, m.LlmDone):
+                del self.pending[rid]
                 if req.on_done:
-                    req.on_done(*msg[2:])
-            elif kind == "error":
-                del self.pending[msg[1]]
-                self.metrics.model_errors.labels(msg[2]).inc()
-                log.error("%s error on call %s: %s", msg[2], req.call, msg[3])
+                    req.on_done(msg.seconds, msg.tokens)
+            elif isinstance(msg, m.TtsDone):
+                del self.pending[rid]
+                if req.on_done:
+                    req.on_done(msg.seconds)
+            elif isinstance(msg, m.EngineError):
+                del self.pending[rid]
+                self.metrics.model_errors.labels(msg.engine).inc()
+                log.error("%s error on call %s: %s", msg.engine, req.call, msg.message)
                 if req.on_error:
-                    req.on_error(msg[3])
+                    req.on_error(msg.message)
         except Exception:  # noqa: BLE001 - a bad handler hurts only its call
             log.exception("AI reply handler failed for call %s", req.call)
 
@@ -218,7 +227,7 @@ class AiHub:
             asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:
-        delay = min(30.0, 1.0 * 2 ** self._restarts)
+        delay = backoff.delay(self._restarts, 1.0, 30.0)
         self._restarts += 1
         await asyncio.sleep(delay)
         try:

@@ -35,7 +35,7 @@ def _ops_routes(app: web.Application, cell) -> None:
 
 def make_app(cell, with_ops: bool = True) -> web.Application:
     app = web.Application(client_max_size=1 << 20)
-    Api(cell).register(app)
+    Api(cell.services).register(app)
 
     async def console(request: web.Request) -> web.StreamResponse:
         return web.FileResponse(CONSOLE / "index.html")

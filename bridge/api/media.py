@@ -13,6 +13,7 @@ from bridge.api.base import DIRECTION, ApiError, Route, error_response
 from bridge.core.logs import event
 from bridge.records.recording import FORMATS as REC_FORMATS, RecordingError
 from bridge.core.schema import obj
+from bridge.core.states import StreamState
 from bridge.records.sealed import SealedError
 from bridge.api.streams import MediaStream, StreamRefused
 from media.streamcodec import ENCODINGS as STREAM_ENCODINGS
@@ -51,21 +52,21 @@ class MediaApi:
     async def create_stream(self, request, body):
         s = self.session(request.match_info["call_id"])
         try:
-            st = self.cell.streams.start(s, body.get("url"), body.get("direction", "in"),
-                                         body.get("encoding", "mulaw"), body.get("bidirectional", False))
+            st = self.services.streams.start(s, body.get("url"), body.get("direction", "in"),
+                                             body.get("encoding", "mulaw"), body.get("bidirectional", False))
         except StreamRefused as e:
             raise ApiError(e.status, e.code, e.message, e.field) from None
         return 201, st.as_dict()
 
     async def list_streams(self, request):
         cid = request.match_info["call_id"]
-        found = self.cell.streams.for_call(cid)
-        if not found and cid not in self.cell.sessions and self.store.get_call(cid) is None:
+        found = self.services.streams.for_call(cid)
+        if not found and cid not in self.services.calls and self.store.get_call(cid) is None:
             raise ApiError(404, "not_found", "no such call", "call_id")
         return 200, {"streams": [st.as_dict() for st in found]}
 
     def _stream(self, request) -> MediaStream:
-        st = self.cell.streams.get(request.match_info["stream_id"])
+        st = self.services.streams.get(request.match_info["stream_id"])
         if st is None or st.call_id != request.match_info["call_id"]:
             raise ApiError(404, "not_found", "no such stream", "stream_id")
         return st
@@ -88,9 +89,9 @@ class MediaApi:
                 raise ApiError(403, "forbidden", "a bidirectional stream plays into the call: it needs a control key")
             if st.url:
                 raise ApiError(409, "wrong_state", "this stream connects out to its url")
-            if st.status != "waiting":
+            if st.status != StreamState.WAITING:
                 raise ApiError(409, "wrong_state", f"the stream is {st.status}"
-                               + (" (one client at a time)" if st.status == "streaming" else ""))
+                               + (" (one client at a time)" if st.status == StreamState.STREAMING else ""))
         except ApiError as e:
             return error_response(e.status, e.code, e.message, e.field,
                                   {"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
@@ -99,7 +100,7 @@ class MediaApi:
     # -- recordings (bridge/records/recording.py) ------------------------------------------------------------
     async def call_recording(self, request, body):
         s = self.session(request.match_info["call_id"])
-        recs = self.cell.recordings
+        recs = self.services.recordings
         action = body["action"]
         try:
             if action == "start":
@@ -123,21 +124,21 @@ class MediaApi:
             limit = max(1, min(500, int(request.query.get("limit", "50"))))
         except ValueError:
             raise ApiError(400, "invalid_field", "limit must be an integer", "limit") from None
-        recs = self.cell.recordings
+        recs = self.services.recordings
         return 200, {"recordings": [recs.view(r) for r in recs.rows(request.query.get("call_id"), limit)]}
 
     async def get_recording(self, request):
-        row = self.cell.recordings.row(request.match_info["recording_id"])
+        row = self.services.recordings.row(request.match_info["recording_id"])
         if row is None:
             raise ApiError(404, "not_found", "no such recording", "recording_id")
-        return 200, self.cell.recordings.view(row)
+        return 200, self.services.recordings.view(row)
 
     async def recording_audio(self, request):
         """Authenticated as a whole before the first byte; a chunk that fails on the way aborts the body."""
         rid = request.match_info["recording_id"]
         key = request["api_key"]                   # checked by the route's "recordings" scope
         try:
-            row, total, complete, chunks = await self.cell.recordings.open_audio(rid)
+            row, total, complete, chunks = await self.services.recordings.open_audio(rid)
         except RecordingError as e:
             raise ApiError(e.status, e.code, e.message, "recording_id" if e.status == 404 else None) from None
         ctype, ext = REC_FORMATS[row["format"]]
@@ -152,7 +153,7 @@ class MediaApi:
             async for piece in chunks:
                 await resp.write(piece)
         except SealedError as exc:
-            self.cell.metrics.recording_encryption_failures.inc()
+            self.services.metrics.recording_encryption_failures.inc()
             log.error("recording %s failed authentication during download: %s", rid, exc)
             raise ConnectionAbortedError("recording failed authentication") from None
         await resp.write_eof()
@@ -161,7 +162,7 @@ class MediaApi:
     async def delete_recording(self, request):
         rid = request.match_info["recording_id"]
         try:
-            self.cell.recordings.delete(rid)
+            self.services.recordings.delete(rid)
         except RecordingError as e:
             raise ApiError(e.status, e.code, e.message, "recording_id" if e.status == 404 else None) from None
         event(log, "recording_deleted", recording_id=rid)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from typing import Awaitable, Callable
 
@@ -19,13 +20,24 @@ from aiohttp import WSMsgType, web
 from bridge import __version__
 from bridge.core.app import APPS
 from bridge.api.events import EVENT_TYPES, from_row, matches, valid_topic
-from bridge.api.base import DIRECTION, TEXT, URI_OR_NUMBER, ApiError, Route, error_response
+from bridge.api.base import (DIRECTION, TEXT, URI_OR_NUMBER, ApiError, RateLimiter, Route, error_response,
+                             parse_json, retry_after)
+from bridge.core.netguard import OutboundRefused
 from bridge.api.media import MEDIA_ROUTES, MediaApi
+from bridge.api.services import Services
 from bridge.core.schema import SchemaError, obj, validate
+from bridge.core.states import CallState, SpeakingState, TranscribeState
 from bridge.api.speaking import Speaking, Transcriber
 from sip import commands as cmd
+from sip.uri import DestinationPolicy, check_destination
 
 log = logging.getLogger("trunkline.api")
+
+MAX_TOPICS = 50               # topics per webhook or WebSocket subscription
+MAX_SAY_QUEUED = 20           # texts a speaking session holds before say answers 429
+REPLAY_PAGE = 500             # events read per page when a subscription replays (in a thread)
+REPLAY_MAX = 100000           # events one subscribe may replay
+LARGE_BODY = 64 * 1024        # bodies parsed in a thread (a 1 MiB JSON takes ~10 ms)
 
 ROUTES = [
     Route("GET", "/v1/calls", "list_calls", "read", "List calls (active first, then recent)"),
@@ -57,7 +69,7 @@ ROUTES = [
     Route("GET", "/v1/webhooks", "list_webhooks", "read", "Webhook subscriptions"),
     Route("POST", "/v1/webhooks", "create_webhook", "control", "Subscribe a URL to events (returns its secret)",
           obj(["url"], url={"type": "string", "pattern": r"^https?://", "maxLength": 2048},
-              topics={"type": "array", "items": {"type": "string"}, "minItems": 1},
+              topics={"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_TOPICS},
               secret={"type": "string", "minLength": 16, "maxLength": 256}), 201),
     Route("DELETE", "/v1/webhooks/{webhook_id}", "delete_webhook", "control", "Remove a webhook"),
     Route("GET", "/v1/webhook-deliveries", "list_deliveries", "read", "Webhook deliveries (?status=dead)"),
@@ -76,9 +88,12 @@ def _fingerprint(request: web.Request, raw: bytes) -> str:
 
 
 class Api(MediaApi):
-    def __init__(self, cell):
-        self.cell = cell
-        self.store = cell.store
+    def __init__(self, services: Services):
+        self.services = services              # a cell's, or the box's (no live calls there)
+        self.store = services.store
+        h = services.cfg.raw["http"]
+        self.limiter = RateLimiter(h["rate_limit"], h["rate_burst"])    # per API key
+        self.guard = services.cfg.outbound    # the SSRF guard: webhook URLs are checked here first
         self.transcribes: dict[str, Transcriber] = {}
         self.speakings: dict[str, Speaking] = {}
 
@@ -89,6 +104,11 @@ class Api(MediaApi):
         key = self.store.check_key(token) if token else None
         if key is None:
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer ...)")
+        wait = self.limiter.take(key["id"])
+        if wait:
+            self.services.metrics.api_limited.labels("api_rate").inc()
+            raise ApiError(429, "rate_limited", "too many requests with this key (http.rate_limit)",
+                           headers=retry_after(wait))
         if scope == "control" and key["scope"] != "control":
             raise ApiError(403, "forbidden", "this key is read-only")
         if scope == "recordings" and key["scope"] != "recordings":    # control does not imply it
@@ -105,12 +125,13 @@ class Api(MediaApi):
                 body = None
                 raw = b""
                 if route.method in ("POST", "PUT"):
-                    raw = await request.read()
+                    try:
+                        raw = await request.read()
+                    except web.HTTPRequestEntityTooLarge:
+                        raise ApiError(413, "too_large", "the body is larger than 1 MiB") from None
                     if raw.strip():
-                        try:
-                            body = json.loads(raw)
-                        except ValueError as exc:
-                            raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+                        # malformed, too deep or too large: a 400 in the API's shape, never a 500
+                        body = parse_json(raw) if len(raw) < LARGE_BODY else await asyncio.to_thread(parse_json, raw)
                     else:
                         body = {}
                     if route.body is not None:
@@ -134,10 +155,12 @@ class Api(MediaApi):
                     self.store.remember(key["id"], idem, _fingerprint(request, raw), status, text)
                 return web.Response(status=status, body=text.encode(), content_type="application/json")
             except ApiError as e:
-                headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+                headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else e.headers
                 return error_response(e.status, e.code, e.message, e.field, headers)
             except SchemaError as e:
                 return error_response(400, e.code, e.message, e.field)
+            except RecursionError:               # a last guard: nothing deep may become a 500
+                return error_response(400, "invalid_json", "the body is nested too deeply")
         return handler
 
     def register(self, app: web.Application) -> None:
@@ -147,7 +170,7 @@ class Api(MediaApi):
         app.router.add_get("/v1/ws", self.websocket)
 
     def session(self, call_id: str):
-        s = self.cell.sessions.get(call_id)
+        s = self.services.calls.get(call_id)
         if s is None:
             if self.store.get_call(call_id):
                 raise ApiError(409, "call_ended", f"call {call_id} has ended")
@@ -156,10 +179,10 @@ class Api(MediaApi):
 
     # -- calls ---------------------------------------------------------------------------
     def _call_view(self, row: dict) -> dict:
-        live = self.cell.sessions.get(row["id"])
+        live = self.services.calls.get(row["id"])
         q = row.get("quality")
         if live is not None:
-            lq = self.cell.engine.live_quality().get(row["id"])
+            lq = self.services.live_quality(row["id"])
             if lq is not None and lq.rx_packets:
                 q = lq.as_dict()
         return {"id": row["id"], "direction": row["direction"], "from": row["from_uri"], "to": row["to_uri"],
@@ -187,38 +210,50 @@ class Api(MediaApi):
         cid = request.match_info["call_id"]
         if self.store.get_call(cid) is None:
             raise ApiError(404, "not_found", "no such call", "call_id")
+        if self.services.bus is not None:       # lines already recorded, committed first
+            await self.services.bus.settled()
         return 200, {"call_id": cid, "transcript": self.store.transcript(cid)}
 
     async def create_call(self, request, body):
         trunk = body.get("trunk")
-        if trunk is not None and trunk not in {t.name for t in self.cell.cfg.trunks}:
+        if trunk is not None and trunk not in {t.name for t in self.services.cfg.trunks}:
             raise ApiError(400, "invalid_field", f"unknown trunk {trunk!r}", "trunk")
         app = body.get("app", "api")
-        if app == "agent" and self.cell.hub is None:
+        if app == "agent" and self.services.hub is None:
             raise ApiError(409, "no_speech_engines", f"app {app!r} needs the models (models.load)", "app")
+        self._check_destination(body["to"], trunk)
         try:
-            call_id = await self.cell.make_call(body["to"], trunk, app)
+            call_id = await self.services.make_call(body["to"], trunk, app)
         except Exception as exc:  # noqa: BLE001 - engine refusals
             raise ApiError(409 if "full" in str(exc) or "draining" in str(exc) else 400, "call_failed", str(exc))
-        return 201, {"id": call_id, "state": "ringing", "app": app}
+        return 201, {"id": call_id, "state": CallState.RINGING, "app": app}
 
     async def hangup(self, request, body):
         s = self.session(request.match_info["call_id"])
         s.hangup("api hangup")
-        return 200, {"id": s.call_id, "state": "ending"}
+        return 200, {"id": s.call_id, "state": CallState.ENDING}
+
+    def _check_destination(self, target: str, trunk: str | None) -> None:
+        """Toll-fraud guard (sip.allowed_destinations): 403 naming the rule."""
+        cfg = self.services.cfg
+        refusal = check_destination(target, trunk, DestinationPolicy.of(
+            cfg.raw["sip"]["allowed_destinations"], cfg.raw["app"]["dtmf_transfer"].values(), cfg.trunks))
+        if refusal:
+            raise ApiError(403, "destination_not_allowed", refusal, "to")
 
     async def transfer(self, request, body):
         s = self.session(request.match_info["call_id"])
-        if s.state != "progressing":
+        if s.state != CallState.PROGRESSING:
             raise ApiError(409, "wrong_state", "the call is not answered")
-        await asyncio.wrap_future(self.cell.engine.submit(cmd.Transfer(s.call_id, body["to"])))
+        self._check_destination(body["to"], None)
+        await asyncio.wrap_future(self.services.submit(cmd.Transfer(s.call_id, body["to"])))
         return 200, {"id": s.call_id, "transfer": body["to"]}
 
     async def send_dtmf(self, request, body):
         s = self.session(request.match_info["call_id"])
-        if s.state != "progressing":
+        if s.state != CallState.PROGRESSING:
             raise ApiError(409, "wrong_state", "the call is not answered")
-        await asyncio.wrap_future(self.cell.engine.submit(cmd.SendDtmf(s.call_id, body["digits"].upper())))
+        await asyncio.wrap_future(self.services.submit(cmd.SendDtmf(s.call_id, body["digits"].upper())))
         return 200, {"id": s.call_id, "digits": body["digits"].upper()}
 
     # -- transcribes and speakings ------------------------------------------------------------
@@ -226,13 +261,13 @@ class Api(MediaApi):
         s = self.session(call_id)
         if s.app_name != "api":
             raise ApiError(409, "wrong_app", f"{what} need a call handled by the API app (this one: {s.app_name})")
-        if self.cell.hub is None:
+        if self.services.hub is None:
             raise ApiError(409, "no_speech_engines", "this cell runs without models (models.load)")
         return s
 
     async def create_transcribe(self, request, body):
         s = self._api_session(body["call_id"], "transcribes")
-        tr = Transcriber(s, self.cell.hub, s.emit, body.get("direction", "in"), self.cell.cfg.raw["agent"])
+        tr = Transcriber(s, self.services.hub, s.emit, body.get("direction", "in"), self.services.cfg.raw["agent"])
         s.transcribers[tr.id] = tr
         self.transcribes[tr.id] = tr
         s.emit("transcribe_started", tr.as_dict())
@@ -249,20 +284,20 @@ class Api(MediaApi):
 
     async def stop_transcribe(self, request, body):
         tr = self._transcribe(request)
-        if tr.status == "stopped":
+        if tr.status == TranscribeState.STOPPED:
             raise ApiError(409, "wrong_state", "already stopped")
         tr.stop()
         return 200, tr.as_dict()
 
     async def create_speaking(self, request, body):
         s = self._api_session(body["call_id"], "speakings")
-        if any(sp.status != "stopped" for sp in s.speakings.values()):
+        if any(sp.status != SpeakingState.STOPPED for sp in s.speakings.values()):
             raise ApiError(409, "wrong_state", "the call already has a speaking session")
-        sp = Speaking(s, self.cell.hub, s.emit, body.get("direction", "in"))
+        sp = Speaking(s, self.services.hub, s.emit, body.get("direction", "in"))
         s.speakings[sp.id] = sp
         self.speakings[sp.id] = sp
         out = sp.as_dict()
-        if s.state == "progressing":
+        if s.state == CallState.PROGRESSING:
             sp.activate()
         return 201, out
 
@@ -277,28 +312,32 @@ class Api(MediaApi):
 
     async def say(self, request, body):
         sp = self._speaking(request)
-        if sp.status != "active":
+        if sp.status != SpeakingState.ACTIVE:
             raise ApiError(409, "wrong_state", f"speaking is {sp.status}")
+        if sp.as_dict().get("queued", 0) >= MAX_SAY_QUEUED:
+            self.services.metrics.api_limited.labels("say_queue").inc()
+            raise ApiError(429, "queue_full", f"{MAX_SAY_QUEUED} texts are already queued; wait or flush",
+                           headers=retry_after(1))
         sp.say(body["text"])
         return 202, sp.as_dict()
 
     async def flush(self, request, body):
         sp = self._speaking(request)
-        if sp.status != "active":
+        if sp.status != SpeakingState.ACTIVE:
             raise ApiError(409, "wrong_state", f"speaking is {sp.status}")
         heard = sp.flush()
         return 200, {**sp.as_dict(), "heard": heard}
 
     async def stop_speaking(self, request, body):
         sp = self._speaking(request)
-        if sp.status == "stopped":
+        if sp.status == SpeakingState.STOPPED:
             raise ApiError(409, "wrong_state", "already stopped")
         heard = sp.stop()
         return 200, {**sp.as_dict(), "heard": heard}
 
     # -- numbers -----------------------------------------------------------------------------------
     async def list_numbers(self, request):
-        return 200, {"default": self.cell.cfg.app, "numbers": self.store.numbers()}
+        return 200, {"default": self.services.cfg.app, "numbers": self.store.numbers()}
 
     async def put_number(self, request, body):
         number = request.match_info["number"]
@@ -322,17 +361,26 @@ class Api(MediaApi):
 
     async def create_webhook(self, request, body):
         topics = body.get("topics", ["*"])
+        if len(topics) > MAX_TOPICS:
+            raise ApiError(400, "invalid_field", f"at most {MAX_TOPICS} topics", "topics")
+        try:
+            self.guard.check_url(body["url"], ("http", "https"))
+        except OutboundRefused as exc:
+            raise ApiError(400, "refused_address", f"{exc.reason} addresses are not allowed as webhook URLs "
+                                                   "(http.outbound_allow)", "url") from None
+        except ValueError as exc:
+            raise ApiError(400, "invalid_field", str(exc), "url") from None
         for i, t in enumerate(topics):
             if not valid_topic(t):
                 raise ApiError(400, "invalid_field", f"unknown topic {t!r}", f"topics[{i}]")
         wh = self.store.add_webhook(body["url"], topics, body.get("secret") or secrets.token_hex(32))
-        self.cell.webhooks.hooks_changed()
+        self.services.webhooks.hooks_changed()
         return 201, self._hook_view(wh, secret=True)
 
     async def delete_webhook(self, request):
         if not self.store.delete_webhook(request.match_info["webhook_id"]):
             raise ApiError(404, "not_found", "no such webhook", "webhook_id")
-        self.cell.webhooks.hooks_changed()
+        self.services.webhooks.hooks_changed()
         return 200, {"deleted": request.match_info["webhook_id"]}
 
     async def list_deliveries(self, request):
@@ -342,7 +390,7 @@ class Api(MediaApi):
         return 200, {"deliveries": self.store.deliveries(status)}
 
     async def replay_delivery(self, request, body):
-        d = self.cell.webhooks.replay(request.match_info["delivery_id"])
+        d = self.services.webhooks.replay(request.match_info["delivery_id"])
         if d is None:
             raise ApiError(404, "not_found", "no such delivery", "delivery_id")
         return 200, d
@@ -352,23 +400,26 @@ class Api(MediaApi):
             since = int(request.query.get("since", "0"))
         except ValueError:
             raise ApiError(400, "invalid_field", "since must be an integer", "since") from None
-        return 200, {"events": [from_row(r) for r in self.store.events_since(since, 1000)]}
+        if self.services.bus is not None:       # what this cell has already published, committed first
+            await self.services.bus.settled()
+        rows = await asyncio.to_thread(read_events, self.store.path, since, 1000)
+        return 200, {"events": [from_row(r) for r in rows]}
 
     # -- WebSocket ---------------------------------------------------------------------------------
     async def post_tool_result(self, request, body):
         """An async tool's result: checked against the signed URL, then told to the live call."""
         call_id, tcid = request.match_info["call_id"], request.match_info["tool_call_id"]
-        tools = getattr(self.cell, "tools", None)
+        tools = self.services.tools
         tool = tools.take_pending(call_id, tcid, request.query.get("sig", "")) if tools is not None else None
         if tool is None:
             raise ApiError(404, "not_found", "no pending tool call at this URL (unknown, already answered or "
                            "bad signature)")
         result, say = tools.map_async(tool, body)
-        s = self.cell.sessions.get(call_id)
+        s = self.services.calls.get(call_id)
         delivered = s is not None and hasattr(s.app, "on_tool_result")
-        self.cell.metrics.tool_async.labels(tool, "delivered" if delivered else "call_gone").inc()
-        self.cell.bus.publish("tool_result", call_id, {"tool_call_id": tcid, "tool": tool, "result": result,
-                                                       "delivered": delivered})
+        self.services.metrics.tool_async.labels(tool, "delivered" if delivered else "call_gone").inc()
+        self.services.bus.publish("tool_result", call_id, {"tool_call_id": tcid, "tool": tool, "result": result,
+                                                           "delivered": delivered})
         if s is not None:
             s.tool_calls.append({"tool_call_id": tcid, "tool": tool, "status": "async_result", "result": result,
                                  "at": round(time.time(), 3)})
@@ -380,8 +431,8 @@ class Api(MediaApi):
         try:
             self.auth(request, "read")
         except ApiError as e:
-            return error_response(e.status, e.code, e.message)
-        ws = web.WebSocketResponse(heartbeat=None)
+            return error_response(e.status, e.code, e.message, headers=e.headers)
+        ws = web.WebSocketResponse(heartbeat=None, max_msg_size=64 * 1024)
         await ws.prepare(request)
         topics: set[str] = set()
         queue: asyncio.Queue = asyncio.Queue(maxsize=5000)
@@ -398,7 +449,7 @@ class Api(MediaApi):
 
         async def sender():
             nonlocal last_sent
-            interval = self.cell.cfg.raw["http"]["ws_heartbeat"]
+            interval = self.services.cfg.raw["http"]["ws_heartbeat"]
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), interval)
@@ -412,16 +463,16 @@ class Api(MediaApi):
                     last_sent = event["seq"]
                     await ws.send_json({"type": "event", "event": event})
 
-        self.cell.tailer.subscribe(listener)
+        self.services.tailer.subscribe(listener)
         send_task = asyncio.create_task(sender())
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     continue
                 try:
-                    m = json.loads(msg.data)
+                    m = parse_json(msg.data, "message")
                     kind = m["type"]
-                except (ValueError, KeyError, TypeError):
+                except (ApiError, KeyError, TypeError, IndexError):
                     await ws.send_json({"type": "error", "code": "invalid_message", "message": "expected JSON with a type"})
                     continue
                 if kind in ("subscribe", "unsubscribe"):
@@ -434,28 +485,52 @@ class Api(MediaApi):
                         topics.difference_update(new)
                         await ws.send_json({"type": "unsubscribed", "topics": sorted(topics)})
                         continue
+                    if len(topics | set(new)) > MAX_TOPICS:
+                        self.services.metrics.api_limited.labels("ws_topics").inc()
+                        await ws.send_json({"type": "error", "code": "too_many_topics", "field": "topics",
+                                            "message": f"at most {MAX_TOPICS} topics per connection"})
+                        continue
                     topics.update(new)
                     since = m.get("since")
-                    if isinstance(since, int) and since >= 0:
-                        # replay from the store what was missed; live events queue meanwhile
-                        for row in self.store.events_since(since, 100000):
-                            ev = from_row(row)
-                            if matches(new, ev) and ev["seq"] > last_sent:
-                                last_sent = ev["seq"]
-                                await ws.send_json({"type": "event", "event": ev})
+                    if isinstance(since, int) and not isinstance(since, bool) and since >= 0:
+                        # replay from the store what was missed, in pages read off the event loop
+                        # (it also runs the 20 ms media tick); live events queue meanwhile
+                        cursor, left = since, REPLAY_MAX
+                        while left > 0:
+                            rows = await asyncio.to_thread(read_events, self.store.path, cursor,
+                                                           min(REPLAY_PAGE, left))
+                            for row in rows:
+                                ev = from_row(row)
+                                if matches(new, ev) and ev["seq"] > last_sent:
+                                    last_sent = ev["seq"]
+                                    await ws.send_json({"type": "event", "event": ev})
+                            if len(rows) < min(REPLAY_PAGE, left):
+                                break
+                            cursor, left = rows[-1]["seq"], left - len(rows)
                     await ws.send_json({"type": "subscribed", "topics": sorted(topics), "seq": last_sent})
                 elif kind == "ping":
                     await ws.send_json({"type": "pong", "seq": last_sent})
                 else:
                     await ws.send_json({"type": "error", "code": "unknown_type", "message": f"unknown type {kind!r}"})
         finally:
-            self.cell.tailer.unsubscribe(listener)
+            self.services.tailer.unsubscribe(listener)
             send_task.cancel()
         return ws
 
     # -- OpenAPI --------------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_spec())
+
+
+def read_events(path: str, since: int, limit: int) -> list[dict]:
+    """Stored events after ``since`` on a connection of its own (run in a worker thread)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=15.0)
+    try:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                            (since, limit)).fetchall()]
+    finally:
+        db.close()
 
 
 def openapi_spec() -> dict:
@@ -473,7 +548,12 @@ def openapi_spec() -> dict:
                   "401": {"description": "Missing or invalid key", "content": {"application/json": {"schema": error}}},
                   "403": {"description": "Key lacks the scope", "content": {"application/json": {"schema": error}}},
                   "404": {"description": "Not found", "content": {"application/json": {"schema": error}}},
-                  "409": {"description": "Wrong state", "content": {"application/json": {"schema": error}}}}}
+                  "409": {"description": "Wrong state", "content": {"application/json": {"schema": error}}},
+                  "429": {"description": "Rate limited (per key) or queue full; see Retry-After",
+                          "content": {"application/json": {"schema": error}}}}}
+        if r.method in ("POST", "PUT"):
+            op["responses"]["413"] = {"description": "Body larger than 1 MiB",
+                                      "content": {"application/json": {"schema": error}}}
         params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in r.path.split("/") if p.startswith("{")]
         if r.method != "GET":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from bridge.core.states import SpeakingState, TranscribeState
 from bridge.records.store import new_id
 from media.endpoint import EndpointConfig, Endpointer
 from media.playout import Playout
@@ -20,12 +21,12 @@ from media.vad import VoiceDetector
 
 class Transcriber:
     def __init__(self, session, hub, emit, direction: str, cfg: dict):
-        self.id = new_id(f"tr_c{session.cell.cell_id}")
+        self.id = new_id(f"tr_c{session.services.cell_id}")
         self.session = session
         self.hub = hub
         self.emit = emit
         self.direction = direction
-        self.status = "active"
+        self.status: TranscribeState = TranscribeState.ACTIVE
         self.key = f"{session.call_id}/tr"
         rate = session.media.rate
         self.vad = VoiceDetector(rate, cfg["vad_mode"])
@@ -42,7 +43,7 @@ class Transcriber:
         return {"id": self.id, "call_id": self.session.call_id, "direction": self.direction, "status": self.status}
 
     def hears_caller(self) -> bool:
-        return self.status == "active" and self.direction in ("in", "both")
+        return self.status == TranscribeState.ACTIVE and self.direction in ("in", "both")
 
     def on_frame(self, t: float, pcm: bytes) -> None:
         pcm16 = pcm if self.to16k is None else self.to16k.process(pcm)
@@ -69,33 +70,33 @@ class Transcriber:
 
     def _interim(self, text, no_speech, logprob, audio_s, secs) -> None:
         self.interim_busy = False
-        if self.status == "active" and text and no_speech < 0.6:
+        if self.status == TranscribeState.ACTIVE and text and no_speech < 0.6:
             self.emit("transcribe_speech_interim", {"transcribe_id": self.id, "direction": "in", "message": text})
 
     def _final(self, text, no_speech, logprob, audio_s, secs) -> None:
-        if self.status != "active" or not text.strip() or no_speech > 0.6:
+        if self.status != TranscribeState.ACTIVE or not text.strip() or no_speech > 0.6:
             return
         self.session.record_transcript("in", text, self.id, {"stt_seconds": round(secs, 3)})
 
     def spoken(self, text: str) -> None:
-        if self.status == "active" and self.direction in ("out", "both") and text:
+        if self.status == TranscribeState.ACTIVE and self.direction in ("out", "both") and text:
             self.session.record_transcript("out", text, self.id)
 
     def stop(self) -> None:
-        if self.status == "active":
-            self.status = "stopped"
+        if self.status == TranscribeState.ACTIVE:
+            self.status = TranscribeState.STOPPED
             self.hub.cancel(self.key)
             self.emit("transcribe_stopped", {"transcribe_id": self.id})
 
 
 class Speaking:
     def __init__(self, session, hub, emit, direction: str = "in"):
-        self.id = new_id(f"spk_c{session.cell.cell_id}")
+        self.id = new_id(f"spk_c{session.services.cell_id}")
         self.session = session
         self.hub = hub
         self.emit = emit
         self.direction = direction
-        self.status = "initiating"
+        self.status: SpeakingState = SpeakingState.INITIATING
         self.key = f"{session.call_id}/spk"
         self.playout = Playout(ahead=3)
         self.pending = 0              # texts sent to TTS, not fully synthesized
@@ -106,8 +107,8 @@ class Speaking:
                 "status": self.status, "queued": self.pending + len(self.playout.queue)}
 
     def activate(self) -> None:
-        if self.status == "initiating":
-            self.status = "active"
+        if self.status == SpeakingState.INITIATING:
+            self.status = SpeakingState.ACTIVE
             self.emit("speaking_started", {"speaking_id": self.id})
 
     def say(self, text: str) -> None:
@@ -115,7 +116,7 @@ class Speaking:
         gen = self.session.speak_generation
 
         def on_pcm(pcm, rate):
-            if gen == self.session.speak_generation and self.status == "active":
+            if gen == self.session.speak_generation and self.status == SpeakingState.ACTIVE:
                 self.playout.add(text_box[0], self.hub.to_frames(pcm, rate))
                 text_box[0] = ""            # only the first chunk carries the text
 
@@ -145,7 +146,7 @@ class Speaking:
 
     def stop(self) -> str:
         heard = self.flush()
-        if self.status != "stopped":
-            self.status = "stopped"
+        if self.status != SpeakingState.STOPPED:
+            self.status = SpeakingState.STOPPED
             self.emit("speaking_stopped", {"speaking_id": self.id})
         return heard

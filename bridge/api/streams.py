@@ -34,6 +34,11 @@ from typing import Callable
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from bridge.core import backoff as _backoff
+from bridge.core.states import CallState, SpeakingState, StreamState
+from bridge.api.base import json_too_deep
+from bridge.core.guarded_http import failure_class, guarded_session
+from bridge.core.netguard import OutboundRefused
 from bridge.records.store import new_id
 from media.frames import FRAMES_PER_SECOND
 from media.opus import OpusEncoder, OpusError
@@ -46,6 +51,7 @@ log = logging.getLogger("trunkline.streams")
 
 MAX_MESSAGE = 1 << 20          # largest client message accepted (bytes)
 MAX_QUEUED_ERRORS = 20         # error replies waiting to be sent; more are not queued
+MAX_MARKS = 100                # marks waiting for their audio plus echoes waiting to be sent
 PARTIAL_FLUSH_AFTER = 0.1      # a partial client frame is played after this long with no more audio
 
 
@@ -58,10 +64,9 @@ class StreamRefused(Exception):
 
 
 def backoff(attempt: int, base: float, cap: float, rnd: Callable[[], float] = random.random) -> float:
-    """Delay before reconnect ``attempt`` (1, 2, ...): doubling from ``base`` up to
-    ``cap``, with ±50 % jitter so many streams cut by one outage do not come
-    back in lockstep."""
-    return min(cap, base * 2 ** (attempt - 1)) * (0.5 + rnd())
+    """Delay before reconnect ``attempt`` (1, 2, ...): up to ``base`` doubling to ``cap``, full
+    jitter (``bridge.core.backoff``) so many streams cut by one outage do not come back in lockstep."""
+    return _backoff.delay(attempt - 1, base, cap, rnd)
 
 
 class MediaStream:
@@ -71,14 +76,14 @@ class MediaStream:
         self.manager = manager
         self.session = session
         self.cfg = cfg
-        self.id = new_id(f"st_c{session.cell.cell_id}")
+        self.id = new_id(f"st_c{session.services.cell_id}")
         self.call_id = session.call_id
         self.url = url
         self.direction = direction
         self.encoding = encoding
         self.bidirectional = bidirectional
         self.rate = session.media.rate
-        self.status = "connecting" if url else "waiting"
+        self.status: StreamState = StreamState.CONNECTING if url else StreamState.WAITING
         self.reason: str | None = None
         self.detail: str | None = None
         self.created = time.time()
@@ -105,6 +110,7 @@ class MediaStream:
         self._pending = 0                    # client frames not yet handed to the downlink
         self._last_seg: Segment | None = None
         self._marks: deque[tuple[str, Segment | None]] = deque()
+        self._marks_queued = 0               # mark echoes in the send buffer
         self._last_media_at = 0.0
         m = manager.metrics
         self._m_sent = m.stream_frames_sent.labels(encoding)
@@ -146,7 +152,7 @@ class MediaStream:
         self.session.remove_tap(self)
         if self.playout is not None and self.playout.active:
             self.playout.flush(self.session.media.flush_out())
-        self.status = "failed" if failed else "stopped"
+        self.status = StreamState.FAILED if failed else StreamState.STOPPED
         self.reason, self.detail, self.ended = reason, detail, time.time()
         data = {"reason": reason, "stats": dict(self.stats)}
         if detail:
@@ -235,7 +241,12 @@ class MediaStream:
 
     def _send_mark(self, name: str, cleared: bool) -> None:
         self.stats["marks"] += 1
-        self._queue_control(lambda seq: mark_message(seq, self.id, self.call_id, name, cleared))
+        self._marks_queued += 1
+
+        def build(seq: int) -> str:
+            self._marks_queued -= 1
+            return mark_message(seq, self.id, self.call_id, name, cleared)
+        self._queue_control(build)
 
     def _clear(self) -> None:
         if self.playout is not None:
@@ -249,6 +260,10 @@ class MediaStream:
             self._send_mark(name, seg is not None and seg.played < len(seg.frames))
 
     def _mark(self, name: str) -> None:
+        if len(self._marks) + self._marks_queued >= MAX_MARKS:
+            self.manager.metrics.api_limited.labels("stream_marks").inc()
+            raise StreamProtocolError("too_many_marks", f"more than {MAX_MARKS} marks waiting; wait for their "
+                                                        "echoes (or send clear)")
         if self.playout is not None:
             self._add_playback(self.decoder.flush())
         seg = self._last_seg
@@ -273,6 +288,8 @@ class MediaStream:
             return
         self.stats["messages_received"] += 1
         try:
+            if json_too_deep(text):
+                raise StreamProtocolError("invalid_json", "not JSON: nested too deeply")
             m = parse_client(text, MAX_MESSAGE)
             if m.event == "media":
                 if self.playout is None:
@@ -355,7 +372,7 @@ class MediaStream:
         self._limit_socket_buffer(ws)
         self.stats["connections"] += 1
         n = self.stats["connections"]
-        self.status = "streaming"
+        self.status = StreamState.STREAMING
         self._queue_control(lambda seq: start_message(seq, self.id, self.call_id, self.encoding, self.direction,
                                                       self.bidirectional, n), front=True)
         self._event("stream_started", url=self.url, direction=self.direction, encoding=self.encoding,
@@ -376,7 +393,7 @@ class MediaStream:
             exc = sender.exception()
             how = "lost"
             detail = (f"consumer too slow: a send blocked for {self.cfg['send_timeout']:g} s"
-                      if isinstance(exc, TimeoutError) else f"send failed: {type(exc).__name__}: {exc}")
+                      if isinstance(exc, TimeoutError) else f"send failed: {failure_class(exc)}")
         elif ws.close_code == 1000:
             how, detail = "closed", "closed by the peer"
         else:
@@ -400,14 +417,19 @@ class MediaStream:
             except asyncio.CancelledError:
                 raise
             except aiohttp.WSServerHandshakeError as exc:
-                if 400 <= exc.status < 500 and exc.status not in (408, 429):
+                if 300 <= exc.status < 400 or 400 <= exc.status < 500 and exc.status not in (408, 429):
                     # the consumer said no (wrong path, bad credentials): asking again will not help
                     self.stop("rejected", f"the consumer answered the WebSocket handshake with {exc.status}",
                               failed=True)
                     return
                 how, detail = "lost", f"connect failed: handshake answered {exc.status}"
             except Exception as exc:  # noqa: BLE001 - refused, DNS, TLS, timeout
-                how, detail = "lost", f"connect failed: {type(exc).__name__}: {exc}".rstrip(": ")
+                # the class of failure only: an address or a peer's words never reach the API
+                cls = failure_class(exc)
+                if cls in ("refused address", "redirect refused", "invalid URL"):
+                    self.stop("refused", f"connect failed: {cls}", failed=True)
+                    return
+                how, detail = "lost", f"connect failed: {cls}"
             else:
                 attempt = 0
                 how, detail = await self._serve(ws)
@@ -421,7 +443,7 @@ class MediaStream:
                 self.stop("reconnect_exhausted", detail, failed=True)
                 return
             delay = backoff(attempt, cfg["reconnect_base_delay"], cfg["reconnect_max_delay"])
-            self.status = "reconnecting"
+            self.status = StreamState.RECONNECTING
             self.stats["reconnects"] += 1
             self.manager.metrics.stream_reconnects.inc()
             self._event("stream_reconnecting", attempt=attempt, delay=round(delay, 3), detail=detail)
@@ -458,7 +480,7 @@ class MediaStream:
             if how == "closed":
                 self.stop("client_closed", detail)
             else:
-                self.status = "waiting"
+                self.status = StreamState.WAITING
                 log.warning("stream %s: %s; waiting for the client", self.id, detail,
                             extra={"fields": {"call_id": self.call_id, "stream_id": self.id}})
         return ws
@@ -469,17 +491,21 @@ class StreamManager:
 
     KEEP_ENDED = 500       # ended streams kept for GET (their final stats)
 
-    def __init__(self, cell):
-        self.cell = cell
-        self.cfg = cell.cfg.raw["streams"]
-        self.metrics = cell.metrics
+    def __init__(self, services):
+        """``services``: a cell's ``bridge.api.services.Services`` (its cfg and metrics)."""
+        self.services = services
+        self.cfg = services.cfg.raw["streams"]
+        self.metrics = services.metrics
         self.streams: dict[str, MediaStream] = {}
         self._ended: deque[str] = deque()
         self._http: aiohttp.ClientSession | None = None
+        self.guard = services.cfg.outbound      # the SSRF guard for outbound stream URLs
 
     def http(self) -> aiohttp.ClientSession:
+        """Outbound connections obey the SSRF guard (checked, pinned addresses; no redirects)."""
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession()
+            self._http = guarded_session(self.guard, metric=getattr(self.metrics, "outbound_refused", None),
+                                         use="stream")
         return self._http
 
     def get(self, stream_id: str) -> MediaStream | None:
@@ -489,7 +515,15 @@ class StreamManager:
         return [s for s in self.streams.values() if s.call_id == call_id]
 
     def start(self, session, url: str | None, direction: str, encoding: str, bidirectional: bool) -> MediaStream:
-        if session.ending or session.state == "ended":
+        if url is not None:
+            try:
+                self.guard.check_url(url, ("ws", "wss"))
+            except OutboundRefused as exc:
+                raise StreamRefused(400, "refused_address", f"url: {exc.reason} addresses are not allowed "
+                                                            "(http.outbound_allow)", "url") from None
+            except ValueError as exc:
+                raise StreamRefused(400, "invalid_field", f"url: {exc}", "url") from None
+        if session.ending or session.state == CallState.ENDED:
             raise StreamRefused(409, "call_ended", f"call {session.call_id} is ending")
         live = [s for s in self.for_call(session.call_id) if s.live]
         if len(live) >= self.cfg["max_per_call"]:
@@ -502,7 +536,7 @@ class StreamManager:
                                     "bidirectional")
             if any(s.bidirectional for s in live):
                 raise StreamRefused(409, "wrong_state", "the call already has a bidirectional stream", "bidirectional")
-            if any(sp.status != "stopped" for sp in session.speakings.values()):
+            if any(sp.status != SpeakingState.STOPPED for sp in session.speakings.values()):
                 raise StreamRefused(409, "wrong_state", "the call has a speaking session playing into it",
                                     "bidirectional")
         if encoding == "opus":

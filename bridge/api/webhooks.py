@@ -3,7 +3,7 @@
 Each POST carries ``Trunkline-Signature: t=<unix seconds>,v1=<hex>`` where
 ``v1 = HMAC-SHA256(secret, "<t>.<body>")``; ``verify_signature`` is the
 receiver's helper. 2xx delivers; 408, 429, 5xx, timeouts and connection
-errors are retried (``base * 2**n`` seconds, times a random 0.5-1.5, capped);
+errors are retried (up to ``base * 2**n`` seconds, capped, full jitter: ``bridge.core.backoff``);
 any other 4xx stops at once (``failed``); after ``max_attempts`` the delivery
 is ``dead`` and can be listed and replayed through the API. Deliveries are
 rows in the store, so a restart picks up where it left off, and the loop runs
@@ -16,12 +16,14 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import time
 
 import aiohttp
 
 from bridge.api.events import from_row, matches
+from bridge.core.guarded_http import failure_class, guarded_session
+from bridge.core.netguard import DEFAULT as DEFAULT_POLICY, Policy
+from bridge.core import backoff
 from bridge.records.store import Store
 
 log = logging.getLogger("trunkline.webhooks")
@@ -34,22 +36,38 @@ def sign(secret: str, ts: int, body: bytes) -> str:
 
 def verify_signature(secret: str, header: str, body: bytes, tolerance: float = 300.0,
                      now: float | None = None) -> bool:
-    """True if ``header`` (Trunkline-Signature) signs ``body`` with ``secret`` and is fresh."""
+    """True if ``header`` (Trunkline-Signature) signs ``body`` with ``secret`` and is fresh;
+    False (never an exception) for anything else: a malformed, non-ASCII or non-string header,
+    a timestamp out of range, a body or secret of the wrong type."""
     try:
-        parts = dict(p.split("=", 1) for p in header.split(","))
-        ts = int(parts["t"])
-    except (ValueError, KeyError):
+        if not isinstance(header, str) or not isinstance(secret, str) or len(header) > 4096:
+            return False
+        if isinstance(body, str):
+            body = body.encode()
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            return False
+        parts = dict(p.strip().split("=", 1) for p in header.split(","))
+        t = parts["t"]
+        if not (t.isascii() and t.isdigit() and len(t) <= 12):
+            return False
+        ts = int(t)
+        if abs((time.time() if now is None else now) - ts) > tolerance:
+            return False
+        expected = sign(secret, ts, bytes(body)).split("v1=", 1)[1]
+        given = parts.get("v1", "")
+        if not given.isascii():
+            return False
+        return hmac.compare_digest(expected, given)
+    except (ValueError, KeyError, TypeError, OverflowError, UnicodeError):
         return False
-    if abs((time.time() if now is None else now) - ts) > tolerance:
-        return False
-    expected = sign(secret, ts, body).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
 
 
 class WebhookDispatcher:
     def __init__(self, store: Store, metrics, max_attempts: int = 6, base_delay: float = 1.0,
-                 max_delay: float = 300.0, timeout: float = 5.0, concurrency: int = 8):
+                 max_delay: float = 300.0, timeout: float = 5.0, concurrency: int = 8,
+                 guard: Policy = DEFAULT_POLICY):
         self.store = store
+        self.guard = guard                    # the SSRF guard: where deliveries may connect
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.base_delay = base_delay
@@ -83,7 +101,8 @@ class WebhookDispatcher:
 
     async def start(self) -> None:
         self.store.db.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'sending'")
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self.session = guarded_session(self.guard, metric=getattr(self.metrics, "outbound_refused", None),
+                                       use="webhook", timeout=aiohttp.ClientTimeout(total=self.timeout))
         self._task = asyncio.create_task(self._run(), name="webhooks")
 
     async def stop(self) -> None:
@@ -143,13 +162,20 @@ class WebhookDispatcher:
         attempts = d["attempts"] + 1
         status, error = None, None
         try:
-            async with self.session.post(wh["url"], data=body, headers=headers) as resp:
+            # no redirects: a 3xx is a failed delivery (it could point anywhere)
+            async with self.session.post(wh["url"], data=body, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
-                await resp.read()
-        except asyncio.TimeoutError:
-            error = "timeout"
-        except aiohttp.ClientError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+                await resp.content.read(64 * 1024)      # never stored: the API says only "HTTP <status>"
+        except (asyncio.TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            error = failure_class(exc)      # a class of failure, never an address or a body
+        if error in ("refused address", "redirect refused", "invalid URL") or (
+                status is not None and 300 <= status < 400):
+            error = error or "redirect refused"
+            self.store.update_delivery(d["id"], status="failed", attempts=attempts, last_status=status,
+                                       last_error=error)
+            self.metrics.webhook_deliveries.labels("failed").inc()
+            log.warning("webhook delivery %s failed: %s", d["id"], error)
+            return
         if status is not None and 200 <= status < 300:
             self.store.update_delivery(d["id"], status="delivered", attempts=attempts, last_status=status,
                                        last_error=None)
@@ -165,9 +191,9 @@ class WebhookDispatcher:
             self.store.update_delivery(d["id"], status="dead", attempts=attempts, last_status=status,
                                        last_error=error or f"HTTP {status}")
             self.metrics.webhook_deliveries.labels("dead").inc()
-            log.warning("webhook delivery %s to %s dead after %d attempts", d["id"], wh["url"], attempts)
+            log.warning("webhook delivery %s to webhook %s dead after %d attempts", d["id"], wh["id"], attempts)
             return
-        delay = min(self.max_delay, self.base_delay * 2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
+        delay = backoff.delay(attempts - 1, self.base_delay, self.max_delay)
         self.store.update_delivery(d["id"], status="pending", attempts=attempts, last_status=status,
                                    last_error=error or f"HTTP {status}", next_at=time.time() + delay)
         self.metrics.webhook_deliveries.labels("retried").inc()

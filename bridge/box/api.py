@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.api.routes import Api, ApiError, error_response
+from bridge.api.services import Services
 from bridge.api.events import Tailer
 from bridge.api.http import CONSOLE, start_http
 from bridge.core.metrics import Metrics
@@ -28,32 +29,28 @@ from bridge.records.store import Store
 from bridge.api.webhooks import WebhookDispatcher
 
 
-class BoxState:
-    """What ``Api`` needs of a cell, for the box: the shared store, no live sessions."""
-
-    def __init__(self, sup):
-        self.sup = sup
-        self.cfg = sup.cfg
-        self.store = Store(sup.cfg.data_dir)
-        self.tailer = Tailer(self.store)
-        self.metrics = Metrics()
-        w = sup.cfg.raw["webhooks"]
-        self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
-                                          w["max_delay"], w["timeout"])
-        self.tailer.subscribe(self.webhooks.on_event)
-        self.tailer.wanted = lambda: len(self.tailer.listeners) > 1 or self.webhooks.has_hooks()
-        self.sessions: dict = {}
-        self.hub = None
-        self.http: aiohttp.ClientSession | None = None
+def box_services(sup) -> Services:
+    """The box's services for ``Api``: the shared store, its event tailer, webhooks and metrics.
+    No live calls, no engine, no models: call actions are forwarded to the cell that owns the call."""
+    store = Store(sup.cfg.data_dir)
+    metrics = Metrics()
+    tailer = Tailer(store)
+    w = sup.cfg.raw["webhooks"]
+    webhooks = WebhookDispatcher(store, metrics, w["max_attempts"], w["base_delay"], w["max_delay"], w["timeout"],
+                                 guard=sup.cfg.outbound)
+    tailer.subscribe(webhooks.on_event)
+    tailer.wanted = lambda: len(tailer.listeners) > 1 or webhooks.has_hooks()
+    return Services(cfg=sup.cfg, store=store, metrics=metrics, tailer=tailer, webhooks=webhooks, cell_id="box")
 
 
 class BoxApi(Api):
-    def __init__(self, box: BoxState):
-        super().__init__(box)
-        self.box = box
+    def __init__(self, services: Services, sup, http: aiohttp.ClientSession):
+        super().__init__(services)
+        self.sup = sup                       # the cells, for forwarding
+        self.http = http                     # the box's client towards its cells
 
     def _cell(self, index: str | int):
-        cells = self.box.sup.cells
+        cells = self.sup.cells
         try:
             c = cells[int(index)]
         except (ValueError, IndexError):
@@ -81,7 +78,7 @@ class BoxApi(Api):
         data = json.dumps(body).encode() if body is not None else None
         if data is not None:
             headers["Content-Type"] = "application/json"
-        async with self.box.http.request(request.method, cell.http + request.path_qs, data=data,
+        async with self.http.request(request.method, cell.http + request.path_qs, data=data,
                                          headers=headers) as r:
             payload = await r.json(content_type=None)
             return r.status, payload
@@ -91,7 +88,7 @@ class BoxApi(Api):
         active = {}
         for row in self.store.list_calls("active", 500):
             active[str(row["cell"])] = active.get(str(row["cell"]), 0) + 1
-        candidates = [c for c in self.box.sup.cells if c.alive() and not c.drained]
+        candidates = [c for c in self.sup.cells if c.alive() and not c.drained]
         if not candidates:
             raise ApiError(503, "no_cell", "no cell is taking calls")
         cell = min(candidates, key=lambda c: active.get(str(c.index), 0))
@@ -137,7 +134,7 @@ class BoxApi(Api):
             raise ApiError(404, "not_found", "no such recording", "recording_id")
         if row is not None:
             return self._cell(row["cell"] or 0)
-        alive = [c for c in self.box.sup.cells if c.alive()]     # a listing: any cell reads the shared store
+        alive = [c for c in self.sup.cells if c.alive()]     # a listing: any cell reads the shared store
         if not alive:
             raise ApiError(503, "cell_down", "no cell is running")
         return alive[0]
@@ -155,7 +152,7 @@ class BoxApi(Api):
         """The decrypted file, streamed through from the cell as it arrives (never buffered whole)."""
         cell = self._recording_cell(request.match_info["recording_id"])
         headers = {"Authorization": request.headers.get("Authorization", "")}
-        async with self.box.http.get(cell.http + request.path_qs, headers=headers) as r:
+        async with self.http.get(cell.http + request.path_qs, headers=headers) as r:
             if r.status != 200:
                 return web.Response(status=r.status, body=await r.read(), content_type="application/json")
             resp = web.StreamResponse(status=200, headers={k: v for k, v in r.headers.items() if k in (
@@ -235,15 +232,15 @@ class BoxApi(Api):
             return web.json_response({"cells": [
                 {"index": c.index, "sip": f"{c.host}:{c.sip_port}", "http": c.http, "rtp": c.rtp,
                  "alive": c.alive(), "drained": c.drained, "restarts": c.restarts, "deaths": len(c.history),
-                 "pid": c.proc.pid if c.proc else None} for c in self.box.sup.cells]})
+                 "pid": c.proc.pid if c.proc else None} for c in self.sup.cells]})
 
         def drain_handler(drained: bool):
             async def handler(request):
                 try:
                     self.auth(request, "control")
                     c = self._cell(request.match_info["index"]) if drained else \
-                        self.box.sup.cells[int(request.match_info["index"])]
-                    await asyncio.get_running_loop().run_in_executor(None, self.box.sup.set_drained, c, drained)
+                        self.sup.cells[int(request.match_info["index"])]
+                    await asyncio.get_running_loop().run_in_executor(None, self.sup.set_drained, c, drained)
                 except ApiError as e:
                     return error_response(e.status, e.code, e.message)
                 except (ValueError, IndexError):
@@ -269,16 +266,16 @@ def _render_families(families: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-async def merged_metrics(box: BoxState) -> str:
+async def merged_metrics(sup, http: aiohttp.ClientSession, metrics: Metrics) -> str:
     families: dict = {}
 
     async def fetch(c):
         try:
-            async with box.http.get(f"{c.http}/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
+            async with http.get(f"{c.http}/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
                 return c, await r.text()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return c, None
-    results = await asyncio.gather(*(fetch(c) for c in box.sup.cells))
+    results = await asyncio.gather(*(fetch(c) for c in sup.cells))
     up = []
     for c, text in results:
         up.append((c.index, 1 if text is not None else 0))
@@ -293,10 +290,10 @@ async def merged_metrics(box: BoxState) -> str:
     families["trunkline_box_cell_up"] = ("gauge", "1 if the cell answers its metrics endpoint",
                                          [("trunkline_box_cell_up", {"cell": str(i)}, v) for i, v in up])
     families["trunkline_box_cell_deaths_total"] = ("counter", "Times a cell process died and was restarted", [
-        ("trunkline_box_cell_deaths_total", {"cell": str(c.index)}, len(c.history)) for c in box.sup.cells])
+        ("trunkline_box_cell_deaths_total", {"cell": str(c.index)}, len(c.history)) for c in sup.cells])
     families["trunkline_box_cell_drained"] = ("gauge", "1 while the front sends the cell no new calls", [
-        ("trunkline_box_cell_drained", {"cell": str(c.index)}, int(c.drained)) for c in box.sup.cells])
-    for s in box.metrics.registry.collect():
+        ("trunkline_box_cell_drained", {"cell": str(c.index)}, int(c.drained)) for c in sup.cells])
+    for s in metrics.registry.collect():
         if s.name.startswith("trunkline_webhook"):
             families[s.name + "_total"] = ("counter", s.documentation,
                                            [(x.name, x.labels, x.value) for x in s.samples if x.name.endswith("_total")])
@@ -304,12 +301,12 @@ async def merged_metrics(box: BoxState) -> str:
 
 
 async def start_box(sup) -> list:
-    box = BoxState(sup)
-    box.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-    await box.webhooks.start()
-    tail = asyncio.create_task(box.tailer.run())
+    services = box_services(sup)
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    await services.webhooks.start()
+    tail = asyncio.create_task(services.tailer.run())
     app = web.Application(client_max_size=1 << 20)
-    BoxApi(box).register(app)
+    BoxApi(services, sup, http).register(app)
 
     async def healthz(request):
         cells = [c for c in sup.cells if c.alive() and not c.drained]
@@ -320,7 +317,7 @@ async def start_box(sup) -> list:
                                  status=200 if ok else 503)
 
     async def metrics(request):
-        return web.Response(text=await merged_metrics(box), content_type="text/plain", charset="utf-8",
+        return web.Response(text=await merged_metrics(sup, http, services.metrics), content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def console(request):
@@ -332,8 +329,8 @@ async def start_box(sup) -> list:
 
     async def cleanup(_app):
         tail.cancel()
-        await box.webhooks.stop()
-        await box.http.close()
-        box.store.close()
+        await services.webhooks.stop()
+        await http.close()
+        services.store.close()
     app.on_cleanup.append(cleanup)
     return [await start_http(app, sup.cfg.raw["http"]["listen"])]

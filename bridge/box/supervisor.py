@@ -3,8 +3,8 @@
 The supervisor starts each cell on its own loopback SIP port, HTTP port and
 RTP range (all sharing one data directory and its SQLite store), generates the
 Kamailio config (deploy/kamailio/kamailio.cfg.tmpl) and runs Kamailio on the
-public SIP address, restarts a cell that dies (backoff 1 s doubling to 30 s,
-reset after a minute up), and on SIGTERM drains every cell before stopping
+public SIP address, restarts a cell that dies (backoff up to 1 s doubling to 30 s, full jitter
+(``bridge.core.backoff``), reset after a minute up), and on SIGTERM drains every cell before stopping
 Kamailio. It also serves the box's HTTP: one API, WebSocket, webhooks and
 /metrics for all cells (see ``bridge.box.api``).
 """
@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from bridge.box import kamailio
+from bridge.core import backoff
 from bridge.core.config import Config
 from bridge.core.logs import event
 
@@ -150,7 +151,8 @@ class Supervisor:
         trusted = [a for t in self.cfg.trunks for a in t.allow]
         text = kamailio.render(listen, self.run_dir, trusted, self.cfg.raw["sip"]["retry_after"],
                                ping=self.cfg.raw["cells"]["ping_interval"], pike=self.cfg.raw["cells"]["pike"],
-                               children=self.cfg.raw["cells"]["children"])
+                               children=self.cfg.raw["cells"]["children"],
+                               trunk_addresses=[t.address for t in self.cfg.trunks if t.address])
         dlist = kamailio.dispatcher_list([(c.host, c.sip_port) for c in self.cells], self.cfg.raw["sip"]["capacity"])
         path = kamailio.write(self.run_dir, text, dlist)
         check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True)
@@ -262,10 +264,10 @@ class Supervisor:
                 continue
             if c.next_start == 0.0:
                 code = c.proc.returncode if c.proc else None
-                delay = min(30.0, 2.0 ** c.restarts)
+                delay = backoff.delay(c.restarts, 1.0, 30.0)
                 c.next_start = now + delay
                 c.history.append(time.time())
-                event(log, "cell_died", cell=c.index, exit_code=code, restart_in=delay)
+                event(log, "cell_died", cell=c.index, exit_code=code, restart_in=round(delay, 3))
             elif now >= c.next_start:
                 c.restarts += 1
                 c.next_start = 0.0

@@ -36,6 +36,7 @@ from collections import deque
 from typing import Protocol
 
 from bridge.core.keys import KeyRing
+from bridge.core.states import RecordingState
 from bridge.records.sealed import SealError, SealedWriter
 from media.ogg import OggOpusEncoder
 from media.stereo import StereoPairer, WavStream, interleave
@@ -53,7 +54,7 @@ log = logging.getLogger("trunkline.recording")
 
 HOLD_BACK = 25               # frames (0.5 s) kept unencoded so a DTMF pause can reach back
 DTMF_LOOKBACK = 0.3          # seconds before a digit's event that are silenced with it
-ACTIVE = ("recording", "paused")
+ACTIVE = (RecordingState.RECORDING, RecordingState.PAUSED)
 
 
 class Recorder:
@@ -72,7 +73,7 @@ class Recorder:
         self.rate = session.media.rate
         self.started = time.time()
         self.ended: float | None = None
-        self.state = "recording"
+        self.state: RecordingState = RecordingState.RECORDING
         self.error: str | None = None
         self.reason: str | None = None        # why it stopped
         self.pairer = StereoPairer(session.media.frame_bytes)
@@ -178,19 +179,19 @@ class Recorder:
             last["reasons"].append(holder)
         else:
             self.intervals.append({"start": start, "end": None, "reasons": [holder]})
-        self.state = "paused"
+        self.state = RecordingState.PAUSED
         self.reg.changed(self, "recording_paused", {"reason": holder, "at": round(start * 0.02, 3)})
         return True
 
     def resume(self, holder: str | None = None) -> bool:
         """Release ``holder`` (None: every holder); False if that did not pause it."""
-        if self.state != "paused" or (holder is not None and holder not in self.holders):
+        if self.state != RecordingState.PAUSED or (holder is not None and holder not in self.holders):
             return False
         self.holders = set() if holder is None else self.holders - {holder}
         if self.holders:
             return True
         self.intervals[-1]["end"] = self.index
-        self.state = "recording"
+        self.state = RecordingState.RECORDING
         self.reg.changed(self, "recording_resumed", {"reason": holder or "api",
                                                      "at": round(self.index * 0.02, 3)})
         return True
@@ -222,7 +223,7 @@ class Recorder:
         except SealError as exc:
             self._fail("encryption_error", exc)
             return
-        self.state = "stopped"
+        self.state = RecordingState.STOPPED
         self.ended = time.time()
         self._release_file(sync=True)
         self.reg.finished(self, reason)
@@ -235,7 +236,7 @@ class Recorder:
     def _fail(self, kind: str, exc: BaseException) -> None:
         if self.state not in ACTIVE:
             return
-        self.state = "failed"
+        self.state = RecordingState.FAILED
         self.ended = time.time()
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -290,5 +291,5 @@ class Recorder:
                 "key_id": self.key_id, "path": self.path, "started": self.started, "ended": self.ended,
                 "duration": self.duration, "bytes": self.writer.bytes_written,
                 "paused": json.dumps(self.paused_view()), "reason": self.reason, "error": self.error,
-                "complete": 1 if self.state == "stopped" else 0 if self.state == "failed" else None,
+                "complete": 1 if self.state == RecordingState.STOPPED else 0 if self.state == RecordingState.FAILED else None,
                 "started_by": self.started_by}

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 
 from bridge.core.keys import KeyRing, KeyRingError, configured_keyring
 from bridge.core.logs import event
+from bridge.core.states import CallState, RecordingState
 from bridge.records.recorder import ACTIVE, Recorder
 from bridge.records.sealed import SealError, SealedError, SealedKeyError, SealedReader, scan
 from bridge.records.store import new_id
@@ -77,7 +78,7 @@ class Recordings:
                                  "no recording key is configured ([recordings] key_file / key_env)")
         if s.call_id in self.active:
             raise RecordingError(409, "wrong_state", "the call is already being recorded")
-        if s.state != "progressing":
+        if s.state != CallState.PROGRESSING:
             raise RecordingError(409, "wrong_state", "the call is not answered")
         fmt = fmt or self.cfg["format"]
         rec_id = new_id("rec")
@@ -141,7 +142,7 @@ class Recordings:
                 "UPDATE recordings SET ended = ?, duration = ?, bytes = ?, paused = ?, reason = COALESCE(?, reason), "
                 "error = ?, complete = ? WHERE id = ?",
                 (rec.ended, rec.duration, rec.writer.bytes_written, json.dumps(rec.paused_view()), reason,
-                 rec.error, 1 if rec.state == "stopped" else 0 if rec.state == "failed" else None, rec.id))
+                 rec.error, 1 if rec.state == RecordingState.STOPPED else 0 if rec.state == RecordingState.FAILED else None, rec.id))
         except Exception:  # noqa: BLE001 - a full disk must not end the call
             log.exception("cannot store recording %s", rec.id)
             self.metrics.record_errors.inc()
@@ -155,7 +156,7 @@ class Recordings:
             return False
         if self.cfg["dtmf_pause"]:
             rec.dtmf(digit, duration_ms)
-        return rec.state == "paused"
+        return rec.state == RecordingState.PAUSED
 
     def for_call(self, call_id: str) -> Recorder | None:
         return self.active.get(call_id)

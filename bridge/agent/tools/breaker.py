@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from bridge.core import backoff as _backoff
+
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
 
@@ -68,8 +70,8 @@ class RateWindow:
 
 
 def backoff(attempt: int, base: float, cap: float, rand: float) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]; ``rand`` in [0, 1)."""
-    return rand * min(cap, base * (2 ** attempt))
+    """Full jitter (``bridge.core.backoff``): uniform in [0, min(cap, base * 2**attempt)]; ``rand`` in [0, 1)."""
+    return _backoff.delay(attempt, base, cap, lambda: rand)
 
 
 def retry_after(value: str | None, now_epoch: float) -> float | None:

@@ -1,0 +1,146 @@
+"""The messages between the cell's inference hub and the inference process (``ai/worker.py``).
+
+Every message is a frozen dataclass of plain values, pickled across the
+socket pair (``multiprocessing.connection``); both processes import this
+module, so a field added here is seen by both sides. Requests carry the
+hub's request id (``rid``) and the call they belong to; every reply carries
+the ``rid`` it answers.
+
+  hub -> worker                       worker -> hub
+  SttRequest(rid, call, pcm, interim) SttResult(rid, text, no_speech, logprob, audio_s, secs)
+  LlmRequest(rid, call, messages, p)  Token(rid, text) ... LlmDone(rid, secs, ntok)
+                                      or ToolChoice(rid, choice), LlmDone(...)
+  TtsRequest(rid, call, text)         Pcm(rid, pcm, rate) ... TtsDone(rid, secs)
+  Cancel(call) / Release(call)        EngineError(rid, engine, message)
+  Stop()                              Ready(info) | Fatal(message, trace)
+
+``Died(exitcode)`` never crosses the pipe: the client's reader thread makes
+it when the worker process has gone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+
+# -- hub -> worker ------------------------------------------------------------------
+@dataclass(frozen=True)
+class SttRequest:
+    """Transcribe 16 kHz mono PCM; an ``interim`` request still waiting is replaced by a newer one."""
+    rid: int
+    call: str
+    pcm: bytes = field(repr=False)
+    interim: bool = False
+    engine = "stt"
+
+
+@dataclass(frozen=True)
+class LlmRequest:
+    """Stream a reply to ``messages`` (chat format) with generation ``params`` (``ai.llm.GenParams`` fields)."""
+    rid: int
+    call: str
+    messages: list[dict]
+    params: dict
+    engine = "llm"
+
+
+@dataclass(frozen=True)
+class TtsRequest:
+    """Synthesize ``text``; the audio comes back as ``Pcm`` chunks then ``TtsDone``."""
+    rid: int
+    call: str
+    text: str
+    engine = "tts"
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Drop everything queued for ``call`` and stop what is running for it."""
+    call: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """The call is over: forget its state (e.g. the LLM's cached conversation)."""
+    call: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the worker process."""
+
+
+# -- worker -> hub ------------------------------------------------------------------
+@dataclass(frozen=True)
+class SttResult:
+    rid: int
+    text: str
+    no_speech: float
+    logprob: float
+    audio_seconds: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Token:
+    rid: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """The model chose a tool: ``choice`` is ``{"tool", "arguments", "id"}``."""
+    rid: int
+    choice: dict
+
+
+@dataclass(frozen=True)
+class LlmDone:
+    rid: int
+    seconds: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Pcm:
+    rid: int
+    pcm: bytes = field(repr=False)
+    rate: int = 0
+
+
+@dataclass(frozen=True)
+class TtsDone:
+    rid: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EngineError:
+    rid: int
+    engine: str             # stt | llm | tts
+    message: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The models are loaded: ``info`` has ``pid`` and ``tts_rate``."""
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The models could not be loaded; the process exits."""
+    message: str
+    trace: str = ""
+
+
+@dataclass(frozen=True)
+class Died:
+    """Made on the cell's side when the worker process has exited."""
+    exitcode: int | None
+
+
+Request = Union[SttRequest, LlmRequest, TtsRequest]
+ToWorker = Union[SttRequest, LlmRequest, TtsRequest, Cancel, Release, Stop]
+Reply = Union[SttResult, Token, ToolChoice, LlmDone, Pcm, TtsDone, EngineError]
+FromWorker = Union[SttResult, Token, ToolChoice, LlmDone, Pcm, TtsDone, EngineError, Ready, Fatal, Died]
