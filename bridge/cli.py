@@ -90,6 +90,14 @@ def _keys(cfg, args) -> int:
     return 0
 
 
+def _masked_trunk_passwords(raw: dict) -> dict:
+    """``check-config`` output: trunk passwords shown as ``********`` (set) or ``""`` (not set)."""
+    out = dict(raw)
+    out["trunks"] = [{**t, "password": "********" if t.get("password") else ""} if "password" in t else t
+                     for t in raw.get("trunks", []) if isinstance(t, dict)]
+    return out
+
+
 def _overrides(args) -> dict:
     return {
         "sip.listen": getattr(args, "sip", None), "http.listen": getattr(args, "http", None),
@@ -99,6 +107,8 @@ def _overrides(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bridge.core.perms import secure_umask, tighten
+    secure_umask()                   # files 0600, directories 0700: secrets and transcripts live here
     args = _parser().parse_args(argv)
     try:
         overrides = _overrides(args)
@@ -110,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bridge.core import logs
     logs.setup(cfg.raw["log_level"])
+    if args.command != "check-config":
+        for d in {cfg.data_dir, cfg.raw["recordings"]["dir"]} - {""}:
+            tighten(d)               # a data dir left group/world-readable by an older version
     if args.command == "keys":
         return _keys(cfg, args)
     if args.command == "check-config":
         import json
-        print(json.dumps(cfg.raw, indent=2))
+        print(json.dumps(_masked_trunk_passwords(cfg.raw), indent=2))
         return 0
     if args.command == "chat":
         from ai.client import EngineLoadError

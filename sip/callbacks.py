@@ -46,6 +46,12 @@ class _Account(pj.Account):
     def onIncomingCall(self, prm):
         self.engine._on_incoming(self, prm)
 
+    def onIncomingSubscribe(self, prm):
+        # A trunk never subscribes to a bridge's presence: refuse every SUBSCRIBE, so no
+        # subscription is held and no NOTIFY goes to whatever Contact the sender named.
+        prm.code = 403
+        prm.reason = "Forbidden"
+
     def onRegState(self, prm):
         self.engine._emit(ev.Registration(self.trunk or "", prm.code, prm.reason,
                                           prm.code // 100 == 2 and prm.expiration > 0))
@@ -67,6 +73,12 @@ class _Call(pj.Call):
 
     def onDtmfDigit(self, prm):
         self.engine._on_dtmf(self, prm)
+
+    def onCallTransferRequest(self, prm):
+        # An incoming REFER would make the cell INVITE whatever Refer-To names: outbound
+        # calls are placed only by the operator (API, CLI, app transfers), never on the
+        # caller's word (toll fraud through the trunk; issue 11).
+        prm.statusCode = 403
 
     def onCallTransferStatus(self, prm):
         self.engine._on_xfer(self, prm)

@@ -16,7 +16,7 @@ class TrunkSpec:
     allow: list[str] = field(default_factory=list)
     username: str = ""
     password: str = ""
-    realm: str = "*"
+    realm: str = ""                   # digest realm; required with credentials (never "*")
     register: bool = False
     expires: int = 300
     proxy: str = ""                   # send through this SIP front instead of straight to ``address``
@@ -42,6 +42,9 @@ class EngineConfig:
     log_level: int = 1
     uplink_frames: int = 250
     downlink_frames: int = 1500
+    tcp: bool = True                  # False behind the front: it reaches cells over UDP only
+    allowed_destinations: tuple[str, ...] = ()   # sip.allowed_destinations (see sip.uri.check_destination)
+    fixed_destinations: tuple[str, ...] = ()     # operator-configured transfer targets, always allowed
 
 
 class EngineError(RuntimeError):

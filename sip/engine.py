@@ -15,7 +15,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Callable
 
 import pjsua2 as pj
@@ -27,9 +28,10 @@ from sip import events as ev
 from sip.acl import SourceFilter
 from sip.callbacks import _Account, _Call, _LogWriter, _quiet_stdout
 from sip.config import MAX_CAPACITY, PJSUA_SLOTS, EngineConfig, EngineError, TrunkSpec  # noqa: F401 (re-exported)
+from sip.guard import Guard
 from sip.port import FramePort, PortPool, choose_copy
 from sip.stats import read_quality
-from sip.uri import _loose_route, _number_uri, _registrar, _uri_host
+from sip.uri import DestinationPolicy, _loose_route, _number_uri, _registrar, _uri_host, check_destination
 
 log = logging.getLogger("trunkline.sip")
 
@@ -66,7 +68,8 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="sip-engine", daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.draining = False
+        self.draining = False                 # engine thread only: set by cmd.SetDraining
+        self._published_active = 0            # active calls in the last CallsSnapshot
         self.legs: dict[int, _Leg] = {}       # pjsua call index -> leg
         self.by_call_id: dict[str, _Leg] = {}
         self._dead: list[_Call] = []
@@ -102,6 +105,7 @@ class Engine:
 
     @property
     def active_calls(self) -> int:
+        """Admitted calls (engine thread only; others keep the latest ``ev.CallsSnapshot``)."""
         return sum(1 for leg in list(self.legs.values()) if leg.admitted)
 
     def alive(self) -> bool:
@@ -160,7 +164,9 @@ class Engine:
         mc.threadCnt = 1
         mc.maxMediaPorts = 32
         ep.libInit(ep_cfg)
-        for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP):
+        # Behind the front a cell listens on UDP only: the front reaches cells over UDP, and
+        # pjsip's select() ioqueue (64 handles) is exhausted by a few dozen idle TCP connections.
+        for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP) if c.tcp else (pj.PJSIP_TRANSPORT_UDP,):
             tc = pj.TransportConfig()
             tc.port = c.port
             tc.boundAddress = c.host
@@ -171,6 +177,11 @@ class Engine:
             except pj.Error as exc:
                 raise EngineError(f"cannot listen on {c.host}:{c.port}: {exc.info()}") from None
         ep.libStart()
+        self._start_guard()
+        if c.tcp and c.host not in ("127.0.0.1", "::1", "localhost") and not c.host.startswith("127."):
+            log.warning("SIP over TCP on %s:%d is reachable directly: pjsip's select() ioqueue holds 64 "
+                        "sockets, so idle connections can lock out TCP trunks; for TCP trunks on a public "
+                        "address run the Kamailio front (trunkline serve --cells N)", c.host, c.port)
         ep.audDevManager().setNullDev()
         self._set_codecs()
         self.pool = PortPool(PJSUA_SLOTS, c.clock_rate)
@@ -179,7 +190,29 @@ class Engine:
         for t in c.trunks:
             if t.register or t.address or t.proxy:
                 self._add_account(t.name, t)
-        log.info("SIP engine listening on %s:%d udp+tcp (capacity %d calls)", c.host, c.port, c.capacity)
+        log.info("SIP engine listening on %s:%d %s (capacity %d calls)", c.host, c.port,
+                 "udp+tcp" if c.tcp else "udp", c.capacity)
+
+    def _start_guard(self) -> None:
+        """Drop requests from untrusted sources inside pjsip (see sip/guard.py): calibrate
+        with one OPTIONS sent to ourselves from the listen address (loopback for a wildcard)."""
+        import socket
+        host = self.cfg.host
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        self.guard = Guard(lambda ip: self.trunk_for(ip) is not None)
+        try:
+            self.guard.register()
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((host, 0))
+                s.sendto(self.guard.calibration_packet(s, (host, self.cfg.port)), (host, self.cfg.port))
+                deadline = time.monotonic() + 2.0
+                while not self.guard.active and time.monotonic() < deadline:
+                    self.ep.libHandleEvents(10)
+        except (OSError, RuntimeError, AttributeError) as exc:
+            log.error("SIP source guard unavailable (%s): untrusted OPTIONS/MESSAGE get pjsua's answers", exc)
+            return
+        if not self.guard.active:
+            log.error("SIP source guard did not calibrate: untrusted OPTIONS/MESSAGE get pjsua's answers")
 
     def _set_codecs(self) -> None:
         wanted = [w.upper() for w in self.cfg.codecs]
@@ -215,8 +248,11 @@ class Engine:
         if trunk is not None:
             if trunk.username:
                 ac.idUri = f"sip:{trunk.username}@{_uri_host(trunk.address) or hostport}"
+                if not trunk.realm or trunk.realm == "*":
+                    # realm "*" answers any server's challenge with these credentials
+                    raise EngineError(f"trunk {name!r}: credentials need an explicit realm")
                 ac.sipConfig.authCreds.append(
-                    pj.AuthCredInfo("digest", trunk.realm or "*", trunk.username, 0, trunk.password))
+                    pj.AuthCredInfo("digest", trunk.realm, trunk.username, 0, trunk.password))
             if trunk.proxy or trunk.address:
                 ac.sipConfig.proxies.append(_loose_route(trunk.proxy or trunk.address))
             if trunk.register:
@@ -240,6 +276,8 @@ class Engine:
             if now >= next_stats:
                 next_stats = now + self.cfg.stats_interval
                 self._poll_stats(now)
+                if self.legs or self._published_active:     # an idle engine does not wake the loop
+                    self._publish_snapshot(now)
             if self._dead:
                 self._dead.clear()   # pjsua is done with these: drop our last reference
 
@@ -276,6 +314,7 @@ class Engine:
             leg = self._leg(c.call_id)
             if not leg.answered:
                 raise EngineError("call is not answered")
+            self._check_destination(c.target, None)
             leg.transfer_pending = True
             leg.call.xfer(c.target, pj.CallOpParam(True))
             return None
@@ -288,6 +327,10 @@ class Engine:
             return None
         if isinstance(c, cmd.MakeCall):
             return self._make_call(c)
+        if isinstance(c, cmd.SetDraining):
+            self.draining = c.draining
+            self._publish_snapshot(time.monotonic())
+            return None
         raise EngineError(f"unknown command {type(c).__name__}")
 
     def _make_call(self, c: cmd.MakeCall) -> str:
@@ -297,6 +340,7 @@ class Engine:
             raise EngineError("cell is full")
         if c.trunk is not None and c.trunk not in self.accounts:
             raise EngineError(f"unknown or unroutable trunk: {c.trunk}")
+        self._check_destination(c.uri, c.trunk)
         acc = self.accounts[c.trunk] if c.trunk is not None else self.accounts[None]
         uri = c.uri if c.uri.startswith(("sip:", "sips:", "tel:")) else _number_uri(c.uri, c.trunk, self.cfg)
         call = _Call(self, acc)
@@ -308,7 +352,15 @@ class Engine:
         self.legs[info.id] = leg
         self.by_call_id[leg.call_id] = leg
         self._emit(ev.CallOffered(leg.call_id, "outbound", info.localUri, info.remoteUri, "", c.trunk, media, c.app))
+        self._publish_snapshot(time.monotonic())
         return leg.call_id
+
+    def _check_destination(self, target: str, trunk: str | None) -> None:
+        """The last guard against toll fraud: the same rule the API applies."""
+        policy = DestinationPolicy.of(self.cfg.allowed_destinations, self.cfg.fixed_destinations, self.cfg.trunks)
+        refusal = check_destination(target, trunk, policy)
+        if refusal:
+            raise EngineError(refusal)
 
     # -- pjsua2 callbacks (engine thread) ----------------------------------
     def _on_incoming(self, acc: _Account, prm) -> None:
@@ -343,6 +395,7 @@ class Engine:
         self._answer(call, pj.PJSIP_SC_RINGING)
         leg.answer_at = time.monotonic() + self.cfg.answer_delay
         self._emit(ev.CallOffered(leg.call_id, "inbound", info.remoteUri, info.localUri, source, trunk, media))
+        self._publish_snapshot(time.monotonic())
         self._answer_due(time.monotonic())
 
     def _answer(self, call: _Call, status: int, headers: dict[str, str] | None = None) -> None:
@@ -379,6 +432,7 @@ class Engine:
         if info.state == pj.PJSIP_INV_STATE_CONFIRMED and leg.admitted and not leg.answered:
             leg.answered = True
             self._emit(ev.CallAnswered(leg.call_id, leg.quality.codec, leg.quality.clock_rate))
+            self._publish_snapshot(time.monotonic())
         elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self._on_disconnected(leg, info)
 
@@ -479,6 +533,7 @@ class Engine:
             leg.call_id, leg.direction, info.lastStatusCode, reason, leg.answered,
             float(info.connectDuration.sec) + info.connectDuration.msec / 1000.0,
             leg.quality, leg.media.rx_timer.summary() if leg.media and leg.media.rx_timer.count else None))
+        self._publish_snapshot(time.monotonic())
 
     def _poll_stats(self, now: float) -> None:
         for leg in list(self.legs.values()):
@@ -497,9 +552,12 @@ class Engine:
                 except pj.Error as exc:
                     log.warning("hangup after RTP timeout failed: %s", exc.info())
 
-    def live_quality(self) -> dict[str, Quality]:
-        """Latest polled quality per answered call (read from any thread)."""
-        return {leg.call_id: leg.quality for leg in list(self.legs.values()) if leg.admitted}
+    def _publish_snapshot(self, now: float) -> None:
+        """Tell the application the live view (``ev.CallsSnapshot``): copies, never the legs themselves."""
+        admitted = [leg for leg in self.legs.values() if leg.admitted]
+        quality = {leg.call_id: replace(leg.quality) for leg in admitted}
+        self._published_active = len(admitted)
+        self._emit(ev.CallsSnapshot(len(admitted), MappingProxyType(quality), self.draining, now))
 
     def _destroy(self) -> None:
         ep = getattr(self, "ep", None)

@@ -1,6 +1,8 @@
 """Small SIP URI helpers for trunks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sip.config import EngineConfig, EngineError
 
 def _uri_host(address: str) -> str:
@@ -35,3 +37,101 @@ def user_part(uri: str) -> str:
     if scheme in ("sip", "sips") and "@" in rest:
         return rest.split("@", 1)[0].split(";", 1)[0]
     return ""
+
+
+# -- where outbound calls and transfers may go (toll-fraud guard) --------------------------
+
+@dataclass(frozen=True)
+class DestinationPolicy:
+    """What ``check_destination`` allows.
+
+    ``patterns`` (``sip.allowed_destinations``): shell-style patterns; one starting with
+    ``sip:``/``sips:``/``tel:`` matches a whole URI (``sip:user@host[:port]``, lower-cased,
+    without parameters), any other matches a number (``+1*``). Empty: the default rule,
+    numbers through a trunk with an address and URIs whose host is a trunk's address or
+    inside a trunk's allow-list. ``fixed``: targets the operator configured
+    (``app.dtmf_transfer``), always allowed. ``trunks``: (name, address, allow CIDRs)."""
+    patterns: tuple[str, ...] = ()
+    fixed: tuple[str, ...] = ()
+    trunks: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def of(cls, patterns, fixed, trunks) -> "DestinationPolicy":
+        return cls(tuple(patterns), tuple(fixed), tuple((t.name, t.address, tuple(t.allow)) for t in trunks))
+
+
+_URI_SCHEMES = ("sip:", "sips:", "tel:")
+
+
+def _host_port(hostport: str) -> tuple[str, int | None]:
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif hostport.count(":") == 1:
+        host, _, port = hostport.partition(":")
+    else:
+        host, port = hostport, ""
+    return host.lower(), int(port) if port.isdigit() else None
+
+
+def _uri_parts(uri: str) -> tuple[str, str, str, int | None]:
+    """``sip:user@host:port;params`` -> (scheme, user, host, port)."""
+    scheme, _, rest = uri.partition(":")
+    rest = rest.split(";", 1)[0].split("?", 1)[0]
+    user, at, hostport = rest.rpartition("@")
+    host, port = _host_port(hostport if at else rest)
+    return scheme.lower(), user, host, port
+
+
+def _at_trunk(host: str, port: int | None, policy: DestinationPolicy) -> bool:
+    import ipaddress
+    for _, address, allow in policy.trunks:
+        if address:
+            a = address[4:] if address.lower().startswith("sip:") else address
+            thost, tport = _host_port(a.split(";", 1)[0].split("@")[-1])
+            if thost == host and (port is None or port == (tport or 5060)):
+                return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if any(ip in ipaddress.ip_network(c, strict=False) for c in allow
+               if ipaddress.ip_network(c, strict=False).version == ip.version):
+            return True
+    return False
+
+
+def check_destination(target: str, trunk: str | None, policy: DestinationPolicy) -> str | None:
+    """``None`` when ``target`` (a number or a URI; through ``trunk``) may be called or
+    transferred to, else the reason, naming the rule. Pure: used by the API, the transfer
+    paths and the engine (last guard)."""
+    from fnmatch import fnmatchcase
+    target = target.strip()
+    if not target:
+        return "empty destination"
+    if target in policy.fixed:
+        return None
+    uri_rules = [p.lower() for p in policy.patterns if p.lower().startswith(_URI_SCHEMES)]
+    number_rules = [p for p in policy.patterns if not p.lower().startswith(_URI_SCHEMES)]
+    rule = ("sip.allowed_destinations" if policy.patterns else
+            "the default rule (sip.allowed_destinations is empty: numbers through a trunk with an "
+            "address, SIP URIs only at a trunk's address or allow-list)")
+    if target.lower().startswith(("sip:", "sips:")):
+        scheme, user, host, port = _uri_parts(target)
+        norm = f"{scheme}:{user + '@' if user else ''}{host}{f':{port}' if port else ''}".lower()
+        at_trunk = _at_trunk(host, port, policy)
+        if policy.patterns:
+            if any(fnmatchcase(norm, p) for p in uri_rules):
+                return None
+            if at_trunk and user and any(fnmatchcase(user, p) for p in number_rules):
+                return None
+        elif at_trunk:
+            return None
+        return f"destination {target!r} is not allowed by {rule}"
+    number = target[4:].split(";", 1)[0] if target.lower().startswith("tel:") else target
+    if trunk is None or not any(name == trunk and address for name, address, _ in policy.trunks):
+        return f"destination {target!r}: a number needs a trunk with an address ({rule})"
+    if policy.patterns and not (any(fnmatchcase(number, p) for p in number_rules)
+                                or any(fnmatchcase(f"tel:{number}", p) for p in uri_rules)):
+        return f"destination {target!r} is not allowed by {rule}"
+    return None

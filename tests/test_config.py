@@ -49,7 +49,7 @@ def test_unknown_env_setting_is_an_error():
 
 def test_trunk_password_from_environment(tmp_path):
     path = _write(tmp_path, '[[trunks]]\nname = "c"\naddress = "sip:192.0.2.1"\nusername = "u"\n'
-                            'password_env = "PW"\nregister = true\n')
+                            'password_env = "PW"\nregister = true\nrealm = "c.test"\n')
     import os
     os.environ["PW"] = "pw1"
     try:

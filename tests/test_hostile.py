@@ -1,11 +1,12 @@
 """Hostile traffic against a cell: refused INVITEs without SDP, scanners (issue 11)."""
 import shutil
+import socket
 import subprocess
 import time
 
 import pytest
 
-from sipwire import UdpPeer
+from sipwire import UdpPeer, request
 from support import sipp, sipp_file
 
 TRUSTED_ONLY = '[[trunks]]\nname = "carrier"\nallow = ["127.0.0.1/32"]\n'
@@ -109,3 +110,66 @@ def test_svwar_invite_scan_from_trusted_source_does_not_kill_the_cell(cell_facto
     while cell.metrics()["trunkline_calls_active"] > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
     _call_works(cell, tmp_path)
+
+
+# -- answers to untrusted sources (issue 11) ----------------------------------------------
+
+UNTRUSTED = "127.0.0.9"
+ALL_METHODS = ("OPTIONS", "MESSAGE", "SUBSCRIBE", "REGISTER", "NOTIFY", "REFER", "INFO", "BYE",
+               "UPDATE", "PRACK", "PUBLISH", "INVITE")
+
+
+def _extra(method: str, contact: str) -> str:
+    if method == "SUBSCRIBE":
+        return f"Event: presence\r\nExpires: 60\r\nContact: <sip:x@{contact}>\r\n"
+    if method == "MESSAGE":
+        return "Content-Type: text/plain\r\n"
+    return ""
+
+
+def test_untrusted_source_gets_only_403_or_nothing_from_a_cell(cell_factory, tmp_path):
+    """Every method from outside the allow-list: no 2xx (OPTIONS and MESSAGE used to get 200
+    from pjsua itself), finals only 403, and a SUBSCRIBE makes no NOTIFY anywhere."""
+    cell = cell_factory(TRUSTED_ONLY)
+    dest = ("127.0.0.1", cell.ports["sip"])
+    listener = UdpPeer("127.0.0.6")
+    contact = f"127.0.0.6:{listener.addr[1]}"
+    peer = UdpPeer(UNTRUSTED)
+    try:
+        answers = {m: peer.ask(m, dest, seconds=0.6, sdp=m == "INVITE", extra=_extra(m, contact))
+                   for m in ALL_METHODS}
+        finals = {m: [c for c in codes if c >= 200] for m, codes in answers.items()}
+        assert all(set(f) <= {403} for f in finals.values()), answers
+        assert finals["INVITE"] == [403]
+        assert listener.gather(1.5) == []                       # no NOTIFY to the Contact
+        # over TCP too: an untrusted OPTIONS goes unanswered
+        with socket.socket() as s:
+            s.bind((UNTRUSTED, 0))
+            s.settimeout(1.0)
+            s.connect(dest)
+            s.sendall(request("OPTIONS", f"127.0.0.1:{dest[1]}", s.getsockname(), transport="TCP"))
+            try:
+                got = s.recv(4096)
+            except socket.timeout:
+                got = b""
+            assert got == b"", got
+    finally:
+        peer.close()
+        listener.close()
+    assert cell.alive()
+    _call_works(cell, tmp_path)
+
+
+def test_subscribe_is_refused_even_from_a_trunk(cell_factory):
+    """A trunk never subscribes to presence: 403, no subscription, no NOTIFY."""
+    cell = cell_factory(TRUSTED_ONLY)
+    listener = UdpPeer("127.0.0.1")
+    peer = UdpPeer("127.0.0.1")
+    try:
+        codes = peer.ask("SUBSCRIBE", ("127.0.0.1", cell.ports["sip"]),
+                         extra=_extra("SUBSCRIBE", f"127.0.0.1:{listener.addr[1]}"))
+        assert [c for c in codes if c >= 200] == [403], codes
+        assert [m for m in peer.gather(1.0) + listener.gather(0.5) if m.startswith(b"NOTIFY")] == []
+    finally:
+        peer.close()
+        listener.close()

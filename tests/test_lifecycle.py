@@ -105,7 +105,7 @@ def test_outbound_registration_with_digest(tmp_path):
     time.sleep(0.3)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:{ports["sipp"]}"\n'
-                   'username = "trunkuser"\npassword_env = "TRUNK_PASS"\nregister = true\n')
+                   'username = "trunkuser"\npassword_env = "TRUNK_PASS"\nregister = true\nrealm = "trunk.test"\n')
     from support import CellProcess
     cell = CellProcess(tmp_path, cfg.read_text(), env={"TRUNK_PASS": "s3cret"})
     cell.start()

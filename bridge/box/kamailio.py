@@ -25,14 +25,63 @@ def dispatcher_list(cells: list[tuple[str, int]], maxload: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _split_address(address: str) -> tuple[str, int | None]:
+    """``sip:host[:port][;params]`` / ``host:port`` / ``[v6]:port`` -> (host, port or None)."""
+    a = address.strip()
+    for scheme in ("sips:", "sip:"):
+        if a.lower().startswith(scheme):
+            a = a[len(scheme):]
+    a = a.split(";", 1)[0].split("@")[-1]
+    if a.startswith("["):
+        host, _, rest = a[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif a.count(":") == 1:
+        host, _, port = a.partition(":")
+    else:
+        host, port = a, ""
+    return host, int(port) if port.isdigit() else None
+
+
+def _quoted(text: str) -> str:
+    """A value safe inside a double-quoted Kamailio string (config comes from the operator,
+    but a stray quote must not change the routing logic)."""
+    if any(ch in text for ch in '"\\\n\r$'):
+        raise ValueError(f"unsupported character in {text!r}")
+    return text
+
+
+def trunk_dest_lines(trunk_addresses: list[str], trusted: list[str]) -> str:
+    """route[TRUNKDEST] body: a cell's request may go to a trunk's address (host, and
+    port when the address names one) or to a host inside a trunk's allow-list."""
+    lines = []
+    for address in trunk_addresses:
+        host, port = _split_address(address)
+        if not host:
+            continue
+        host = _quoted(host)
+        rd = f"[{host}]" if ":" in host else host
+        cond = f'$rd == "{rd}"' + (f" && $rp == {port}" if port else "")
+        lines.append(f"    if ({cond}) return 1;")
+    for c in trusted:
+        lines.append(f'    if (is_ip("$rd") && is_in_subnet("$rd", "{_quoted(c)}")) return 1;')
+    return "\n".join(lines) or "    # no trunk addresses: cells may not send anywhere"
+
+
 def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int, ping: int = 2,
-           pike: int = 60, children: int = 2, debug: int = 1, fr_timer: int = 2000) -> str:
+           pike: int = 60, children: int = 2, debug: int = 1, fr_timer: int = 2000,
+           trunk_addresses: list[str] | None = None, tcp_lifetime: int = 20,
+           tcp_trusted_lifetime: int = 3600, tcp_max: int = 2048) -> str:
+    """The front's config. ``trusted``: trunk source CIDRs (everything else is dropped);
+    ``trunk_addresses``: where cells may send requests (with ``trusted``)."""
     tpl = TEMPLATE.read_text()
-    trusted_lines = "\n".join(f'    if (is_in_subnet("$si", "{c}")) return 1;' for c in trusted) or "    # none"
+    trusted_lines = "\n".join(f'    if (is_in_subnet("$si", "{_quoted(c)}")) return 1;' for c in trusted) or "    # none"
     values = {
         "LISTEN": "\n".join(f"listen={x}" for x in listen), "RUN_DIR": run_dir, "MODULES": modules_dir(),
         "TRUSTED": trusted_lines, "RETRY_AFTER": str(retry_after), "PING": str(ping), "PIKE": str(pike),
         "CHILDREN": str(children), "DEBUG": str(debug), "FR_TIMER": str(fr_timer),
+        "TRUNKDEST": trunk_dest_lines(trunk_addresses or [], trusted),
+        "TCP_LIFETIME": str(tcp_lifetime), "TCP_TRUSTED_LIFETIME": str(tcp_trusted_lifetime),
+        "TCP_MAX": str(tcp_max), "OPEN_FILES": str(tcp_max + 1024),
     }
     for k, v in values.items():
         tpl = tpl.replace("{{" + k + "}}", v)

@@ -103,6 +103,17 @@ def _cidrs(v: Any) -> list[str]:
     return v
 
 
+def _outbound_allow(v: Any) -> list[str]:
+    """CIDRs, addresses or host names the SSRF guard lets the box connect to."""
+    v = _str_list(v)
+    from bridge.core.netguard import Policy
+    try:
+        Policy.parse(v)
+    except ValueError as exc:
+        raise TypeError(str(exc).lstrip()) from None
+    return v
+
+
 def _digit_map(v: Any) -> dict[str, str]:
     if not isinstance(v, dict) or not all(isinstance(k, str) and k in "0123456789*#ABCD" and len(k) == 1
                                           and isinstance(x, str) for k, x in v.items()):
@@ -140,16 +151,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "sip": {"listen": _hostport, "public_address": _str, "user_agent": _str,
             "capacity": _int(1, 3), "retry_after": _int(1, 3600), "answer_delay": _float(0, 60),
             "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6),
-            "trusted_proxies": _cidrs, "outbound_proxy": _str},
+            "trusted_proxies": _cidrs, "outbound_proxy": _str, "allowed_destinations": _str_list},
     "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
               "realtime_clock": _bool},
-    "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300)},
+    "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300),
+             "outbound_allow": _outbound_allow, "outbound_strict": _bool,
+             "rate_limit": _float(0, 100000), "rate_burst": _int(1, 100000)},
     "records": {"retention_days": _float(0, 36500)},
     "recordings": {"enabled": _bool, "format": _choice("opus", "wav"), "dir": _str, "numbers": _number_flags,
                    "key_file": _str, "key_env": _str, "current_key": _str, "retention_days": _float(0, 36500),
                    "opus_bitrate": _int(6000, 256000), "flush_interval": _float(0.2, 10), "dtmf_pause": _bool,
                    "dtmf_resume_after": _float(0.5, 60)},
-    "pii": {"mask_cards": _bool, "patterns": _regex_list},
+    "pii": {"mask_cards": _bool, "patterns": _regex_list, "show_dtmf": _bool},
     "cells": {"host": _str, "sip_base": _int(0, 65535), "http_base": _int(0, 65535), "kamailio": _str,
               "ping_interval": _int(1, 60), "pike": _int(1, 100000), "children": _int(1, 64), "front_ip": _str},
     "webhooks": {"max_attempts": _int(1, 50), "base_delay": _float(0.01, 3600), "max_delay": _float(0.1, 86400),
@@ -189,14 +202,16 @@ DEFAULTS: dict[str, Any] = {
     "drain_timeout": 60.0,
     "sip": {"listen": "0.0.0.0:5060", "public_address": "", "user_agent": "Trunkline",
             "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
-            "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": ""},
+            "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": "",
+            "allowed_destinations": []},
     "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
-    "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0},
+    "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0,
+             "outbound_allow": [], "outbound_strict": False, "rate_limit": 50.0, "rate_burst": 200},
     "records": {"retention_days": 30.0},
     "recordings": {"enabled": False, "format": "opus", "dir": "", "numbers": {}, "key_file": "",
                    "key_env": "TRUNKLINE_RECORDING_KEYS", "current_key": "", "retention_days": 90.0,
                    "opus_bitrate": 32000, "flush_interval": 1.0, "dtmf_pause": True, "dtmf_resume_after": 5.0},
-    "pii": {"mask_cards": True, "patterns": []},
+    "pii": {"mask_cards": True, "patterns": [], "show_dtmf": False},
     "cells": {"host": "127.0.0.1", "sip_base": 0, "http_base": 0, "kamailio": "kamailio", "ping_interval": 2,
               "pike": 60, "children": 1, "front_ip": ""},
     "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0, "dispatch": True},
@@ -255,6 +270,12 @@ class Config:
     def app(self) -> str:
         return self.raw["app"]["name"]
 
+    @property
+    def outbound(self):
+        """The SSRF guard's policy (``http.outbound_allow``, ``http.outbound_strict``)."""
+        from bridge.core.netguard import Policy
+        return Policy.from_config(self.raw["http"])
+
     def needs_models(self) -> bool:
         load = self.raw["models"]["load"]
         if load != "auto":
@@ -302,7 +323,55 @@ def _trunk(i: int, t: Any) -> Trunk:
             pass
     if out.get("register") and not (out.get("address") and out.get("username")):
         raise ConfigError(f"{where}.register: needs address and username")
+    if (out.get("username") or out.get("password")) and out.get("realm", "").strip() in ("", "*"):
+        # without it pjsua answers any server's challenge (realm "*"): a digest response
+        # for the trunk's credentials to whoever asks
+        raise ConfigError(f"{where}.realm: trunk {out['name']!r} has credentials and needs an explicit "
+                          "realm (the digest realm its server challenges with)")
     return Trunk(**out)
+
+
+def _check_outbound(raw: dict, m: dict) -> None:
+    """The SSRF guard at load for the OpenAI-compatible LLM backend (its requests leave from the
+    inference process): the URL must be http(s), and its host, an address or what a name
+    resolves to now, allowed by ``http.outbound_allow`` (tools, webhooks and streams are
+    also checked on every connection)."""
+    if m["llm_backend"] != "openai":
+        return
+    import socket
+    from urllib.parse import urlsplit
+    from bridge.core.netguard import OutboundRefused, Policy, parse_ip
+    policy = Policy.from_config(raw["http"])
+    try:
+        policy.check_url(m["llm_url"], ("http", "https"))
+        host = urlsplit(m["llm_url"]).hostname or ""
+        if parse_ip(host) is None and not policy.host_allowed(host):
+            try:
+                found = {i[4][0] for i in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+            except (OSError, UnicodeError):
+                found = set()                    # unresolvable now: the connection will fail
+            policy.check_host(host, sorted(found))
+    except OutboundRefused as exc:
+        raise ConfigError(f"models.llm_url: {exc.reason} address refused "
+                          "(allow it with http.outbound_allow)") from None
+    except ValueError as exc:
+        raise ConfigError(f"models.llm_url: {exc}") from None
+
+
+def _check_tool_urls(raw: dict, toolbox) -> None:
+    """A tool URL whose host is a literal address must be allowed by ``http.outbound_allow``."""
+    if toolbox is None:
+        return
+    from bridge.core.netguard import OutboundRefused, Policy
+    policy = Policy.from_config(raw["http"])
+    for name, spec in toolbox.tools.items():
+        try:
+            policy.check_url(spec.url, ("http", "https"))
+        except OutboundRefused as exc:
+            raise ConfigError(f"tool {name}: url: {exc.reason} address refused "
+                              "(allow it with http.outbound_allow)") from None
+        except ValueError:
+            pass                                 # a templated host: checked when connecting
 
 
 def _merge_file(raw: dict, data: dict) -> None:
@@ -389,6 +458,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"models.{key}: {m[key]} is not a CTranslate2 model directory")
     if m["llm_backend"] == "openai" and not (m["llm_url"] and m["llm_model"]):
         raise ConfigError("models.llm_url: the openai backend needs llm_url and llm_model")
+    _check_outbound(raw, m)
     if raw["http"]["ops_listen"]:
         try:
             _hostport(raw["http"]["ops_listen"])
@@ -407,4 +477,5 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         toolbox = load_toolbox(raw["tool"], t["secrets_file"], t["file"], environ)
     except ToolConfigError as exc:
         raise ConfigError(str(exc)) from None
+    _check_tool_urls(raw, toolbox)
     return Config(raw, trunks, toolbox)

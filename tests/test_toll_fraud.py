@@ -1,0 +1,103 @@
+"""Outbound safety (issue 11): explicit digest realms, an allow-list of destinations for
+API calls and transfers, trunk passwords masked in ``check-config``."""
+import subprocess
+import sys
+
+import pytest
+
+from bridge.core.config import ConfigError, load
+from sip.config import TrunkSpec
+from sip.uri import DestinationPolicy, check_destination
+from support import ROOT, Api, create_key
+
+CARRIER = TrunkSpec(name="carrier", address="sip:sip.carrier.example:5060", allow=["203.0.113.0/24"])
+INBOUND = TrunkSpec(name="pbx", allow=["198.51.100.7/32"])
+
+
+def _policy(patterns=(), fixed=()):
+    return DestinationPolicy.of(patterns, fixed, [CARRIER, INBOUND])
+
+
+# -- digest realm -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("realm", ["", 'realm = "*"\n'])
+def test_credentials_without_an_explicit_realm_are_a_config_error(tmp_path, realm):
+    """The realm used to default to "*": pjsua then answers any server's challenge."""
+    path = tmp_path / "c.toml"
+    path.write_text('[[trunks]]\nname = "carrier"\naddress = "sip:192.0.2.1"\nusername = "u"\n'
+                    f'password = "pw"\nregister = true\n{realm}')
+    with pytest.raises(ConfigError, match=r"trunks\[0\]\.realm: trunk 'carrier' has credentials"):
+        load(str(path), environ={})
+
+
+def test_an_explicit_realm_is_accepted(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[trunks]]\nname = "carrier"\naddress = "sip:192.0.2.1"\nusername = "u"\n'
+                    'password = "pw"\nregister = true\nrealm = "carrier.example"\n')
+    assert load(str(path), environ={}).trunks[0].realm == "carrier.example"
+
+
+# -- destinations -------------------------------------------------------------------------
+
+def test_default_rule_numbers_through_a_trunk_and_uris_only_at_trunks():
+    p = _policy()
+    assert check_destination("+15551230001", "carrier", p) is None
+    assert "needs a trunk with an address" in check_destination("+15551230001", None, p)
+    assert "needs a trunk with an address" in check_destination("+15551230001", "pbx", p)
+    assert check_destination("sip:+15551230001@sip.carrier.example", None, p) is None
+    assert check_destination("sip:bob@sip.carrier.example:5060;transport=udp", None, p) is None
+    assert check_destination("sip:bob@198.51.100.7", None, p) is None          # inside a trunk's allow-list
+    refusal = check_destination("sip:900123@evil.example", None, p)
+    assert refusal and "default rule" in refusal and "sip.allowed_destinations" in refusal
+    assert check_destination("sip:bob@sip.carrier.example:5099", None, p)      # another port, not the trunk
+    assert check_destination("sip:bob@127.0.0.1:5060", None, p)
+    assert check_destination("", "carrier", p) == "empty destination"
+
+
+def test_operator_patterns():
+    p = _policy(["+1*", "sip:*@pbx.example.com"])
+    assert check_destination("+15551230001", "carrier", p) is None
+    assert "sip.allowed_destinations" in check_destination("+449001234567", "carrier", p)
+    assert check_destination("tel:+15551230001", "carrier", p) is None
+    assert check_destination("sip:frontdesk@PBX.example.com", None, p) is None
+    assert check_destination("sip:frontdesk@pbx.example.com.evil.example", None, p)
+    assert check_destination("sip:+15551230001@sip.carrier.example", None, p) is None   # a number at a trunk
+    assert check_destination("sip:+449001234567@sip.carrier.example", None, p)
+    assert check_destination("sip:x@evil.example", None, p)
+
+
+def test_operator_configured_transfer_targets_are_always_allowed():
+    p = _policy(fixed=["sip:operator@192.0.2.50:5999"])
+    assert check_destination("sip:operator@192.0.2.50:5999", None, p) is None
+    assert check_destination("sip:other@192.0.2.50:5999", None, p)
+
+
+API = '[models]\nload = "never"\n[[trunks]]\nname = "carrier"\nallow = ["127.0.0.1/32"]\naddress = "sip:127.0.0.1:9"\n'
+
+
+def test_api_refuses_calls_and_transfers_to_destinations_outside_the_rule(cell_factory):
+    """403 naming the rule, in the API's error shape; nothing is dialled."""
+    cell = cell_factory(API + '[sip]\nallowed_destinations = ["+1*"]\n', args=("--app", "api"))
+    api = Api(cell, create_key(cell.data, "control"))
+    status, body, _ = api.post("/v1/calls", {"to": "sip:900123@203.0.113.66"})
+    assert status == 403, body
+    assert body["error"]["code"] == "destination_not_allowed" and body["error"]["field"] == "to"
+    assert "sip.allowed_destinations" in body["error"]["message"]
+    status, body, _ = api.post("/v1/calls", {"to": "+449001234567", "trunk": "carrier"})
+    assert status == 403 and "sip.allowed_destinations" in body["error"]["message"], body
+    assert not cell.events("call_offered")
+    status, body, _ = api.post("/v1/calls", {"to": "+15551230001", "trunk": "carrier"})
+    assert status == 201, body                                       # allowed: dialled through the trunk
+
+
+# -- check-config -------------------------------------------------------------------------
+
+def test_check_config_masks_trunk_passwords(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[trunks]]\nname = "carrier"\naddress = "sip:192.0.2.1"\nusername = "u"\n'
+                    'password = "pw-Secret-4711"\nrealm = "carrier.example"\n')
+    r = subprocess.run([sys.executable, "-m", "bridge.cli", "check-config", "--config", str(path),
+                        "--data-dir", str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "pw-Secret-4711" not in r.stdout + r.stderr
+    assert '"password": "********"' in r.stdout and '"username": "u"' in r.stdout
