@@ -10,6 +10,11 @@ subscriber that reconnects with the last ``seq`` it saw is replayed everything
 it missed; ``call_seq`` counts the events of one call from 1.
 
 Topics: ``*`` (everything), ``call:<call_id>``, ``event:<type>``.
+
+Publishing hands the event to the cell's durable writer (off the 20 ms
+tick); subscribers follow the committed table (``Tailer``), so nobody hears of
+an event before its row is committed. The writer calls back on the loop after
+each commit (``EventBus.on_stored``) and the cell uses that to wake its tailer.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Callable
 
 from bridge.core import pii
 from bridge.records.store import Store, new_id
+from bridge.records.writer import InlineWriter
 
 log = logging.getLogger("trunkline.events")
 
@@ -68,6 +74,20 @@ class Tailer:
         self.listeners: list[Callable[[dict], None]] = []
         self.last = store.last_event_seq()
         self.wanted: Callable[[], bool] = lambda: bool(self.listeners)
+        self._wake = None      # an asyncio.Event once running: set when this process committed an event
+
+    def wake(self, *_) -> None:
+        """Poll now rather than at the next interval (called on the loop after a commit)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        import asyncio
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
 
     def subscribe(self, fn: Callable[[dict], None]) -> None:
         self.listeners.append(fn)
@@ -90,6 +110,7 @@ class Tailer:
 
     async def run(self) -> None:
         import asyncio
+        self._wake = asyncio.Event()
         while True:
             try:
                 if not self.wanted():
@@ -97,7 +118,7 @@ class Tailer:
                     self.last = self.store.last_event_seq()
                     await asyncio.sleep(0.5)
                 elif self.poll() < 1000:
-                    await asyncio.sleep(self.interval)
+                    await self._pause(self.interval)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - e.g. the database is locked for a moment
@@ -106,14 +127,18 @@ class Tailer:
 
 
 class EventBus:
-    """Publishing = committing to the store. Subscribers follow the store (``Tailer``)."""
+    """Publishing = committing to the store, through ``writer`` (the cell's durable writer; without
+    one, at once on the caller's thread). Subscribers follow the store (``Tailer``)."""
 
-    def __init__(self, store: Store, metrics=None):
+    def __init__(self, store: Store, metrics=None, writer=None):
         self.store = store
         self.metrics = metrics
+        self.writer = writer if writer is not None else InlineWriter(store, metrics)
         self.call_seq: dict[str, int] = defaultdict(int)
+        self.on_stored: Callable[[int], None] | None = None     # on the loop, with the seq, after the commit
 
-    def publish(self, etype: str, call_id: str | None, data: dict) -> dict | None:
+    def publish(self, etype: str, call_id: str | None, data: dict) -> None:
+        """Number the event and hand it to the writer; it is stored (and only then sent) in order."""
         assert etype in EVENT_TYPES, etype
         data = pii.mask(data)          # card numbers and [pii] patterns never reach the store or a webhook
         at = time.time()
@@ -123,14 +148,22 @@ class EventBus:
             self.call_seq[call_id] += 1
             cseq = self.call_seq[call_id]
         try:
-            seq = self.store.add_event(eid, etype, call_id, at, {"call_seq": cseq, "data": data})
-        except Exception:  # noqa: BLE001 - a full disk must not stop the call
+            body = json.dumps({"call_seq": cseq, "data": data})  # serialised now: the caller may reuse data
+        except (TypeError, ValueError):
             log.exception("could not store event %s", etype)
             if self.metrics:
                 self.metrics.record_errors.inc()
-            return None
-        return {"seq": seq, "id": eid, "type": etype, "call_id": call_id, "call_seq": cseq,
-                "timestamp": iso(at), "data": data}
+            return
+        self.writer.sql(lambda st: st.add_event(eid, etype, call_id, at, body), f"event {etype}",
+                        {"id": eid, "type": etype, "call_id": call_id, "at": at, "data": body}, self._stored)
+
+    async def settled(self, timeout: float = 0.5) -> bool:
+        """Before an API read: wait (briefly) for what this process has published to be committed."""
+        return await self.writer.settled(timeout)
+
+    def _stored(self, seq: int) -> None:
+        if self.on_stored is not None:
+            self.on_stored(seq)
 
     def forget_call(self, call_id: str) -> None:
         self.call_seq.pop(call_id, None)

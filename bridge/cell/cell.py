@@ -5,7 +5,10 @@ Threads and hand-offs:
   ``call_soon_threadsafe`` (a few per call, never per frame);
 - pjmedia's clock thread moves frames through each call's ``CallMedia``;
 - this loop runs a 20 ms tick that drains every call's uplink into its app
-  and serves HTTP. An app that raises ends its own call only.
+  and serves HTTP. An app that raises ends its own call only;
+- the durable writer thread (``bridge/records/writer.py``) persists what the
+  loop enqueues (call rows, transcripts, events, JSONL records): no disk
+  write on the tick.
 """
 from __future__ import annotations
 
@@ -15,16 +18,20 @@ import os
 import signal
 import time
 from dataclasses import replace
+from typing import Any, Callable
 
 from bridge.core import pii
 from bridge.cell.apps import make_app
 from bridge.api.events import EventBus, Tailer
+from bridge.api.services import Services
 from bridge.records.store import Store
 from bridge.api.webhooks import WebhookDispatcher
 from bridge.core.config import CODEC_IDS, Config
 from bridge.core.logs import event
 from bridge.core.metrics import Metrics
+from bridge.core.states import CallState
 from bridge.records.journal import CallRecords
+from bridge.records import writer as records_writer
 from bridge.records.recording import Recordings
 from bridge.cell.session import Session
 from bridge.api.streams import StreamManager
@@ -49,6 +56,9 @@ def engine_config(cfg: Config) -> EngineConfig:
         clock_rate=media["clock_rate"], codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
         capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
         rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
+        tcp=not sip["trusted_proxies"],          # behind a front: UDP only (the front talks UDP to cells)
+        allowed_destinations=tuple(sip["allowed_destinations"]),
+        fixed_destinations=tuple(cfg.raw["app"]["dtmf_transfer"].values()),
         # with several cells only cell 0 keeps the trunk registrations
         trunks=[replace(t, register=t.register and os.environ.get("TRUNKLINE_CELL", "0") == "0",
                         proxy=sip["outbound_proxy"]) for t in cfg.trunks],
@@ -58,7 +68,7 @@ def engine_config(cfg: Config) -> EngineConfig:
 class Cell:
     def __init__(self, cfg: Config, metrics: Metrics | None = None):
         self.cfg = cfg
-        pii.configure(cfg.raw["pii"]["mask_cards"], cfg.raw["pii"]["patterns"])
+        pii.configure(cfg.raw["pii"]["mask_cards"], cfg.raw["pii"]["patterns"], cfg.raw["pii"]["show_dtmf"])
         self.metrics = metrics or Metrics()
         self.metrics.capacity.set(cfg.raw["sip"]["capacity"])
         self.sessions: dict[str, Session] = {}
@@ -76,19 +86,23 @@ class Cell:
             base = cfg.raw["tools"]["callback_base_url"] or "http://" + cfg.raw["http"]["listen"].replace(
                 "0.0.0.0:", "127.0.0.1:")
             self.tools = ToolRunner(cfg.toolbox, cfg.raw["tools"], self.metrics, callback_base=base,
-                                    mask=pii.mask)     # card numbers and configured patterns out of audits
+                                    mask=pii.mask, guard=cfg.outbound)     # card numbers and configured patterns out of audits
         self.store = Store(cfg.data_dir)
+        # the durable writer: call rows, transcripts, events and JSONL records are persisted off the tick
+        self.writer = records_writer.for_cell(cfg.data_dir, self.store, self.metrics)
+        self.records.writer = self.turns.writer = self.writer
         self.cell_id = os.environ.get("TRUNKLINE_CELL", "0")
         closed = self.store.close_open_calls("bridge restarted", self.cell_id)
         if closed:
             log.warning("closed %d call records left open by an earlier run", closed)
         for number, app in cfg.raw["numbers"].items():
             self.store.set_number(number, app)
-        self.bus = EventBus(self.store, self.metrics)
+        self.bus = EventBus(self.store, self.metrics, self.writer)
         w = cfg.raw["webhooks"]
         self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
-                                          w["max_delay"], w["timeout"])
+                                          w["max_delay"], w["timeout"], guard=cfg.outbound)
         self.tailer = Tailer(self.store)
+        self.bus.on_stored = self.tailer.wake        # an event committed: tell its subscribers now
         if w["dispatch"]:
             self.tailer.subscribe(self.webhooks.on_event)
         self.tailer.wanted = lambda: len(self.tailer.listeners) > int(w["dispatch"]) or (
@@ -99,14 +113,30 @@ class Cell:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
         self.ended: list[ev.CallEnded] = []     # for `trunkline call` and tests
-        self.streams = StreamManager(self)       # media streams (WebSocket audio taps)
-        self.recordings = Recordings(self)       # encrypted call recordings (audio taps)
+        self.snapshot = ev.CallsSnapshot(0)      # the engine's latest live view (never read from the engine)
+        # what the API, the sessions, streams and recordings use of this cell
+        self.services = Services(cfg=cfg, store=self.store, metrics=self.metrics, tailer=self.tailer,
+                                 webhooks=self.webhooks, cell_id=self.cell_id, bus=self.bus, calls=self.sessions,
+                                 submit=self.engine.submit, make_call=self.make_call,
+                                 live_quality=self.live_quality, hub=self.hub, tools=self.tools)
+        self.streams = StreamManager(self.services)       # media streams (WebSocket audio taps)
+        self.recordings = Recordings(self.services)       # encrypted call recordings (audio taps)
+        self.services.streams, self.services.recordings = self.streams, self.recordings
+        # the engine's events, by type (an event with no handler here is ignored)
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            ev.CallOffered: self._ev_CallOffered, ev.CallAnswered: self._ev_CallAnswered,
+            ev.CallRejected: self._ev_CallRejected, ev.CallHold: self._ev_CallHold, ev.Dtmf: self._ev_Dtmf,
+            ev.TransferStatus: self._ev_TransferStatus, ev.Registration: self._ev_Registration,
+            ev.EngineStopped: self._ev_EngineStopped, ev.CallEnded: self._ev_CallEnded,
+            ev.CallsSnapshot: self._ev_CallsSnapshot,
+        }
         self._rec_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Load the models (agent app), then start SIP. Raises EngineLoadError / EngineError."""
         self._loop = asyncio.get_running_loop()
+        self.writer.start(self._loop)
         self._purge()
         self._tail_task = asyncio.create_task(self.tailer.run(), name="event-tailer")
         self._rec_task = asyncio.create_task(self.recordings.run_retention(), name="recording-retention")
@@ -117,6 +147,7 @@ class Cell:
         if self.cfg.needs_models():
             from bridge.agent.hub import AiHub
             self.hub = AiHub(self.cfg, self.metrics, self.cfg.raw["media"]["clock_rate"])
+            self.services.hub = self.hub
             try:
                 await self.hub.start()
             except BaseException:
@@ -137,7 +168,10 @@ class Cell:
         """Refuse new calls (503), let live ones finish, then hang up the rest."""
         timeout = self.cfg.raw["drain_timeout"] if timeout is None else timeout
         self.draining = True
-        self.engine.draining = True
+        try:                                     # the engine refuses new calls from now on (503)
+            await asyncio.wait_for(asyncio.wrap_future(self.engine.submit(cmd.SetDraining(True))), 5)
+        except Exception as exc:  # noqa: BLE001 - an engine that is gone takes no calls anyway
+            log.warning("could not tell the SIP engine to drain: %s", exc)
         self.metrics.draining.set(1)
         event(log, "drain_started", calls=len(self.sessions), timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -169,6 +203,7 @@ class Cell:
         if self._rec_task:
             self._rec_task.cancel()
         self.recordings.stop_all("cell stopped")
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.close)   # nothing queued is lost
         self.store.close()
         self.stopped.set()
 
@@ -191,15 +226,27 @@ class Cell:
             loop.call_soon_threadsafe(self._on_event, e)
 
     def _on_event(self, e) -> None:
-        handler = getattr(self, "_ev_" + type(e).__name__, None)
+        handler = self._handlers.get(type(e))
         if handler is not None:
             handler(e)
 
+    def _ev_CallsSnapshot(self, e: ev.CallsSnapshot) -> None:
+        """The engine's live view: active calls and quality for /metrics and the API."""
+        self.snapshot = e
+        self.metrics.calls_active.set(e.active_calls)
+        for call_id, q in e.quality.items():        # a codec the answer did not name yet
+            s = self.sessions.get(call_id)
+            if s is not None and s.answered_at and not s.codec and q.codec:
+                s.codec = q.codec
+
+    def live_quality(self, call_id: str):
+        """The latest quality the engine published for a live call (``None`` if none yet)."""
+        return self.snapshot.quality.get(call_id)
+
     def _ev_CallOffered(self, e: ev.CallOffered) -> None:
         self._calls_waiting.set()
-        s = Session(self, e)
+        s = Session(self.services, e)
         self.sessions[e.call_id] = s
-        self.metrics.calls_active.set(len(self.sessions))
         s.app_name = e.app or self.app_for(e.to_uri)
         event(calls_log, "call_offered", call_id=e.call_id, direction=e.direction,
               **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk, app=s.app_name)
@@ -220,7 +267,7 @@ class Cell:
             return
         s.answered_at = time.monotonic()
         s.codec = e.codec or self._codec_of(e.call_id)
-        s.state = "progressing"
+        s.state = CallState.PROGRESSING
         event(calls_log, "call_answered", call_id=e.call_id, codec=s.codec)
         self._record(s)
         s.emit("call_progressing", {"codec": s.codec})
@@ -246,7 +293,7 @@ class Cell:
         self.metrics.dtmf.labels(e.method).inc()
         s = self.sessions.get(e.call_id)
         # A digit typed while the recording is paused (a PCI moment) stays out of logs, events and records.
-        shown = "X" if s is not None and self.recordings.on_dtmf(s, e.digit, e.duration_ms) else e.digit
+        shown = pii.dtmf(e.digit, s is not None and self.recordings.on_dtmf(s, e.digit, e.duration_ms))
         event(calls_log, "dtmf", call_id=e.call_id, digit=shown, method=e.method, duration_ms=e.duration_ms)
         if s is None:
             return
@@ -276,7 +323,6 @@ class Cell:
 
     def _ev_CallEnded(self, e: ev.CallEnded) -> None:
         s = self.sessions.pop(e.call_id, None)
-        self.metrics.calls_active.set(len(self.sessions))
         if s is not None:
             self._flush_timing(s)
             if s.app is not None:
@@ -322,7 +368,7 @@ class Cell:
         self.ended.append(e)
         event(calls_log, "call_ended", **rec)
         if s is not None:
-            s.state = "ended"
+            s.state = CallState.ENDED
             self._record(s, ended=time.time(), result=result, reason=e.reason,
                          quality=q.as_dict() if q.rx_packets else None, codec=q.codec or s.codec)
             self.bus.publish("call_hangup", e.call_id, {"reason": e.reason, "result": result, "status": e.status,
@@ -339,18 +385,16 @@ class Cell:
         return numbers.get(user) or numbers.get(user.lstrip("+")) or self.cfg.app
 
     def _codec_of(self, call_id: str) -> str:
-        q = self.engine.live_quality().get(call_id)
+        q = self.live_quality(call_id)
         return q.codec if q else ""
 
     def _record(self, s: Session, **fields) -> None:
         row = {"id": s.call_id, "direction": s.direction, "from_uri": s.from_uri, "to_uri": s.to_uri,
                "trunk": s.trunk, "app": s.app_name, "state": s.state, "codec": s.codec,
                "created": s.created, "answered": s.answered_wall, "cell": self.cell_id, **fields}
-        try:
-            self.store.upsert_call(row)
-        except Exception:  # noqa: BLE001 - records must never break a call
-            log.exception("cannot store call record %s", s.call_id)
-            self.metrics.record_errors.inc()
+        staged = self.store.stage_call(row)          # the API sees it now; the writer commits it
+        self.writer.sql(lambda st: st.upsert_call(staged), f"call {s.call_id}", staged,
+                        lambda _: self.store.call_saved(staged))
 
     # -- the 20 ms tick ----------------------------------------------------------
     async def _ticker(self) -> None:

@@ -11,8 +11,8 @@ log = logging.getLogger("trunkline.call")
 
 
 class Session:
-    def __init__(self, cell, offered):
-        self.cell = cell
+    def __init__(self, services, offered):
+        self.services = services          # the cell's bridge.api.services.Services: bus, store, metrics, engine
         self.call_id = offered.call_id
         self.direction = offered.direction
         self.from_uri = offered.from_uri
@@ -56,16 +56,18 @@ class Session:
 
     def emit(self, etype: str, data: dict) -> None:
         """Publish an event about this call on the bus (stored, then sent)."""
-        self.cell.bus.publish(etype, self.call_id, data)
+        self.services.bus.publish(etype, self.call_id, data)
 
     def record_transcript(self, direction: str, text: str, transcribe_id: str | None = None,
                           extra: dict | None = None) -> None:
-        """Store a line of the call's transcript and publish ``transcript_created``."""
+        """Store a line of the call's transcript and publish ``transcript_created``: both go to the
+        bus's durable writer, in that order, so the line is committed before the event is."""
         text, extra = pii.mask_text(text), pii.mask(extra)      # card numbers are never stored
-        try:
-            self.cell.store.add_transcript(self.call_id, direction, text, transcribe_id, extra)
-        except Exception:  # noqa: BLE001 - a full disk must not end the call
-            self.cell.metrics.record_errors.inc()
+        call_id, at = self.call_id, time.time()
+        self.services.bus.writer.sql(
+            lambda st: st.add_transcript(call_id, direction, text, transcribe_id, extra, at), "transcript",
+            {"call_id": call_id, "direction": direction, "text": text, "transcribe_id": transcribe_id,
+             "extra": extra, "at": at})
         data = {"direction": direction, "message": text}
         if transcribe_id:
             data["transcribe_id"] = transcribe_id
@@ -80,11 +82,11 @@ class Session:
         if self.ending:
             return
         self.ending = True
-        self.cell.engine.submit(cmd.Hangup(self.call_id, status, reason))
+        self.services.submit(cmd.Hangup(self.call_id, status, reason))
 
     def transfer(self, target: str) -> None:
         log.info("transfer", extra={"fields": {"event": "transfer", "call_id": self.call_id, "target": target}})
-        self.cell.engine.submit(cmd.Transfer(self.call_id, target))
+        self.services.submit(cmd.Transfer(self.call_id, target))
 
     def drops(self) -> tuple[int, int]:
         """Newly dropped (uplink, downlink) frames since the last call."""

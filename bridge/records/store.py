@@ -2,12 +2,18 @@
 deliveries, API keys, idempotent results, number routing, recording metadata
 (the rows; ``bridge/records/recording.py`` owns their queries).
 
-Every write commits before the caller goes on, and an event is committed
-before anyone is sent it, so a killed process loses no event it had
-acknowledged (WAL with ``synchronous=NORMAL``: a committed transaction survives
-the process being killed; only an OS crash or power loss can take the last
-ones). All cells of a box share one database file; SQLite's locking serialises
-their writes. Within a process, all access is on the event-loop thread.
+An event is committed before anyone is sent it (subscribers follow the
+table), so a killed process loses no event it had told anyone about (WAL with
+``synchronous=NORMAL``: a committed transaction survives the process being
+killed; only an OS crash or power loss can take the last ones). All cells of a
+box share one database file; SQLite's locking serialises their writes.
+
+In a cell, the records written during calls (call rows, transcripts, events)
+are committed by the durable writer (``bridge/records/writer.py``) on its own
+thread and connection, off the 20 ms tick; everything else (API keys, webhooks,
+numbers, reads) runs on the event-loop thread and commits before it goes on.
+A call row handed to the writer is visible to ``get_call``/``list_calls`` at
+once (``stage_call``) until its commit lands.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import os
 import secrets
 import sqlite3
 import time
+
+from bridge.records import slowdisk
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -54,6 +62,9 @@ CREATE TABLE IF NOT EXISTS recordings (
 CREATE INDEX IF NOT EXISTS recordings_call ON recordings(call_id, started);
 """
 
+CALL_COLUMNS = ("id", "direction", "from_uri", "to_uri", "trunk", "app", "state", "codec", "created",
+                "answered", "ended", "result", "reason", "cell", "quality")
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
@@ -85,6 +96,7 @@ class Store:
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
         if "cell" not in cols:                                    # databases from before multi-cell
             self.db.execute("ALTER TABLE calls ADD COLUMN cell TEXT")
+        self.unsaved_calls: dict[str, dict] = {}     # call rows handed to the writer, not yet committed
 
     def close(self) -> None:
         self.db.close()
@@ -123,29 +135,50 @@ class Store:
 
     # -- calls -----------------------------------------------------------------------
     def upsert_call(self, call: dict) -> None:
-        cols = ["id", "direction", "from_uri", "to_uri", "trunk", "app", "state", "codec", "created",
-                "answered", "ended", "result", "reason", "cell", "quality"]
+        cols = CALL_COLUMNS
         vals = [call.get(c) for c in cols]
         vals[-1] = json.dumps(call["quality"]) if call.get("quality") is not None else None
+        slowdisk.stall()
         self.db.execute(f"INSERT INTO calls ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
                         f"ON CONFLICT(id) DO UPDATE SET " + ",".join(f"{c}=excluded.{c}" for c in cols[1:]), vals)
 
+    def stage_call(self, call: dict) -> dict:
+        """A call row about to be upserted by the writer: reads see it from now on.
+        Returns the staged row, to pass to ``call_saved`` once it is committed."""
+        row = {c: call.get(c) for c in CALL_COLUMNS}
+        self.unsaved_calls[row["id"]] = row
+        return row
+
+    def call_saved(self, row: dict) -> None:
+        """The writer committed ``row`` (unless a newer one is staged, reads go to the table again)."""
+        if self.unsaved_calls.get(row["id"]) is row:
+            del self.unsaved_calls[row["id"]]
+
     def get_call(self, call_id: str) -> dict | None:
+        staged = self.unsaved_calls.get(call_id)
+        if staged is not None:
+            return dict(staged)
         row = self._one("SELECT * FROM calls WHERE id = ?", call_id)
         if row and row["quality"]:
             row["quality"] = json.loads(row["quality"])
         return row
 
     def list_calls(self, state: str | None, limit: int) -> list[dict]:
+        n = limit + len(self.unsaved_calls)
         if state == "active":
-            rows = self._all("SELECT * FROM calls WHERE ended IS NULL ORDER BY created DESC LIMIT ?", limit)
+            rows = self._all("SELECT * FROM calls WHERE ended IS NULL ORDER BY created DESC LIMIT ?", n)
         elif state == "ended":
-            rows = self._all("SELECT * FROM calls WHERE ended IS NOT NULL ORDER BY created DESC LIMIT ?", limit)
+            rows = self._all("SELECT * FROM calls WHERE ended IS NOT NULL ORDER BY created DESC LIMIT ?", n)
         else:
-            rows = self._all("SELECT * FROM calls ORDER BY created DESC LIMIT ?", limit)
+            rows = self._all("SELECT * FROM calls ORDER BY created DESC LIMIT ?", n)
         for r in rows:
             r["quality"] = json.loads(r["quality"]) if r["quality"] else None
-        return rows
+        if self.unsaved_calls:
+            staged = [dict(r) for r in self.unsaved_calls.values()
+                      if state is None or (r["ended"] is None) == (state == "active")]
+            rows = [r for r in rows if r["id"] not in self.unsaved_calls] + staged
+            rows.sort(key=lambda r: r["created"] or 0, reverse=True)
+        return rows[:limit]
 
     def close_open_calls(self, reason: str, cell: str) -> int:
         """A cell's calls left open by a crash are closed when it starts again."""
@@ -156,9 +189,11 @@ class Store:
 
     # -- transcripts -------------------------------------------------------------------
     def add_transcript(self, call_id: str, direction: str, text: str, transcribe_id: str | None = None,
-                       extra: dict | None = None) -> int:
+                       extra: dict | None = None, at: float | None = None) -> int:
+        slowdisk.stall()
         cur = self.db.execute("INSERT INTO transcripts (call_id, transcribe_id, direction, text, at, extra) "
-                              "VALUES (?,?,?,?,?,?)", (call_id, transcribe_id, direction, text, time.time(),
+                              "VALUES (?,?,?,?,?,?)", (call_id, transcribe_id, direction, text,
+                                                       time.time() if at is None else at,
                                                        json.dumps(extra) if extra else None))
         return cur.lastrowid
 
@@ -170,9 +205,11 @@ class Store:
         return rows
 
     # -- events -------------------------------------------------------------------------
-    def add_event(self, eid: str, etype: str, call_id: str | None, at: float, data: dict) -> int:
+    def add_event(self, eid: str, etype: str, call_id: str | None, at: float, data: dict | str) -> int:
+        """``data`` as a dict, or already as its JSON text."""
+        slowdisk.stall()
         cur = self.db.execute("INSERT INTO events (id, type, call_id, at, data) VALUES (?,?,?,?,?)",
-                              (eid, etype, call_id, at, json.dumps(data)))
+                              (eid, etype, call_id, at, data if isinstance(data, str) else json.dumps(data)))
         return cur.lastrowid
 
     def events_since(self, seq: int, limit: int = 10000) -> list[dict]:
