@@ -1,2 +1,2 @@
-"""Foundations every part shares: config, logs, metrics, PII masking, schema checks, key ring, backoff, the app base.
+"""Shared foundations: config, logs, metrics, PII, schema, key ring, backoff, states, outbound guard, app base.
 May import: the standard library, media, sip.config. Nothing else in bridge."""
