@@ -158,7 +158,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+# No environment proxies (HTTP(S)_PROXY would see the bearer key and the conversation) and no redirects.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
 
 
 class OpenAIChat:
@@ -194,7 +195,7 @@ class OpenAIChat:
         except urllib.error.HTTPError as exc:
             if 300 <= exc.code < 400:
                 raise RuntimeError(f"LLM endpoint answered {exc.code}: redirects are not followed") from None
-            raise RuntimeError(f"LLM endpoint answered {exc.code}: {exc.read()[:200]!r}") from None
+            raise RuntimeError(f"LLM endpoint answered HTTP {exc.code}") from None   # never its body
         except urllib.error.URLError as exc:
             raise RuntimeError(f"LLM endpoint unreachable: {exc.reason}") from None
         calls: dict[int, dict] = {}

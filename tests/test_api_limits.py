@@ -331,3 +331,17 @@ def test_say_queue_is_bounded(tmp_path):
     assert err.status == 429 and err.code == "queue_full" and err.headers["Retry-After"] == "1"
     assert len(sp.texts) == MAX_SAY_QUEUED
     assert metrics.api_limited.labels("say_queue")._value.get() == 1
+
+
+def test_unsigned_tool_callback_is_refused_before_its_body_is_read(cell_factory):
+    """The tool-callback route has no key: a stranger's body must cost nothing on the loop
+    that runs the media tick. A bad signature is a 404 before any JSON is parsed (a deep body
+    would otherwise be a 400), and no JSON body over 64 KiB is parsed anywhere (413)."""
+    tool = ('[http]\noutbound_allow = ["127.0.0.1/32"]\n[[tool]]\nname = "t"\ndescription = "d"\n'
+            'url = "http://127.0.0.1:9/x"\n')
+    cell = cell_factory(NEVER + tool)
+    status, out, _ = _raw_post(cell, "/v1/calls/c1/tool-results/tc1?sig=forged", DEEP.encode(), None)
+    assert status == 404 and out["error"]["code"] == "not_found", (status, out)
+    key = create_key(cell.data)
+    status, out, _ = _raw_post(cell, "/v1/webhooks", b'{"url": "' + b"x" * (70 << 10) + b'"}', key)
+    assert status == 413 and out["error"]["code"] == "too_large", (status, out)

@@ -50,7 +50,7 @@ def test_streams_tokens_and_sends_the_conversation(monkeypatch):
     assert body["max_tokens"] == 20
 
 
-@pytest.mark.parametrize("mode, message", [("500", "answered 500"), ("garbage", "malformed event")])
+@pytest.mark.parametrize("mode, message", [("500", "answered HTTP 500"), ("garbage", "malformed event")])
 def test_errors_are_clear(mode, message):
     srv = FakeOpenAI(mode)
     llm = OpenAIChat(f"http://127.0.0.1:{srv.port}/v1", "m")
@@ -65,3 +65,39 @@ def test_unreachable_endpoint():
     s.close()
     with pytest.raises(RuntimeError, match="unreachable"):
         list(OpenAIChat(f"http://127.0.0.1:{port}/v1", "m", timeout=2).stream("c", [], GenParams()))
+
+
+def test_environment_proxies_are_not_used(tmp_path):
+    """HTTP(S)_PROXY in the environment would see the bearer key and the whole conversation:
+    the backend talks to the configured endpoint directly."""
+    import subprocess
+    import sys
+    import threading
+    from support import ROOT
+    srv = FakeOpenAI("ok")
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+    proxy.settimeout(0.2)
+    hits = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = proxy.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            hits.append(conn.recv(4096))
+            conn.close()
+    threading.Thread(target=accept, daemon=True).start()
+    code = ("from ai.llm import GenParams, OpenAIChat\n"
+            f"llm = OpenAIChat('http://127.0.0.1:{srv.port}/v1', 'm', api_key='sk-secret', timeout=5)\n"
+            "print(''.join(llm.stream('c', [{'role': 'user', 'content': 'hi'}], GenParams())))\n")
+    env = {"PATH": "/usr/bin:/bin", "HTTP_PROXY": f"http://127.0.0.1:{proxy.getsockname()[1]}",
+           "http_proxy": f"http://127.0.0.1:{proxy.getsockname()[1]}", "NO_PROXY": "", "no_proxy": ""}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    proxy.close()
+    assert not hits, f"the proxy saw: {hits[0][:200]!r}"
+    assert r.returncode == 0 and "nine to five" in r.stdout, r.stderr[-2000:]

@@ -6,6 +6,7 @@ durable write waits while a flag file exists). The cell test stalls a real cell'
 writer during a real echo call and checks that the echo keeps its 20 ms cadence.
 """
 import asyncio
+import os
 import json
 import logging
 import math
@@ -184,7 +185,14 @@ def test_a_record_the_database_rejects_for_good_is_given_up_loudly(tmp_path, cap
         store.close()
     with caplog.at_level(logging.ERROR, "trunkline.records"):
         _run(main())
-    assert any("record given up" in r.getMessage() and '{"x": 1}' in r.getMessage() for r in caplog.records)
+    assert any("record given up" in r.getMessage() and '{"x": 1}' in _opened(tmp_path, r.getMessage())
+               for r in caplog.records)
+
+
+def _opened(data_dir, message: str) -> str:
+    """A given-up record as logged: sealed (no words in the log), opened with the records key."""
+    from bridge.records.cipher import vault_for
+    return vault_for(os.path.join(str(data_dir), "trunkline.db")).open(message.rsplit(" ", 1)[-1]) or ""
 
 
 def test_full_queue_drops_the_oldest_counted_and_logged_never_blocks(tmp_path, slow_disk, caplog):
@@ -206,7 +214,8 @@ def test_full_queue_drops_the_oldest_counted_and_logged_never_blocks(tmp_path, s
         store.close()
     with caplog.at_level(logging.ERROR, "trunkline.records"):
         _run(main())
-    given_up = [r.getMessage() for r in caplog.records if "record given up (queue full)" in r.getMessage()]
+    given_up = [_opened(tmp_path, r.getMessage()) for r in caplog.records
+                if "record given up (queue full)" in r.getMessage()]
     assert len(given_up) == 5 and all('\\"i\\": %d' % i in m for i, m in zip(range(5), given_up))
 
 
@@ -376,3 +385,44 @@ def test_sigterm_writes_what_a_stalled_disk_held_back(cell_factory, tmp_path):
         assert store.get_call(call_id)["result"] == "answered"
     finally:
         store.close()
+
+
+def test_dropping_never_waits_for_a_blocked_log(tmp_path, slow_disk):
+    """With the disk stalled, stderr (journald on the same disk) may block too: a full queue's
+    drops are counted on the loop and logged by the spill thread, so publishing never waits."""
+    release = threading.Event()
+
+    class Blocked(logging.Handler):
+        def emit(self, record):
+            release.wait(10)
+
+    handler = Blocked(logging.ERROR)
+    logging.getLogger("trunkline.records").addHandler(handler)
+
+    async def main():
+        metrics = Metrics()
+        store = Store(str(tmp_path))
+        writer = Writer(str(tmp_path), metrics, capacity=4)
+        writer.start(asyncio.get_running_loop())
+        bus = EventBus(store, metrics, writer)
+        slow_disk.touch()
+        bus.publish("dtmf_received", "c1", {"i": -1})
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        for i in range(12):
+            bus.publish("dtmf_received", "c1", {"i": i})
+        took = time.monotonic() - t0
+        dropped = metrics.records_dropped._value.get()
+        release.set()
+        slow_disk.unlink()
+        await asyncio.get_running_loop().run_in_executor(None, writer.close)
+        store.close()
+        return took, dropped
+
+    try:
+        took, dropped = _run(main())
+    finally:
+        release.set()
+        logging.getLogger("trunkline.records").removeHandler(handler)
+    assert dropped == 8
+    assert took < 1.0, f"publishing waited {took:.2f}s for the log"

@@ -17,7 +17,7 @@ URI_OR_NUMBER = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": 
 
 
 MAX_JSON_DEPTH = 32             # arrays/objects inside each other, in any body or message
-MAX_JSON_BYTES = 1 << 20        # a request body or client message
+MAX_JSON_BYTES = 64 * 1024      # a request body or client message: parsed on the loop in a few ms at most
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKET = re.compile(r"[\[\]{}]")
 

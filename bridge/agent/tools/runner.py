@@ -130,9 +130,16 @@ class ToolRunner:
         return (f"{self.callback_base}/v1/calls/{call_id}/tool-results/{tool_call_id}"
                 f"?sig={self.token(call_id, tool_call_id)}")
 
+    def signed(self, call_id: str, tool_call_id: str, token: str) -> bool:
+        """Whether ``token`` is this runner's signature for that callback URL (constant time)."""
+        try:
+            return hmac.compare_digest(token.encode(), self.token(call_id, tool_call_id).encode())
+        except (UnicodeEncodeError, TypeError):
+            return False
+
     def take_pending(self, call_id: str, tool_call_id: str, token: str) -> str | None:
         """The tool an async result belongs to, once; None if unknown, expired or forged."""
-        if not hmac.compare_digest(token.encode(), self.token(call_id, tool_call_id).encode()):
+        if not self.signed(call_id, tool_call_id, token):
             return None
         entry = self.pending.get(tool_call_id)
         if entry is None or entry[0] != call_id or entry[2] < self.clock():
