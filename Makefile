@@ -9,9 +9,9 @@ ARGS ?=
 
 # Debian packages: what the bridge needs to run, and what the tests add.
 RUN_DEBS := libopus0 ca-certificates cmake build-essential kamailio
-TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious
+TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious strace iproute2
 
-.PHONY: run test test-all bench deps test-deps clean
+.PHONY: run test test-all bench fuzz deps test-deps clean
 
 # ---- set-up -----------------------------------------------------------------
 $(BIN)/python:
@@ -47,6 +47,12 @@ test-all: test-deps
 
 bench: test-deps
 	$(BIN)/python tests/bench/run.py $(ARGS)
+
+# Hostile traffic (issue 11): >= 20,000 fuzzed SIP messages into a cell and the Kamailio
+# front (UDP/TCP, trusted/untrusted), plus the long RTP and API fuzz runs. Bounded (~15 min).
+# FUZZ_SEED=n picks another run; FUZZ_CASES=n sets the cases per target/transport/source.
+fuzz: test-deps
+	$(BIN)/python -m pytest -q tests/test_fuzz_sip.py tests/test_fuzz_rtp.py tests/test_fuzz_api.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterator
+
+# onnxruntime (1.32 on Linux) sends usage telemetry to mobile.events.data.microsoft.com unless this is
+# set before its environment starts: nothing may leave the box (tests/test_offline.py catches it).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 class PiperTTS:

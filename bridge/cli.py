@@ -54,16 +54,34 @@ def _parser() -> argparse.ArgumentParser:
     ks = keys.add_subparsers(dest="keys_command", required=True)
     kc = ks.add_parser("create", help="create a key and print it once")
     _common(kc)
-    kc.add_argument("--scope", choices=["read", "control", "recordings"], required=True,
+    kc.add_argument("--scope", choices=["read", "control", "recordings", "audit"], required=True,
                     help="read: GET only; control: read + change calls; recordings: read + download/delete "
-                         "recordings audio (control does not include it)")
+                         "recordings audio (control does not include it); audit: read + the access audit")
     kc.add_argument("--name", required=True)
     kl = ks.add_parser("list", help="list keys (never the secrets)")
     _common(kl)
     kr = ks.add_parser("revoke", help="revoke a key by id")
     _common(kr)
     kr.add_argument("key_id")
+
+    er = sub.add_parser("erase", help="erase everything held about one caller (calls, transcripts, events, "
+                                      "recordings, journal lines; their key is destroyed)")
+    _common(er)
+    er.add_argument("--caller", required=True, metavar="NUMBER", help="the caller's number or SIP URI")
     return ap
+
+
+def _erase(cfg, args) -> int:
+    import json as _json
+    from bridge.records.lifecycle import erase_caller
+    from bridge.records.store import Store
+    store = Store(cfg.data_dir)
+    try:
+        row = erase_caller(store, cfg.data_dir, args.caller, "cli")
+    finally:
+        store.close()
+    print(_json.dumps({k: row[k] for k in ("id", "at", "by", "caller_hash", "counts")}))
+    return 0
 
 
 def _keys(cfg, args) -> int:
@@ -119,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trunkline: config error: {exc}", file=sys.stderr)
         return 2
     from bridge.core import logs
-    logs.setup(cfg.raw["log_level"])
+    logs.setup(cfg.raw["log_level"], words=cfg.raw["records"]["log_words"])
     if args.command != "check-config":
         for d in {cfg.data_dir, cfg.raw["recordings"]["dir"]} - {""}:
             tighten(d)               # a data dir left group/world-readable by an older version
     if args.command == "keys":
         return _keys(cfg, args)
+    if args.command == "erase":
+        return _erase(cfg, args)
     if args.command == "check-config":
         import json
         print(json.dumps(_masked_trunk_passwords(cfg.raw), indent=2))

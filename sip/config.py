@@ -42,7 +42,9 @@ class EngineConfig:
     log_level: int = 1
     uplink_frames: int = 250
     downlink_frames: int = 1500
-    tcp: bool = True                  # False behind the front: it reaches cells over UDP only
+    tcp: bool = True                  # False behind the front (UDP only) and by default on a public address
+    require_guard: bool = False       # refuse to start when the source guard cannot calibrate (sip/guard.py)
+    proxy_port: int = 0               # sip.trusted_proxy_port: the front's source port (0: any)
     allowed_destinations: tuple[str, ...] = ()   # sip.allowed_destinations (see sip.uri.check_destination)
     fixed_destinations: tuple[str, ...] = ()     # operator-configured transfer targets, always allowed
 

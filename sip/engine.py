@@ -25,7 +25,7 @@ from media.callmedia import CallMedia
 from media.quality import Quality
 from sip import commands as cmd
 from sip import events as ev
-from sip.acl import SourceFilter
+from sip.acl import SourceFilter, split_hostport
 from sip.callbacks import _Account, _Call, _LogWriter, _quiet_stdout
 from sip.config import MAX_CAPACITY, PJSUA_SLOTS, EngineConfig, EngineError, TrunkSpec  # noqa: F401 (re-exported)
 from sip.guard import Guard
@@ -33,6 +33,7 @@ from sip.port import FramePort, PortPool, choose_copy
 from sip.stats import read_quality
 from sip.uri import DestinationPolicy, _loose_route, _number_uri, _registrar, _uri_host, check_destination
 
+NO_MEDIA_GRACE = 5.0       # seconds a confirmed call may go without any audio stream
 log = logging.getLogger("trunkline.sip")
 
 @dataclass
@@ -56,6 +57,8 @@ class _Leg:
     end_reason: str = ""
     transfer_pending: bool = False
     refusal: tuple[int, dict] | None = None   # final answer owed, sent after onIncomingCall returns
+    confirmed_at: float | None = None          # when the call was confirmed (ACKed)
+    had_media: bool = False                    # an audio stream was ever connected
 
 
 class Engine:
@@ -73,7 +76,9 @@ class Engine:
         self.legs: dict[int, _Leg] = {}       # pjsua call index -> leg
         self.by_call_id: dict[str, _Leg] = {}
         self._dead: list[_Call] = []
-        self.filters = [(t.name, SourceFilter(t.allow)) for t in config.trunks if t.allow]
+        # the front's trunk ("proxy", from sip.trusted_proxies) may also be bound to a source port
+        self.filters = [(t.name, SourceFilter(t.allow), config.proxy_port if t.name == "proxy" else 0)
+                        for t in config.trunks if t.allow]
         self.fast_copy = False
 
     # -- public API (any thread) -------------------------------------------
@@ -97,9 +102,10 @@ class Engine:
             self._thread.join(timeout)
 
     def trunk_for(self, source: str) -> str | None:
-        """Name of the first trunk whose allow-list covers ``source``."""
-        for name, f in self.filters:
-            if f.allows(source):
+        """Name of the first trunk whose allow-list covers ``source`` ("ip:port"; the port
+        counts for a trunk bound to one)."""
+        for name, f, port in self.filters:
+            if f.allows(source) and (not port or split_hostport(source)[1] == port):
                 return name
         return None
 
@@ -110,6 +116,12 @@ class Engine:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def guard_state(self) -> str:
+        """The SIP source guard: "on", "off" (not started) or "failed" (set once at start)."""
+        guard = getattr(self, "guard", None)
+        return guard.state if guard is not None else "off"
 
     # -- engine thread -------------------------------------------------------
     def _emit(self, event) -> None:
@@ -200,19 +212,28 @@ class Engine:
         host = self.cfg.host
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         self.guard = Guard(lambda ip: self.trunk_for(ip) is not None)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        problem = "did not calibrate"
         try:
             self.guard.register()
-            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind((host, 0))
-                s.sendto(self.guard.calibration_packet(s, (host, self.cfg.port)), (host, self.cfg.port))
+            with socket.socket(family, socket.SOCK_DGRAM) as s1, socket.socket(family, socket.SOCK_DGRAM) as s2:
+                for s, pad in ((s1, 0), (s2, 97)):           # two ports, two lengths: offsets must agree
+                    s.bind((host, 0))
+                    s.sendto(self.guard.calibration_packet(s, (host, self.cfg.port), pad), (host, self.cfg.port))
                 deadline = time.monotonic() + 2.0
                 while not self.guard.active and time.monotonic() < deadline:
                     self.ep.libHandleEvents(10)
         except (OSError, RuntimeError, AttributeError) as exc:
-            log.error("SIP source guard unavailable (%s): untrusted OPTIONS/MESSAGE get pjsua's answers", exc)
+            problem = f"unavailable ({exc})"
+        finally:
+            self.guard.give_up()
+        if self.guard.active:
             return
-        if not self.guard.active:
-            log.error("SIP source guard did not calibrate: untrusted OPTIONS/MESSAGE get pjsua's answers")
+        if self.cfg.require_guard:
+            raise EngineError(f"SIP source guard {problem} and sip.require_guard is on: refusing to answer "
+                              "untrusted sources with pjsua's replies (set sip.require_guard = \"off\" to run "
+                              "without it, e.g. behind the Kamailio front)")
+        log.error("SIP source guard %s: untrusted OPTIONS/MESSAGE get pjsua's answers", problem)
 
     def _set_codecs(self) -> None:
         wanted = [w.upper() for w in self.cfg.codecs]
@@ -316,7 +337,7 @@ class Engine:
                 raise EngineError("call is not answered")
             self._check_destination(c.target, None)
             leg.transfer_pending = True
-            leg.call.xfer(c.target, pj.CallOpParam(True))
+            leg.call.xfer(c.target.strip(), pj.CallOpParam(True))
             return None
         if isinstance(c, cmd.SendDtmf):
             leg = self._leg(c.call_id)
@@ -342,7 +363,8 @@ class Engine:
             raise EngineError(f"unknown or unroutable trunk: {c.trunk}")
         self._check_destination(c.uri, c.trunk)
         acc = self.accounts[c.trunk] if c.trunk is not None else self.accounts[None]
-        uri = c.uri if c.uri.startswith(("sip:", "sips:", "tel:")) else _number_uri(c.uri, c.trunk, self.cfg)
+        uri = c.uri.strip()                 # checked above: no parameters but transport/user, no headers
+        uri = uri if uri.lower().startswith(("sip:", "sips:", "tel:")) else _number_uri(uri, c.trunk, self.cfg)
         call = _Call(self, acc)
         media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
         prm = pj.CallOpParam(True)
@@ -431,6 +453,7 @@ class Engine:
             return
         if info.state == pj.PJSIP_INV_STATE_CONFIRMED and leg.admitted and not leg.answered:
             leg.answered = True
+            leg.confirmed_at = time.monotonic()
             self._emit(ev.CallAnswered(leg.call_id, leg.quality.codec, leg.quality.clock_rate))
             self._publish_snapshot(time.monotonic())
         elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
@@ -459,6 +482,7 @@ class Engine:
         if leg.port is None:
             leg.port = self.pool.take(leg.media)
         leg.aud, leg.med_idx = aud, idx
+        leg.had_media = True
         aud.startTransmit(leg.port)
         leg.port.startTransmit(aud)
         try:
@@ -538,6 +562,7 @@ class Engine:
     def _poll_stats(self, now: float) -> None:
         for leg in list(self.legs.values()):
             if leg.aud is None:
+                self._hangup_if_mediless(leg, now)
                 continue
             self._refresh_quality(leg)
             if leg.quality.rx_packets != leg.last_rx_pkts or leg.held:
@@ -551,6 +576,19 @@ class Engine:
                     leg.call.hangup(pj.CallOpParam())
                 except pj.Error as exc:
                     log.warning("hangup after RTP timeout failed: %s", exc.info())
+
+    def _hangup_if_mediless(self, leg: _Leg, now: float) -> None:
+        """A call confirmed with no audio ever negotiated (a late-offer INVITE ACKed without an SDP
+        answer, as SIPVicious does) would hold its slot until ``app.max_duration``: the RTP timeout
+        only watches streams that exist. End it after NO_MEDIA_GRACE seconds."""
+        if (leg.admitted and leg.answered and not leg.had_media and leg.confirmed_at is not None
+                and now - leg.confirmed_at > NO_MEDIA_GRACE and leg.end_reason != "no media"):
+            log.info("call %s: confirmed without audio for %.0f s, hanging up", leg.call_id, now - leg.confirmed_at)
+            leg.end_reason = "no media"
+            try:
+                leg.call.hangup(pj.CallOpParam())
+            except pj.Error as exc:
+                log.warning("hangup of a call without media failed: %s", exc.info())
 
     def _publish_snapshot(self, now: float) -> None:
         """Tell the application the live view (``ev.CallsSnapshot``): copies, never the legs themselves."""

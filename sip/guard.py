@@ -8,15 +8,31 @@ trunk's allow-list that is an answer to a stranger, and over UDP a reflector.
 pjsua2 exposes no request hook, but its extension exports the pjsip C API, so this
 registers a small pjsip module (priority 15: before the transaction layer) through
 ctypes. For each request it reads the source address from the ``pjsip_rx_data``;
-an untrusted source's INVITE, ACK and CANCEL go on to the engine (which refuses the
-INVITE with 403 and reports it as ``call_rejected``); every other method from an
-untrusted source is dropped unanswered.
+from an untrusted source only an out-of-dialog INVITE (no To-tag), ACK and CANCEL
+go on to the engine (which refuses the INVITE with 403 and reports it as
+``call_rejected``; the ACK completes that 403's transaction); every other request,
+including an INVITE with a To-tag (a re-INVITE into some dialog), is dropped unanswered.
 
-The offsets of ``pkt_info.src_name`` and ``msg_info.msg_buf`` inside ``pjsip_rx_data``
-depend on how pjproject was built (e.g. PJSIP_MAX_PKT_LEN), so they are not hard-coded:
-at start the engine sends itself one OPTIONS from a known loopback address and port,
-and ``Guard.calibrate`` finds them in that request's rdata. If calibration fails the
-guard stays off and says so in the log (the front still filters in a box).
+The offsets of ``pkt_info.src_name``/``src_port`` and ``msg_info.msg_buf``/``len`` inside
+``pjsip_rx_data`` depend on how pjproject was built (e.g. PJSIP_MAX_PKT_LEN), so they are
+not hard-coded: at start the engine sends itself two OPTIONS from two loopback ports,
+with different lengths and a secret marker in the request line, and ``Guard`` finds the
+fields in those requests' rdata:
+
+- only a UDP rdata is considered (the transport's ``obj_name`` starts with ``udp``) and
+  only one whose first bytes hold a marker we sent; nothing else is read past 512 bytes;
+- ``pkt_info`` is walked as pjsip lays it out: after the packet buffer comes its length
+  (equal to what we sent), then the source sockaddr (family, our port and address),
+  ``src_name`` (our address) and ``src_port``; then ``msg_info.msg_buf`` points at the
+  packet and ``msg_info.len`` is its length. So stale bytes in the reused packet buffer
+  cannot pass for a field (the search starts past the packet and needs the whole chain);
+- both requests must give the same offsets; memory is read in small steps, never far
+  past the fields found;
+- after calibration only those four fields (and the message, up to its length) are read.
+
+If calibration fails the guard stays off and says so (``state``: "on", "off", "failed");
+the engine refuses to start when ``sip.require_guard`` is on (the default for a cell that
+listens on a non-loopback address), and the state shows in /healthz.
 
 Engine thread only (pjsip calls the module from ``libHandleEvents``).
 """
@@ -24,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import secrets
 import socket
 import struct
@@ -33,9 +50,13 @@ log = logging.getLogger("trunkline.sip")
 
 PASS, CONSUMED = 0, 1
 MODULE_PRIORITY = 15                     # PJSIP_MOD_PRIORITY_TSX_LAYER is 16
-SCAN_BYTES = 6144                        # how much of one rdata calibration looks at
+HEAD_BYTES = 512                         # the packet buffer starts here: always inside any rdata
+SCAN_LIMIT = 16384                       # how far calibration may look for the packet length field
+STEP = 64                                # memory is read in steps of this many bytes
 ADDR_LEN = 46                            # PJ_INET6_ADDRSTRLEN
-UNTRUSTED_PASS = (b"INVITE", b"ACK", b"CANCEL")   # the engine refuses (403) and reports these
+MSG_LIMIT = 8192                         # how much of a message the To-tag check reads
+UNTRUSTED_PASS = (b"INVITE", b"ACK", b"CANCEL")   # the engine refuses (403) these; ACK/CANCEL end it
+_TO_TAG = re.compile(rb"(?im)^(?:to|t)[ \t]*:[^\n]*;[ \t]*tag[ \t]*=")
 
 
 class _PjStr(ctypes.Structure):
@@ -59,16 +80,39 @@ def _pjsip_lib() -> ctypes.CDLL:
     return ctypes.CDLL(_pjsua2.__file__)
 
 
+def has_to_tag(msg: bytes) -> bool:
+    """Whether the request's To header (``To:`` or compact ``t:``) carries a tag (headers only,
+    folded lines joined)."""
+    head = re.split(rb"\r?\n\r?\n", msg, maxsplit=1)[0]
+    head = re.sub(rb"\r?\n[ \t]+", b" ", head)
+    return _TO_TAG.search(head) is not None
+
+
+class _Reader:
+    """Reads an rdata in small steps, never more than asked for (plus one step)."""
+
+    def __init__(self, base: int):
+        self.base = base
+        self.buf = b""
+
+    def upto(self, end: int) -> bytes:
+        while len(self.buf) < end:
+            self.buf += ctypes.string_at(self.base + len(self.buf), STEP)
+        return self.buf
+
+
 class Guard:
-    """``allows(ip) -> bool`` decides; ``dropped`` counts what was dropped."""
+    """``allows("ip:port") -> bool`` decides; ``dropped`` counts what was dropped; ``state`` says
+    whether it works ("on"), was never calibrated ("off") or could not be ("failed")."""
 
     def __init__(self, allows: Callable[[str], bool]):
         self.allows = allows
         self.dropped = 0
         self.active = False
-        self.marker = b"trunkline-guard-" + secrets.token_hex(8).encode()
-        self._expect: tuple[bytes, int] | None = None     # calibration source (ip, port)
-        self._off_name = self._off_port = self._off_buf = -1
+        self.state = "off"
+        self._expect: dict[bytes, tuple[bytes, int, int]] = {}     # marker -> (ip, port, packet length)
+        self._found: list[tuple[int, int, int, int]] = []
+        self._off_name = self._off_port = self._off_buf = self._off_len = -1
         self._cb = _RX(self._on_rx_request)
         self._mod = _Module()
         self._name = b"mod-trunkline-guard"
@@ -88,54 +132,115 @@ class Guard:
         if status != 0:
             raise RuntimeError(f"pjsip_endpt_register_module failed ({status})")
 
-    def calibration_packet(self, sock: socket.socket, dest: tuple[str, int]) -> bytes:
-        """One OPTIONS from ``sock`` that the module recognises (and swallows)."""
+    # -- calibration ------------------------------------------------------------------------
+    def calibration_packet(self, sock: socket.socket, dest: tuple[str, int], pad: int = 0) -> bytes:
+        """One OPTIONS from ``sock`` that the module recognises (and swallows); ``pad`` bytes
+        of an extra header make two calibration packets differ in length."""
         ip, port = sock.getsockname()[:2]
-        self._expect = (ip.encode(), port)
+        marker = b"guard-" + secrets.token_hex(12).encode()
         host = f"[{ip}]" if ":" in ip else ip
-        return (f"OPTIONS sip:guard@{host} SIP/2.0\r\nVia: SIP/2.0/UDP {host}:{port};branch=z9hG4bK{self.marker[-8:].decode()}"
-                f"\r\nFrom: <sip:guard@{host}>;tag=1\r\nTo: <sip:guard@{host}>\r\n"
-                f"Call-ID: {self.marker.decode()}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-                ).encode()
+        packet = (f"OPTIONS sip:{marker.decode()}@{host} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP {host}:{port};branch=z9hG4bK{marker[-12:].decode()}\r\n"
+                  f"From: <sip:guard@{host}>;tag=1\r\nTo: <sip:guard@{host}>\r\n"
+                  f"Call-ID: {marker.decode()}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+                  + (f"X-Pad: {'p' * pad}\r\n" if pad else "") + "Content-Length: 0\r\n\r\n").encode()
+        self._expect[marker] = (ip.encode(), port, len(packet))
+        return packet
 
-    def _calibrate(self, rdata: int) -> bool:
-        """Find the source-name and message-buffer offsets in the calibration request."""
-        buf = ctypes.string_at(rdata, SCAN_BYTES)
-        start = buf.find(b"OPTIONS sip:guard@")
-        if start < 0 or self.marker not in buf or self._expect is None:
-            return False
-        ip, port = self._expect
-        at = start
-        while True:
-            at = buf.find(ip + b"\0", at + 1)
-            if at < 0 or at + ADDR_LEN + 8 > len(buf):
-                return False
-            port_at = (at + ADDR_LEN + 3) // 4 * 4
-            if struct.unpack_from("<i", buf, port_at)[0] == port:
-                break
+    def give_up(self) -> None:
+        """Calibration time is over: forget the markers (nothing more is scanned)."""
+        self._expect.clear()
+        if not self.active:
+            self.state = "failed"
+
+    def _is_udp(self, rdata: int) -> bool:
+        transport = ctypes.c_void_p.from_address(rdata + 8).value    # rdata->tp_info.transport
+        return bool(transport) and ctypes.string_at(transport, 3) == b"udp"   # transport->obj_name "udp%p"
+
+    def _locate(self, rdata: int, start: int, ip: bytes, port: int, length: int) -> tuple[int, int, int, int] | None:
+        """(src_name, src_port, msg_buf, msg len) offsets for our request at ``start``."""
+        try:
+            packed_ip = socket.inet_pton(socket.AF_INET6 if b":" in ip else socket.AF_INET, ip.decode())
+        except OSError:
+            return None
+        family = socket.AF_INET6 if b":" in ip else socket.AF_INET
+        r = _Reader(rdata)
+        x = (start + length + 7) // 8 * 8                  # pkt_info.len lies past the packet buffer
+        while x + 8 <= SCAN_LIMIT:
+            buf = r.upto(x + 8)
+            if struct.unpack_from("<q", buf, x)[0] == length:
+                found = self._chain(r, rdata, start, x, family, packed_ip, ip, port, length)
+                if found:
+                    return found
+            x += 8
+        return None
+
+    @staticmethod
+    def _chain(r: _Reader, rdata: int, start: int, x: int, family: int, packed_ip: bytes, ip: bytes, port: int,
+               length: int) -> tuple[int, int, int, int] | None:
+        """After pkt_info.len at ``x``: src_addr, src_name, src_port, then msg_info.msg_buf/len."""
+        buf = r.upto(x + 8 + 28 + 4 + ADDR_LEN + 8 + 80)
+        sa = x + 8
+        fam, sport = struct.unpack_from("<H", buf, sa)[0], struct.unpack_from(">H", buf, sa + 2)[0]
+        addr = buf[sa + 4:sa + 8] if family == socket.AF_INET else buf[sa + 8:sa + 24]
+        if fam != family or sport != port or addr != packed_ip:
+            return None
+        name = buf.find(ip + b"\0", sa + 16, sa + 16 + 48)
+        if name < 0:
+            return None
+        port_at = (name + ADDR_LEN + 3) // 4 * 4
+        if struct.unpack_from("<i", buf, port_at)[0] != port:
+            return None
         ptr = struct.pack("<Q", rdata + start)
-        buf_at = buf.find(ptr, port_at)
-        if buf_at < 0 or buf_at % 8:
-            return False
-        self._off_name, self._off_port, self._off_buf = at, port_at, buf_at
-        self.active = True
-        return True
+        for b in range((port_at + 4 + 7) // 8 * 8, port_at + 4 + 40, 8):
+            if buf[b:b + 8] == ptr and struct.unpack_from("<i", buf, b + 8)[0] == length:
+                return name, port_at, b, b + 8
+        return None
 
+    def _calibrate(self, rdata: int) -> bool | None:
+        """True: this was a calibration request (consumed); None: not one of ours."""
+        head = ctypes.string_at(rdata, HEAD_BYTES)
+        for marker, (ip, port, length) in list(self._expect.items()):
+            start = head.find(b"OPTIONS sip:" + marker + b"@")
+            if start < 0:
+                continue
+            del self._expect[marker]
+            if not self._is_udp(rdata):
+                return True
+            found = self._locate(rdata, start, ip, port, length)
+            if found is None:
+                log.error("SIP source guard: calibration request found, but not its source fields")
+            elif self._found and self._found[0] != found:
+                log.error("SIP source guard: two calibration requests disagree (%s, %s)", self._found[0], found)
+                self._expect.clear()
+            else:
+                self._found.append(found)
+                if len(self._found) >= 2:
+                    self._off_name, self._off_port, self._off_buf, self._off_len = found
+                    self._expect.clear()
+                    self.active, self.state = True, "on"
+            return True
+        return None
+
+    # -- every request ------------------------------------------------------------------------
     def _on_rx_request(self, rdata: int) -> int:
         try:
             if not self.active:
-                if self._expect is not None and self._calibrate(rdata):
-                    log.info("SIP source guard on: requests from untrusted sources other than "
-                             "INVITE/ACK/CANCEL are dropped")
-                    self._expect = None
+                if self._expect and self._calibrate(rdata):
+                    if self.active:
+                        log.info("SIP source guard on: from untrusted sources only out-of-dialog INVITE, "
+                                 "ACK and CANCEL reach pjsua")
                     return CONSUMED
                 return PASS
             name = ctypes.string_at(rdata + self._off_name, ADDR_LEN).split(b"\0", 1)[0].decode("ascii", "replace")
-            if self.allows(name):
+            port = ctypes.c_int.from_address(rdata + self._off_port).value
+            if self.allows(f"[{name}]:{port}" if ":" in name else f"{name}:{port}"):
                 return PASS
             msg = ctypes.c_void_p.from_address(rdata + self._off_buf).value
-            method = ctypes.string_at(msg, 8).split(b" ", 1)[0] if msg else b""
-            if method in UNTRUSTED_PASS:
+            size = ctypes.c_int.from_address(rdata + self._off_len).value
+            method = ctypes.string_at(msg, 8).split(b" ", 1)[0] if msg and size >= 8 else b""
+            if method in UNTRUSTED_PASS and not (method == b"INVITE" and has_to_tag(
+                    ctypes.string_at(msg, min(size, MSG_LIMIT)))):
                 return PASS
             self.dropped += 1
             if self.dropped <= 10 or self.dropped % 1000 == 0:

@@ -1,6 +1,7 @@
 """Small SIP URI helpers for trunks."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sip.config import EngineConfig, EngineError
@@ -74,6 +75,36 @@ def _host_port(hostport: str) -> tuple[str, int | None]:
     return host.lower(), int(port) if port.isdigit() else None
 
 
+_USER = re.compile(r"[A-Za-z0-9+\-_.!~*'()&=$,%#]+")     # no ';' '?' '@' ':' '<' or whitespace
+_NUMBER = re.compile(r"[A-Za-z0-9+\-_.*#()]+")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[0-9]{1,5})?")
+# URI parameters that only say how to reach the checked host: anything else (maddr,
+# lr, method, ...) can redirect the request or change what is sent, and ``?headers``
+# are copied by pjsip into the INVITE/REFER (Route, P-Asserted-Identity, ...).
+_SAFE_PARAMS = {"transport": ("udp", "tcp", "tls"), "user": ("phone", "ip")}
+
+
+def _strict_uri(uri: str) -> tuple[str, str, str, int | None] | str:
+    """``sip:user@host[:port][;transport=..][;user=..]`` -> (scheme, user, host, port), or
+    the reason it is refused: headers (``?``), other parameters, odd characters."""
+    if "?" in uri:
+        return "SIP URI headers ('?') are not allowed"
+    scheme, _, rest = uri.partition(":")
+    rest, *params = rest.split(";")
+    for p in params:
+        name, eq, value = p.partition("=")
+        allowed = _SAFE_PARAMS.get(name.lower())
+        if allowed is None or not eq or value.lower() not in allowed:
+            return f"URI parameter {p.split('=', 1)[0][:20]!r} is not allowed (only transport= and user=)"
+    user, at, hostport = rest.rpartition("@")
+    if at and not _USER.fullmatch(user):
+        return "unsupported characters in the user part"
+    if not _HOST.fullmatch(hostport):
+        return "unsupported host"
+    host, port = _host_port(hostport)
+    return scheme.lower(), user, host, port
+
+
 def _uri_parts(uri: str) -> tuple[str, str, str, int | None]:
     """``sip:user@host:port;params`` -> (scheme, user, host, port)."""
     scheme, _, rest = uri.partition(":")
@@ -111,13 +142,18 @@ def check_destination(target: str, trunk: str | None, policy: DestinationPolicy)
         return "empty destination"
     if target in policy.fixed:
         return None
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in target):
+        return f"destination {target!r}: whitespace or control characters"
     uri_rules = [p.lower() for p in policy.patterns if p.lower().startswith(_URI_SCHEMES)]
     number_rules = [p for p in policy.patterns if not p.lower().startswith(_URI_SCHEMES)]
     rule = ("sip.allowed_destinations" if policy.patterns else
             "the default rule (sip.allowed_destinations is empty: numbers through a trunk with an "
             "address, SIP URIs only at a trunk's address or allow-list)")
     if target.lower().startswith(("sip:", "sips:")):
-        scheme, user, host, port = _uri_parts(target)
+        parts = _strict_uri(target)
+        if isinstance(parts, str):
+            return f"destination {target!r}: {parts}"
+        scheme, user, host, port = parts
         norm = f"{scheme}:{user + '@' if user else ''}{host}{f':{port}' if port else ''}".lower()
         at_trunk = _at_trunk(host, port, policy)
         if policy.patterns:
@@ -128,7 +164,9 @@ def check_destination(target: str, trunk: str | None, policy: DestinationPolicy)
         elif at_trunk:
             return None
         return f"destination {target!r} is not allowed by {rule}"
-    number = target[4:].split(";", 1)[0] if target.lower().startswith("tel:") else target
+    number = target[4:] if target.lower().startswith("tel:") else target
+    if not _NUMBER.fullmatch(number):
+        return f"destination {target!r}: not a number or SIP URI (no parameters or headers allowed)"
     if trunk is None or not any(name == trunk and address for name, address, _ in policy.trunks):
         return f"destination {target!r}: a number needs a trunk with an address ({rule})"
     if policy.patterns and not (any(fnmatchcase(number, p) for p in number_rules)

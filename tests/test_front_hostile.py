@@ -21,7 +21,7 @@ from support import next_ports
 
 pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed")
 
-TRUNK_IP, VICTIM_IP, UNTRUSTED_IP = "127.0.0.5", "127.0.0.6", "127.0.0.9"
+TRUNK_IP, VICTIM_IP, UNTRUSTED_IP, TRUNK2_IP = "127.0.0.5", "127.0.0.6", "127.0.0.9", "127.0.0.7"
 METHODS = ("INVITE", "OPTIONS", "MESSAGE", "SUBSCRIBE", "REGISTER", "NOTIFY", "REFER", "INFO",
            "BYE", "CANCEL", "UPDATE", "PRACK", "PUBLISH", "ACK")
 
@@ -33,13 +33,19 @@ class Front:
         from bridge.box import kamailio
         p = next_ports()
         self.port, self.cell_port, self.trunk_port, self.victim_port = p["sip"], p["sip"] + 2, p["sip"] + 3, p["sip"] + 5
+        self.inner_port = p["sip"] + 7                              # the front's socket toward cells
         self.run_dir = tmp / "front"
+        inner = f"udp:127.0.0.1:{self.inner_port}"
         text = kamailio.render([f"udp:127.0.0.1:{self.port}", f"tcp:127.0.0.1:{self.port}"], str(self.run_dir),
-                               [f"{TRUNK_IP}/32"], 5, ping=30, pike=30, children=1,
-                               trunk_addresses=[f"sip:{TRUNK_IP}:{self.trunk_port}"], tcp_lifetime=tcp_lifetime)
-        path = kamailio.write(str(self.run_dir), text, kamailio.dispatcher_list([("127.0.0.1", self.cell_port)], 3))
+                               [f"{TRUNK_IP}/32", f"{TRUNK2_IP}/32"], 5, ping=30, pike=30, children=1,
+                               trunk_addresses=[f"sip:{TRUNK_IP}:{self.trunk_port}"], tcp_lifetime=tcp_lifetime,
+                               cell_socket=inner, trunks=[(f"sip:{TRUNK_IP}:{self.trunk_port}", [f"{TRUNK_IP}/32"]),
+                                                          ("", [f"{TRUNK2_IP}/32"])])
+        path = kamailio.write(str(self.run_dir), text,
+                              kamailio.dispatcher_list([("127.0.0.1", self.cell_port)], 3, socket=inner))
         self.cell = UdpPeer("127.0.0.1", self.cell_port)           # the cell's ip:port, as dispatcher knows it
         self.trunk = UdpPeer(TRUNK_IP, self.trunk_port)
+        self.trunk2 = UdpPeer(TRUNK2_IP)
         self.victim = UdpPeer(VICTIM_IP, self.victim_port)
         self.log = open(self.run_dir / "kamailio.log", "ab")
         self.proc = subprocess.Popen(["kamailio", "-DD", "-E", "-f", path, "-P", str(self.run_dir / "k.pid")],
@@ -62,6 +68,11 @@ class Front:
     def addr(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
+    @property
+    def inner(self) -> tuple[str, int]:
+        """The front's internal socket: where cells send."""
+        return ("127.0.0.1", self.inner_port)
+
     def rss_kb(self) -> int:
         """VmRSS of the Kamailio processes (main + children)."""
         total = 0
@@ -83,7 +94,7 @@ class Front:
             self.proc.kill()
             self.proc.wait(5)
         self.log.close()
-        for s in (self.cell, self.trunk, self.victim):
+        for s in (self.cell, self.trunk, self.trunk2, self.victim):
             s.close()
 
 
@@ -172,13 +183,108 @@ def test_cell_requests_go_only_to_configured_trunks(front):
     """A cell's outbound INVITE to a host that is no trunk gets 403 from the front and goes
     nowhere; to the trunk's address it is relayed."""
     victim = f"{VICTIM_IP}:{front.victim_port}"
-    front.cell.send(request("INVITE", victim, front.cell.addr, sdp=True), front.addr)
+    front.cell.send(request("INVITE", victim, front.cell.addr, sdp=True), front.inner)
     codes = [status_of(m) for m in front.cell.gather(1.5, until_final=True)]
     assert 403 in codes, codes
     assert _requests(front.victim, 0.5) == []
-    front.cell.send(request("INVITE", f"{TRUNK_IP}:{front.trunk_port}", front.cell.addr, sdp=True), front.addr)
+    front.cell.send(request("INVITE", f"{TRUNK_IP}:{front.trunk_port}", front.cell.addr, sdp=True), front.inner)
     got = _requests(front.trunk, 1.5)
     assert got and got[0].startswith(b"INVITE "), got
+    # it leaves from the public socket, not the internal one
+    assert f"127.0.0.1:{front.port}".encode() in got[0].split(b"\r\nVia:", 2)[1], got[0]
+
+
+def test_a_stray_reply_is_not_forwarded_to_its_second_via(front):
+    """H1: a `200 OK` matching no transaction, with the front in its top Via and a victim in
+    the second, used to be forwarded to the victim (from an untrusted address, and from a
+    trunk). Now it is dropped."""
+    peer = UdpPeer(UNTRUSTED_IP)
+    victim = f"{VICTIM_IP}:{front.victim_port}"
+    try:
+        for sender in (peer, front.trunk, front.cell):
+            for dest in (front.addr, front.inner):
+                reply = (f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:{dest[1]};branch=z9hG4bKstray{dest[1]}\r\n"
+                         f"Via: SIP/2.0/UDP {victim};branch=z9hG4bKvictim\r\n"
+                         f"From: <sip:a@{victim}>;tag=1\r\nTo: <sip:b@{victim}>;tag=2\r\n"
+                         f"Call-ID: stray-{dest[1]}@x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode()
+                sender.send(reply, dest)
+        got = front.victim.gather(1.5)
+        assert got == [], got
+    finally:
+        peer.close()
+    assert front.proc.poll() is None
+
+
+def test_a_local_user_posing_as_a_cell_cannot_reach_a_trunk(front):
+    """H2: cells listen on UDP; a local user who binds TCP on a cell's ip:port (or sends UDP
+    from it to the public socket) used to be taken for a cell and relayed to a trunk."""
+    trunk = f"{TRUNK_IP}:{front.trunk_port}"
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", front.cell_port))
+    s.settimeout(3)
+    try:
+        s.connect(front.addr)
+        s.sendall(request("INVITE", trunk, s.getsockname(), sdp=True, transport="TCP"))
+        try:
+            answer = s.recv(4096)
+        except (socket.timeout, ConnectionResetError):
+            answer = b""
+        assert status_of(answer) is None, answer
+    finally:
+        s.close()
+    front.cell.send(request("INVITE", trunk, front.cell.addr, sdp=True), front.addr)   # UDP, public socket
+    assert _requests(front.trunk, 1.5) == []
+    assert front.cell.gather(0.2) == []
+    # a trunk talking to the internal socket is no cell either
+    front.trunk.send(request("INVITE", f"127.0.0.1:{front.inner_port}", front.trunk.addr, sdp=True), front.inner)
+    assert _requests(front.cell, 1.0) == [] and front.trunk.gather(0.2) == []
+
+
+def _answer(invite: bytes, to_tag: str) -> bytes:
+    """The fake cell's 200 OK to a relayed INVITE (Vias and Record-Route copied)."""
+    head = invite.split(b"\r\n\r\n", 1)[0].decode()
+    lines = head.split("\r\n")[1:]
+    keep = [x for x in lines if x.split(":", 1)[0].lower() in ("via", "v", "from", "f", "call-id", "i", "cseq",
+                                                             "record-route")]
+    to = next(x for x in lines if x.split(":", 1)[0].lower() in ("to", "t"))
+    return ("SIP/2.0 200 OK\r\n" + "\r\n".join(keep) + f"\r\n{to};tag={to_tag}\r\n"
+            "Contact: <sip:100@127.0.0.1:%d>\r\nContent-Length: 0\r\n\r\n" % 0).encode()
+
+
+def _in_dialog(method: str, src: tuple[str, int], front_port: int, call_id: str, from_tag: str, to_tag: str,
+               cseq: int) -> bytes:
+    ip, port = src
+    return (f"{method} sip:100@127.0.0.1:{front_port} SIP/2.0\r\nVia: SIP/2.0/UDP {ip}:{port};branch=z9hG4bK{method}{cseq}"
+            f"\r\nFrom: <sip:t@{ip}>;tag={from_tag}\r\nTo: <sip:100@127.0.0.1>;tag={to_tag}\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_a_trunk_cannot_act_on_another_trunks_dialog(front):
+    """L6: with dialog matching by Call-ID and tags, any trusted trunk could send a BYE into
+    another trunk's call (and aim it with a Route). Now only the owning trunk gets through,
+    and a Route header naming another host does not choose the destination."""
+    invite = request("INVITE", f"127.0.0.1:{front.port}", front.trunk.addr, sdp=True, call_id="owned@t1")
+    from_tag = re.search(rb"From: [^\r]*;tag=(\w+)", invite).group(1).decode()
+    front.trunk.send(invite, front.addr)
+    got = _requests(front.cell, 1.5)
+    assert got and got[0].startswith(b"INVITE "), got
+    front.cell.send(_answer(got[0], "cell1"), front.inner)
+    assert 200 in [status_of(m) for m in front.trunk.gather(1.5, until_final=True)]
+    victim = f"{VICTIM_IP}:{front.victim_port}"
+    bye = _in_dialog("BYE", front.trunk2.addr, front.port, "owned@t1", from_tag, "cell1", 2)
+    front.trunk2.send(bye.replace(b"Max-Forwards", f"Route: <sip:{victim};lr>\r\nMax-Forwards".encode()), front.addr)
+    assert 403 in [status_of(m) for m in front.trunk2.gather(1.0, until_final=True)]
+    assert _requests(front.cell, 0.5) == [] and _requests(front.victim, 0.1) == []
+    # the owner's in-dialog request with a foreign Route still goes to the dialog's cell only
+    info = _in_dialog("INFO", front.trunk.addr, front.port, "owned@t1", from_tag, "cell1", 3)
+    front.trunk.send(info.replace(b"Max-Forwards", f"Route: <sip:{victim};lr>\r\nMax-Forwards".encode()), front.addr)
+    got = _requests(front.cell, 1.5)
+    assert got and got[0].startswith(b"INFO "), got
+    assert _requests(front.victim, 0.2) == []
+    front.trunk.send(_in_dialog("BYE", front.trunk.addr, front.port, "owned@t1", from_tag, "cell1", 4), front.addr)
+    got = _requests(front.cell, 1.5)
+    assert got and got[0].startswith(b"BYE "), got
 
 
 def _hold(n: int, dest: tuple[str, int], src_ip: str) -> list[socket.socket]:
@@ -313,3 +419,45 @@ def test_scanners_find_nothing_at_the_front(front):
         assert "found nothing" in report and "| SIP Device" not in report, report
     assert front.proc.poll() is None
     assert 200 in front.options(front.trunk)                # the trunk is still served
+
+
+def test_a_cell_trusts_only_the_fronts_internal_socket(tmp_path):
+    """H2 (cell side): cells trusted the front's address, 127.0.0.1, on any port, so every
+    local user was "the front" to them (OPTIONS answered 200, INVITEs accepted). Now only
+    the front's internal socket counts; a trunk's call through the front still works."""
+    from support import BoxProcess, sipp
+    b = BoxProcess(tmp_path, 2, f'[models]\nload = "never"\n[[trunks]]\nname = "carrier"\nallow = ["{TRUNK_IP}/32"]\n')
+    b.start()
+    local = UdpPeer("127.0.0.1")
+    try:
+        cell = ("127.0.0.1", b.ports["sip"] + 100)
+        assert local.ask("OPTIONS", cell, seconds=0.8) == []
+        assert local.ask("INVITE", cell, seconds=1.0, sdp=True)[-1:] == [403]
+        res = sipp("call_pcmu.xml", b.sip, tmp_path, "-d", "300", local_port=b.ports["sipp"], local_ip=TRUNK_IP)
+        assert res.returncode == 0, res.stdout.decode()[-2000:]
+    finally:
+        local.close()
+        b.stop()
+
+
+def test_the_callee_trunk_of_a_cells_outbound_call_can_end_it_and_no_other(front):
+    """L6, outbound: the dialog a cell set up belongs to the trunk it went to."""
+    invite = request("INVITE", f"{TRUNK_IP}:{front.trunk_port}", front.cell.addr, sdp=True, call_id="out@cell")
+    from_tag = re.search(rb"From: [^\r]*;tag=(\w+)", invite).group(1).decode()
+    front.cell.send(invite, front.inner)
+    got = _requests(front.trunk, 1.5)
+    assert got and got[0].startswith(b"INVITE "), got
+    front.trunk.send(_answer(got[0], "callee1"), front.addr)
+    assert 200 in [status_of(m) for m in front.cell.gather(1.5, until_final=True)]
+    # in-dialog from the callee: From is the callee's tag, To the cell's
+    bye = (f"BYE sip:scanner@127.0.0.1:{front.cell_port} SIP/2.0\r\nVia: SIP/2.0/UDP {{ip}}:{{port}};branch=z9hG4bKb{{n}}\r\n"
+           f"From: <sip:100@{TRUNK_IP}>;tag=callee1\r\nTo: <sip:scanner@127.0.0.1>;tag={from_tag}\r\n"
+           "Call-ID: out@cell\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    ip2, port2 = front.trunk2.addr
+    front.trunk2.send(bye.format(ip=ip2, port=port2, n=2).encode(), front.addr)
+    assert 403 in [status_of(m) for m in front.trunk2.gather(1.0, until_final=True)]
+    assert _requests(front.cell, 0.3) == []
+    ip1, port1 = front.trunk.addr
+    front.trunk.send(bye.format(ip=ip1, port=port1, n=1).encode(), front.addr)
+    got = _requests(front.cell, 1.5)
+    assert got and got[0].startswith(b"BYE "), got

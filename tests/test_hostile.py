@@ -173,3 +173,49 @@ def test_subscribe_is_refused_even_from_a_trunk(cell_factory):
     finally:
         peer.close()
         listener.close()
+
+
+def test_untrusted_in_dialog_invite_gets_no_answer_and_the_guard_is_on(cell_factory):
+    """L5: an INVITE with a To-tag (a re-INVITE into some dialog) from an untrusted address
+    used to reach pjsua (which answered it); the source guard now drops it unanswered, while
+    an out-of-dialog INVITE still gets its 403. /healthz says the guard is on."""
+    import json
+    cell = cell_factory(TRUSTED_ONLY)
+    status, body = cell.http_get("/healthz")[:2]
+    assert json.loads(body)["sip_guard"] == "on", body
+    dest = ("127.0.0.1", cell.ports["sip"])
+    peer = UdpPeer("127.0.0.9")
+    try:
+        for compact in (False, True):
+            msg = request("INVITE", f"{dest[0]}:{dest[1]}", peer.addr, sdp=True, to_tag="x1")
+            if compact:
+                msg = msg.replace(b"\r\nTo: ", b"\r\nt: ")
+            peer.send(msg, dest)
+            assert peer.gather(1.0) == [], compact
+        assert peer.ask("INVITE", dest, sdp=True)[-1:] == [403]
+    finally:
+        peer.close()
+    assert cell.alive()
+
+
+def test_tcp_is_off_by_default_on_a_public_address_and_the_guard_required(tmp_path):
+    """M4: a standalone cell on a non-loopback address no longer listens on TCP unless the
+    operator opts in (sip.tcp = "on"): pjsip's select() limit made idle connections lock TCP
+    trunks out. M1: there the source guard is required by default."""
+    from bridge.cell.cell import engine_config
+    from bridge.core.config import load
+
+    def ec(text: str):
+        path = tmp_path / "c.toml"
+        path.write_text('[models]\nload = "never"\n' + text)
+        return engine_config(load(str(path), environ={}))
+
+    public = ec('[sip]\nlisten = "0.0.0.0:5060"\n')
+    assert (public.tcp, public.require_guard) == (False, True)
+    assert ec('[sip]\nlisten = "192.0.2.10:5060"\n').tcp is False
+    assert ec('[sip]\nlisten = "0.0.0.0:5060"\ntcp = "on"\n').tcp is True
+    assert ec('[sip]\nlisten = "0.0.0.0:5060"\nrequire_guard = "off"\n').require_guard is False
+    local = ec('[sip]\nlisten = "127.0.0.1:5060"\n')
+    assert (local.tcp, local.require_guard) == (True, False)
+    behind_front = ec('[sip]\nlisten = "127.0.0.1:5061"\ntrusted_proxies = ["127.0.0.1/32"]\n')
+    assert behind_front.tcp is False

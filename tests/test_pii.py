@@ -77,10 +77,17 @@ def test_log_formatter_masks_message_and_fields():
                             None)
     rec.fields = {"event": "transcript", "text": "it is 5555-5555-5555-4444", "token": "secret-abc",
                   "to": "sip:+4915112345678@example.com", "n": 4111111111111111}
-    line = json.loads(JsonFormatter().format(rec))
+    from bridge.core import logs
+    logs.show_words(True)              # the operator's opt-in (records.log_words): words kept, still masked
+    try:
+        line = json.loads(JsonFormatter().format(rec))
+    finally:
+        logs.show_words(False)
     assert line["msg"] == "caller said [card ****1111]"
     assert line["text"] == "it is [card ****4444]" and line["token"] == "[redacted]"
     assert line["to"] == "sip:+4915112345678@example.com" and line["n"] == 4111111111111111
+    line = json.loads(JsonFormatter().format(rec))          # by default no words at all
+    assert line["text"] == line["to"] == "[redacted]" and line["n"] == 4111111111111111
 
 
 def test_transcripts_events_and_records_are_masked(tmp_path):
@@ -106,6 +113,7 @@ def test_transcripts_events_and_records_are_masked(tmp_path):
     assert json.loads(store.events_since(0)[-1]["data"])["data"]["text"] == "my number is [card ****4444]"
     records = CallRecords(str(tmp_path), name="turns.jsonl")
     records.append({"user": "it's 378282246310005", "dtmf": "6011111111111117"})
-    text = (tmp_path / "turns.jsonl").read_text()
-    assert "378282246310005" not in text and "[card ****0005]" in text and "[card ****1117]" in text
+    text = (tmp_path / "turns.jsonl").read_text()           # sealed at rest; masked inside the seal too
+    (rec,) = records.read()
+    assert "378282246310005" not in text and "[card ****0005]" in rec["user"] and "[card ****1117]" in rec["dtmf"]
     store.close()

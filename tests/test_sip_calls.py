@@ -175,7 +175,8 @@ def test_rtp_timeout_hangs_up_a_dead_call(cell_factory, tmp_path):
 
 def test_dtmf_info_triggers_blind_transfer(cell_factory, tmp_path):
     cell = cell_factory('[app]\ndtmf_transfer = { "0" = "sip:operator@127.0.0.1:5999" }\n'
-                        '[pii]\nshow_dtmf = true\n')       # the operator opts in to digits in clear
+                        '[pii]\nshow_dtmf = true\n'         # the operator opts in to digits in clear ...
+                        '[records]\nlog_words = true\n')   # ... in the logs too
     _ok(sipp("transfer_dtmf.xml", cell.sip, tmp_path, local_port=cell.ports["sipp"]))
     assert "REFER to sip:operator@127.0.0.1:5999" in sipp_file(tmp_path, "_logs.log")
     dtmf = cell.wait_event("dtmf")[0]

@@ -72,6 +72,40 @@ def test_operator_configured_transfer_targets_are_always_allowed():
     assert check_destination("sip:other@192.0.2.50:5999", None, p)
 
 
+
+@pytest.mark.parametrize("target", [
+    "sip:bob@sip.carrier.example;maddr=203.0.113.66",            # pjsip sends to maddr
+    "sip:bob@sip.carrier.example;MADDR=evil.example",
+    "sip:bob@sip.carrier.example?Route=%3Csip:evil.example;lr%3E",  # copied into the INVITE
+    "sip:bob@sip.carrier.example?route=<sip:evil.example;lr>",
+    "sip:bob@sip.carrier.example?P-Asserted-Identity=%3Csip:+15550000000@x%3E",
+    "SIP:bob@sip.carrier.example?P-ASSERTED-IDENTITY=sip:ceo@x",
+    "sip:bob@sip.carrier.example;transport=udp?Route=<sip:evil.example;lr>",
+    "sip:bob@sip.carrier.example;lr", "sip:bob@sip.carrier.example;method=REGISTER",
+    "sip:bob@sip.carrier.example;transport=udp;maddr=evil.example",
+    "sip:bob@sip.carrier.example;transport=evil",
+    "sip:bob;maddr=evil.example@sip.carrier.example",
+    "sip:bob@sip.carrier.example ;maddr=evil.example", "sip:bob@sip.carrier.example\t;maddr=evil.example",
+    "sip:bob@sip.carrier.example\r\nRoute: <sip:evil.example;lr>",
+    "sip:a@evil.example@sip.carrier.example", "<sip:bob@sip.carrier.example>",
+    "tel:+15551230001;phone-context=evil.example", "tel:+15551230001?Route=<sip:evil.example;lr>",
+    "TEL:+15551230001;maddr=evil.example", "+15551230001@evil.example", "+1555 1230001",
+])
+def test_uri_parameters_and_headers_cannot_steer_an_allowed_destination(target):
+    """H3: the host check used to drop ``;params`` and ``?headers``, while pjsip honours
+    maddr and copies header fields into the INVITE/REFER: every such URI is refused, with
+    and without operator patterns."""
+    for p in (_policy(), _policy(["+1*", "sip:*@sip.carrier.example", "sip:*@sip.carrier.example:5060"])):
+        assert check_destination(target, "carrier", p), target
+
+
+def test_plain_uris_with_transport_and_user_parameters_still_pass():
+    p = _policy(["+1*"])
+    for target in ("sip:+15551230001@sip.carrier.example;user=phone",
+                   "sip:+15551230001@sip.carrier.example:5060;transport=TCP;user=phone",
+                   "SIP:+15551230001@SIP.carrier.example", "tel:+15551230001", " +15551230001 "):
+        assert check_destination(target, "carrier", p) is None, target
+
 API = '[models]\nload = "never"\n[[trunks]]\nname = "carrier"\nallow = ["127.0.0.1/32"]\naddress = "sip:127.0.0.1:9"\n'
 
 

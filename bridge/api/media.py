@@ -10,6 +10,10 @@ import logging
 from aiohttp import web
 
 from bridge.api.base import DIRECTION, ApiError, Route, error_response
+from bridge.api.twilio import TwilioApi
+from bridge.core import numbers as number_routes
+from bridge.core.app import APPS
+from bridge.core.netguard import OutboundRefused
 from bridge.core.logs import event
 from bridge.records.recording import FORMATS as REC_FORMATS, RecordingError
 from bridge.core.schema import obj
@@ -17,6 +21,15 @@ from bridge.core.states import StreamState
 from bridge.records.sealed import SealedError
 from bridge.api.streams import MediaStream, StreamRefused
 from media.streamcodec import ENCODINGS as STREAM_ENCODINGS
+from media.twilio import PROTOCOLS as STREAM_PROTOCOLS
+
+# PUT /v1/numbers/{number}: an app, or (app "stream") a bot the number's calls go straight to
+NUMBER_ROUTE = obj(["app"], app={"type": "string", "enum": [*APPS, "stream"]},
+                   url={"type": "string", "pattern": r"^wss?://", "maxLength": 2048},
+                   protocol={"type": "string", "enum": list(STREAM_PROTOCOLS)},
+                   parameters={"type": "object"}, account_sid={"type": "string", "maxLength": 64},
+                   encoding={"type": "string", "enum": list(STREAM_ENCODINGS)},
+                   api_base={"type": "string", "pattern": r"^https?://", "maxLength": 2048})
 
 log = logging.getLogger("trunkline.api")
 
@@ -36,7 +49,8 @@ MEDIA_ROUTES = [
     Route("POST", "/v1/calls/{call_id}/streams", "create_stream", "control",
           "Stream the call's audio over a WebSocket: the bridge connects to url, or a client connects in at ws_path",
           obj([], url={"type": "string", "pattern": r"^wss?://", "maxLength": 2048}, direction=DIRECTION,
-              encoding={"type": "string", "enum": list(STREAM_ENCODINGS)}, bidirectional={"type": "boolean"}), 201),
+              encoding={"type": "string", "enum": list(STREAM_ENCODINGS)}, bidirectional={"type": "boolean"},
+              protocol={"type": "string", "enum": list(STREAM_PROTOCOLS)}), 201),
     Route("GET", "/v1/calls/{call_id}/streams", "list_streams", "read", "Media streams of a call"),
     Route("GET", "/v1/calls/{call_id}/streams/{stream_id}", "get_stream", "read", "A media stream and its counters"),
     Route("POST", "/v1/calls/{call_id}/streams/{stream_id}/stop", "stop_stream", "control", "Stop a media stream",
@@ -47,13 +61,39 @@ MEDIA_ROUTES = [
 ]
 
 
-class MediaApi:
+class MediaApi(TwilioApi):
+    # -- number routes straight to a bot (bridge/core/numbers.py) ----------------------------------------
+    def number_route(self, body: dict) -> tuple[str, dict]:
+        """A PUT /v1/numbers body checked: (what the store keeps, what the API answers)."""
+        if body["app"] != "stream":
+            extra = sorted(set(body) - {"app"})
+            if extra:
+                raise ApiError(400, "invalid_field", f"{extra[0]}: only a stream route takes it", extra[0])
+            return body["app"], {"app": body["app"]}
+        if "url" not in body:
+            raise ApiError(400, "missing_field", "a stream route needs url", "url")
+        try:
+            route = number_routes.bot_route(body)
+            self.services.cfg.outbound.check_url(route.url, ("ws", "wss"))
+        except OutboundRefused as exc:
+            raise ApiError(400, "refused_address", f"url: {exc.reason} addresses are not allowed "
+                                                   "(http.outbound_allow)", "url") from None
+        except ValueError as exc:
+            field = str(exc).partition(":")[0]
+            raise ApiError(400, "invalid_field", str(exc), field if field in body else None) from None
+        return number_routes.encode(route), route.as_dict()
+
+    @staticmethod
+    def number_views(stored: dict[str, str]) -> dict:
+        return {number: number_routes.view(text) for number, text in stored.items()}
+
     # -- media streams (bridge/api/streams.py) ----------------------------------------------------------
     async def create_stream(self, request, body):
         s = self.session(request.match_info["call_id"])
         try:
             st = self.services.streams.start(s, body.get("url"), body.get("direction", "in"),
-                                             body.get("encoding", "mulaw"), body.get("bidirectional", False))
+                                             body.get("encoding", "mulaw"), body.get("bidirectional", False),
+                                             body.get("protocol", "trunkline"))
         except StreamRefused as e:
             raise ApiError(e.status, e.code, e.message, e.field) from None
         return 201, st.as_dict()
@@ -148,6 +188,7 @@ class MediaApi:
             "X-Recording-Complete": "true" if complete else "false", "X-Recording-Key-Id": row["key_id"]})
         event(log, "recording_downloaded", recording_id=rid, call_id=row["call_id"], key=key["id"],
               complete=complete, bytes=total)
+        self.audited(request, rid)
         await resp.prepare(request)
         try:
             async for piece in chunks:

@@ -23,7 +23,9 @@ from bridge.api.events import EVENT_TYPES, from_row, matches, valid_topic
 from bridge.api.base import (DIRECTION, TEXT, URI_OR_NUMBER, ApiError, RateLimiter, Route, error_response,
                              parse_json, retry_after)
 from bridge.core.netguard import OutboundRefused
-from bridge.api.media import MEDIA_ROUTES, MediaApi
+from bridge.api.media import MEDIA_ROUTES, NUMBER_ROUTE, MediaApi
+from bridge.api.privacy import PRIVACY_ROUTES, PrivacyApi
+from bridge.api.erasure import ERASURE_ROUTES, ErasureApi
 from bridge.api.services import Services
 from bridge.core.schema import SchemaError, obj, validate
 from bridge.core.states import CallState, SpeakingState, TranscribeState
@@ -37,7 +39,6 @@ MAX_TOPICS = 50               # topics per webhook or WebSocket subscription
 MAX_SAY_QUEUED = 20           # texts a speaking session holds before say answers 429
 REPLAY_PAGE = 500             # events read per page when a subscription replays (in a thread)
 REPLAY_MAX = 100000           # events one subscribe may replay
-LARGE_BODY = 64 * 1024        # bodies parsed in a thread (a 1 MiB JSON takes ~10 ms)
 
 ROUTES = [
     Route("GET", "/v1/calls", "list_calls", "read", "List calls (active first, then recent)"),
@@ -63,8 +64,9 @@ ROUTES = [
           "Stop playback now, drop the queue; returns what the caller heard", obj()),
     Route("POST", "/v1/speakings/{speaking_id}/stop", "stop_speaking", "control", "Stop the speaking session", obj()),
     Route("GET", "/v1/numbers", "list_numbers", "read", "Which app answers each inbound number"),
-    Route("PUT", "/v1/numbers/{number}", "put_number", "control", "Route an inbound number to an app",
-          obj(["app"], app={"type": "string", "enum": list(APPS)})),
+    Route("PUT", "/v1/numbers/{number}", "put_number", "control",
+          "Route an inbound number to an app, or straight to a bot (app: stream, url, protocol, parameters)",
+          NUMBER_ROUTE),
     Route("DELETE", "/v1/numbers/{number}", "delete_number", "control", "Remove a number route"),
     Route("GET", "/v1/webhooks", "list_webhooks", "read", "Webhook subscriptions"),
     Route("POST", "/v1/webhooks", "create_webhook", "control", "Subscribe a URL to events (returns its secret)",
@@ -77,6 +79,8 @@ ROUTES = [
           "Deliver again (e.g. a dead letter)", obj()),
     Route("GET", "/v1/events", "list_events", "read", "Stored events after ?since=SEQ"),
     *MEDIA_ROUTES,
+    *PRIVACY_ROUTES,
+    *ERASURE_ROUTES,
     Route("POST", "/v1/calls/{call_id}/tool-results/{tool_call_id}", "post_tool_result", "callback",
           "Deliver an asynchronous tool result (the URL, with its ?sig=, is given to the tool; no API key)",
           {"type": "object"}, 202),
@@ -87,7 +91,7 @@ def _fingerprint(request: web.Request, raw: bytes) -> str:
     return hashlib.sha256(f"{request.method} {request.path}\n".encode() + raw).hexdigest()
 
 
-class Api(MediaApi):
+class Api(MediaApi, PrivacyApi, ErasureApi):
     def __init__(self, services: Services):
         self.services = services              # a cell's, or the box's (no live calls there)
         self.store = services.store
@@ -113,14 +117,28 @@ class Api(MediaApi):
             raise ApiError(403, "forbidden", "this key is read-only")
         if scope == "recordings" and key["scope"] != "recordings":    # control does not imply it
             raise ApiError(403, "forbidden", "recordings audio needs a key with the recordings scope")
+        if scope == "audit" and key["scope"] != "audit":              # nor does it imply this one
+            raise ApiError(403, "forbidden", "the access audit needs a key with the audit scope")
         return key
+
+    def callback_key(self, request: web.Request) -> dict:
+        """The unauthenticated tool-callback route: its URL signature is checked before the
+        body is read, so a stranger's request costs one HMAC, never a JSON parse on the loop
+        that runs the media tick. (In the box, which has no tools, the owning cell checks.)"""
+        tools = self.services.tools
+        if tools is not None:
+            m = request.match_info
+            if not tools.signed(m.get("call_id", ""), m.get("tool_call_id", ""), request.query.get("sig", "")):
+                raise ApiError(404, "not_found", "no pending tool call at this URL (unknown, already answered or "
+                               "bad signature)")
+        return {"id": "callback"}
 
     def wrap(self, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
         fn = getattr(self, route.handler)
 
         async def handler(request: web.Request) -> web.StreamResponse:
             try:
-                key = self.auth(request, route.scope) if route.scope != "callback" else {"id": "callback"}
+                key = self.auth(request, route.scope) if route.scope != "callback" else self.callback_key(request)
                 request["api_key"] = key
                 body = None
                 raw = b""
@@ -128,10 +146,10 @@ class Api(MediaApi):
                     try:
                         raw = await request.read()
                     except web.HTTPRequestEntityTooLarge:
-                        raise ApiError(413, "too_large", "the body is larger than 1 MiB") from None
+                        raise ApiError(413, "too_large", "the body is larger than 1 MiB (JSON bodies: 64 KiB)") from None
                     if raw.strip():
                         # malformed, too deep or too large: a 400 in the API's shape, never a 500
-                        body = parse_json(raw) if len(raw) < LARGE_BODY else await asyncio.to_thread(parse_json, raw)
+                        body = parse_json(raw)   # <= 64 KiB: a few ms at worst, and GIL-bound in any thread
                     else:
                         body = {}
                     if route.body is not None:
@@ -166,6 +184,8 @@ class Api(MediaApi):
     def register(self, app: web.Application) -> None:
         for r in ROUTES:
             app.router.add_route(r.method, r.path, getattr(self, r.handler) if r.raw else self.wrap(r))
+        self.register_twilio(app)        # the Twilio-compatible REST route (bridge/api/twilio.py)
+        app.on_cleanup.append(lambda _app: asyncio.to_thread(self.close_audit))   # the access audit's thread
         app.router.add_get("/v1/openapi.json", self.openapi)
         app.router.add_get("/v1/ws", self.websocket)
 
@@ -212,6 +232,7 @@ class Api(MediaApi):
             raise ApiError(404, "not_found", "no such call", "call_id")
         if self.services.bus is not None:       # lines already recorded, committed first
             await self.services.bus.settled()
+        self.audited(request, cid)
         return 200, {"call_id": cid, "transcript": self.store.transcript(cid)}
 
     async def create_call(self, request, body):
@@ -337,12 +358,13 @@ class Api(MediaApi):
 
     # -- numbers -----------------------------------------------------------------------------------
     async def list_numbers(self, request):
-        return 200, {"default": self.services.cfg.app, "numbers": self.store.numbers()}
+        return 200, {"default": self.services.cfg.app, "numbers": self.number_views(self.store.numbers())}
 
     async def put_number(self, request, body):
         number = request.match_info["number"]
-        self.store.set_number(number, body["app"])
-        return 200, {"number": number, "app": body["app"]}
+        stored, view = self.number_route(body)
+        self.store.set_number(number, stored)
+        return 200, {"number": number, **view}
 
     async def delete_number(self, request):
         if not self.store.delete_number(request.match_info["number"]):
@@ -403,6 +425,7 @@ class Api(MediaApi):
         if self.services.bus is not None:       # what this cell has already published, committed first
             await self.services.bus.settled()
         rows = await asyncio.to_thread(read_events, self.store.path, since, 1000)
+        self.audited(request, f"events>{since}")
         return 200, {"events": [from_row(r) for r in rows]}
 
     # -- WebSocket ---------------------------------------------------------------------------------
@@ -429,7 +452,7 @@ class Api(MediaApi):
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         try:
-            self.auth(request, "read")
+            key = self.auth(request, "read")
         except ApiError as e:
             return error_response(e.status, e.code, e.message, headers=e.headers)
         ws = web.WebSocketResponse(heartbeat=None, max_msg_size=64 * 1024)
@@ -438,6 +461,8 @@ class Api(MediaApi):
         queue: asyncio.Queue = asyncio.Queue(maxsize=5000)
         last_sent = 0
         overflow = False
+        live = asyncio.Event()        # cleared while a replay runs: live events wait in the queue,
+        live.set()                    # so the replay's older events are never skipped for a newer one
 
         def listener(event: dict) -> None:
             nonlocal overflow
@@ -456,6 +481,7 @@ class Api(MediaApi):
                 except asyncio.TimeoutError:
                     await ws.send_json({"type": "heartbeat", "seq": last_sent, "time": time.time()})
                     continue
+                await live.wait()
                 if overflow:
                     await ws.close(code=4008, message=b"consumer too slow; reconnect with since")
                     return
@@ -493,9 +519,17 @@ class Api(MediaApi):
                     topics.update(new)
                     since = m.get("since")
                     if isinstance(since, int) and not isinstance(since, bool) and since >= 0:
+                        wait = self.limiter.take(key["id"])        # a replay costs like a request
+                        if wait:
+                            self.services.metrics.api_limited.labels("api_rate").inc()
+                            await ws.send_json({"type": "error", "code": "rate_limited", "retry_after": wait,
+                                                "message": "too many requests with this key (http.rate_limit)"})
+                            continue
+                        self.audited(request, f"events>{since}", key)
                         # replay from the store what was missed, in pages read off the event loop
                         # (it also runs the 20 ms media tick); live events queue meanwhile
                         cursor, left = since, REPLAY_MAX
+                        live.clear()
                         while left > 0:
                             rows = await asyncio.to_thread(read_events, self.store.path, cursor,
                                                            min(REPLAY_PAGE, left))
@@ -507,6 +541,7 @@ class Api(MediaApi):
                             if len(rows) < min(REPLAY_PAGE, left):
                                 break
                             cursor, left = rows[-1]["seq"], left - len(rows)
+                        live.set()
                     await ws.send_json({"type": "subscribed", "topics": sorted(topics), "seq": last_sent})
                 elif kind == "ping":
                     await ws.send_json({"type": "pong", "seq": last_sent})
@@ -523,14 +558,9 @@ class Api(MediaApi):
 
 
 def read_events(path: str, since: int, limit: int) -> list[dict]:
-    """Stored events after ``since`` on a connection of its own (run in a worker thread)."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=15.0)
-    try:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                            (since, limit)).fetchall()]
-    finally:
-        db.close()
+    """Stored events after ``since`` on a connection of its own (run in a worker thread), opened."""
+    from bridge.records.store import read_events as stored_events     # event data is sealed at rest
+    return stored_events(path, since, limit)
 
 
 def openapi_spec() -> dict:
@@ -552,7 +582,7 @@ def openapi_spec() -> dict:
                   "429": {"description": "Rate limited (per key) or queue full; see Retry-After",
                           "content": {"application/json": {"schema": error}}}}}
         if r.method in ("POST", "PUT"):
-            op["responses"]["413"] = {"description": "Body larger than 1 MiB",
+            op["responses"]["413"] = {"description": "Body larger than 64 KiB",
                                       "content": {"application/json": {"schema": error}}}
         params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in r.path.split("/") if p.startswith("{")]
@@ -577,6 +607,12 @@ def openapi_spec() -> dict:
                                       "content": {"application/json": {"schema": error}}}
         if r.handler == "list_events":
             params.append({"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}})
+        if r.handler == "list_audit":
+            params += [{"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                       {"name": "key_id", "in": "query", "schema": {"type": "string"}},
+                       {"name": "caller", "in": "query", "schema": {"type": "string"}},
+                       {"name": "object", "in": "query", "schema": {"type": "string"}}]
         if r.handler == "list_deliveries":
             params.append({"name": "status", "in": "query", "schema": {
                 "type": "string", "enum": ["pending", "sending", "delivered", "failed", "dead"]}})
@@ -592,7 +628,9 @@ def openapi_spec() -> dict:
                                           "{type: event|heartbeat|subscribed|error}", "operationId": "websocket",
                                "security": [{"bearer": []}],
                                "responses": {"101": {"description": "Switching protocols"},
-                                             "401": {"description": "Missing or invalid key"}}}}
+                                             "400": {"description": "Not a WebSocket upgrade request"},
+                                             "401": {"description": "Missing or invalid key"},
+                                             "429": {"description": "Rate limited (Retry-After)"}}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "Trunkline control API", "version": __version__,

@@ -35,17 +35,22 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from bridge.core import backoff as _backoff
+from bridge.core.app import App
+from bridge.core.numbers import BotRoute
 from bridge.core.states import CallState, SpeakingState, StreamState
 from bridge.api.base import json_too_deep
 from bridge.core.guarded_http import failure_class, guarded_session
 from bridge.core.netguard import OutboundRefused
 from bridge.records.store import new_id
+from sip.uri import user_part
 from media.frames import FRAMES_PER_SECOND
 from media.opus import OpusEncoder, OpusError
 from media.playout import Playout, Segment
+from media import twilio as tw
 from media.streamcodec import (ENCODINGS, FrameDecoder, FrameEncoder, MediaClock, StreamProtocolError,
                                error_message, mark_message, media_message, parse_client, start_message,
                                stop_message)
+from media.twilio import TwilioWire
 
 log = logging.getLogger("trunkline.streams")
 
@@ -71,7 +76,8 @@ def backoff(attempt: int, base: float, cap: float, rnd: Callable[[], float] = ra
 
 class MediaStream:
     def __init__(self, manager: "StreamManager", session, url: str | None, direction: str, encoding: str,
-                 bidirectional: bool):
+                 bidirectional: bool, protocol: str = "trunkline", parameters: dict | None = None,
+                 account_sid: str | None = None, bot: bool = False):
         cfg = manager.cfg
         self.manager = manager
         self.session = session
@@ -83,6 +89,17 @@ class MediaStream:
         self.encoding = encoding
         self.bidirectional = bidirectional
         self.rate = session.media.rate
+        self.protocol = protocol
+        self.parameters = dict(parameters or {})
+        # the call's own bot (a number routed to a stream) hears the real DTMF digits, as the
+        # call's app does; a stream the API added gets them as events show them (``pii.dtmf``)
+        self.bot = bot
+        self.on_stopped: Callable[[str], None] | None = None     # the bot app: the stream ended
+        self.twilio: TwilioWire | None = None
+        if protocol == "twilio":
+            self.twilio = TwilioWire(tw.sid("MZ", self.id), tw.call_sid(self.call_id),
+                                     account_sid or tw.DEFAULT_ACCOUNT_SID,
+                                     direction, parameters)
         self.status: StreamState = StreamState.CONNECTING if url else StreamState.WAITING
         self.reason: str | None = None
         self.detail: str | None = None
@@ -128,6 +145,8 @@ class MediaStream:
 
     def as_dict(self) -> dict:
         return {"id": self.id, "call_id": self.call_id, "url": self.url, "ws_path": self.ws_path,
+                "protocol": self.protocol,
+                **({"stream_sid": self.twilio.stream_sid} if self.twilio is not None else {}),
                 "direction": self.direction, "encoding": self.encoding, "sample_rate": ENCODINGS[self.encoding],
                 "bidirectional": self.bidirectional, "status": self.status, "reason": self.reason,
                 "detail": self.detail, "created": self.created, "ended": self.ended,
@@ -168,6 +187,9 @@ class MediaStream:
         # kept for GET after the call: let the call (its app, its queues) go
         self.session = self.playout = self.decoder = None
         self._marks.clear()
+        if self.on_stopped is not None:
+            on_stopped, self.on_stopped = self.on_stopped, None
+            on_stopped(reason)
 
     # the cell's tap interface
     def call_ended(self) -> None:
@@ -245,6 +267,8 @@ class MediaStream:
 
         def build(seq: int) -> str:
             self._marks_queued -= 1
+            if self.twilio is not None:
+                return self.twilio.mark(seq, name)
             return mark_message(seq, self.id, self.call_id, name, cleared)
         self._queue_control(build)
 
@@ -273,6 +297,10 @@ class MediaStream:
     def _client_error(self, code: str, message: str) -> None:
         self.stats["client_errors"] += 1
         self.manager.metrics.stream_client_errors.inc()
+        if self.twilio is not None:          # Twilio answers a bad message with nothing on the socket
+            log.info("stream %s: bad message from the bot: %s: %s", self.id, code, message,
+                     extra={"fields": {"call_id": self.call_id, "stream_id": self.id}})
+            return
         if self._errors_queued >= MAX_QUEUED_ERRORS:
             return
 
@@ -308,6 +336,14 @@ class MediaStream:
         except StreamProtocolError as exc:
             self._client_error(exc.code, exc.message)
 
+    def on_dtmf(self, digit: str) -> None:
+        """A digit the caller pressed (Twilio protocol only: Trunkline's own streams carry
+        audio and the API's ``dtmf_received`` event carries the digits)."""
+        if self._stopping or self.twilio is None or self.direction == "out":
+            return
+        wire = self.twilio
+        self._queue_control(lambda seq: wire.dtmf(seq, digit))
+
     # -- connections ------------------------------------------------------------------------
     def _next_seq(self) -> int:
         self._seq += 1
@@ -316,11 +352,18 @@ class MediaStream:
     async def _send_loop(self, ws, encoders: dict[str, FrameEncoder]) -> None:
         timeout = self.cfg["send_timeout"]
         out = self._out
+        wire = self.twilio
+        if wire is not None:                 # Twilio: ``connected`` first, with no sequence number
+            async with asyncio.timeout(timeout):
+                await ws.send_str(wire.connected())
         while True:
             if not out:
                 if self._stopping:
-                    text = stop_message(self._next_seq(), self.id, self.call_id, self.reason or "stopped",
-                                        dict(self.stats))
+                    if wire is not None:
+                        text = wire.stop(self._next_seq())
+                    else:
+                        text = stop_message(self._next_seq(), self.id, self.call_id, self.reason or "stopped",
+                                            dict(self.stats))
                     async with asyncio.timeout(timeout):
                         await ws.send_str(text)
                     return
@@ -333,8 +376,11 @@ class MediaStream:
             else:
                 self._media_queued -= 1
                 direction, ts, pcm = item
-                text = media_message(self._next_seq(), self.id, self.call_id, direction, ts,
-                                     encoders[direction].encode(pcm))
+                if wire is not None:
+                    text = wire.media(self._next_seq(), direction, ts, encoders[direction].encode(pcm))
+                else:
+                    text = media_message(self._next_seq(), self.id, self.call_id, direction, ts,
+                                         encoders[direction].encode(pcm))
             async with asyncio.timeout(timeout):
                 await ws.send_str(text)
             if not callable(item):
@@ -373,10 +419,14 @@ class MediaStream:
         self.stats["connections"] += 1
         n = self.stats["connections"]
         self.status = StreamState.STREAMING
-        self._queue_control(lambda seq: start_message(seq, self.id, self.call_id, self.encoding, self.direction,
-                                                      self.bidirectional, n), front=True)
+        if self.twilio is not None:
+            self._queue_control(self.twilio.start, front=True)
+        else:
+            extra = {"parameters": self.parameters} if self.parameters else None
+            self._queue_control(lambda seq: start_message(seq, self.id, self.call_id, self.encoding,
+                                                          self.direction, self.bidirectional, n, extra), front=True)
         self._event("stream_started", url=self.url, direction=self.direction, encoding=self.encoding,
-                    bidirectional=self.bidirectional, connection=n)
+                    bidirectional=self.bidirectional, connection=n, protocol=self.protocol)
         encoders = {d: FrameEncoder(self.encoding, self.rate) for d in ("in", "out")}
         sender = asyncio.create_task(self._send_loop(ws, encoders))
         receiver = asyncio.create_task(self._recv_loop(ws))
@@ -514,7 +564,14 @@ class StreamManager:
     def for_call(self, call_id: str) -> list[MediaStream]:
         return [s for s in self.streams.values() if s.call_id == call_id]
 
-    def start(self, session, url: str | None, direction: str, encoding: str, bidirectional: bool) -> MediaStream:
+    def start(self, session, url: str | None, direction: str, encoding: str, bidirectional: bool,
+              protocol: str = "trunkline", parameters: dict | None = None, account_sid: str | None = None,
+              bot: bool = False) -> MediaStream:
+        """``bot``: the stream is the call's app (a number routed to a bot): it may play into the call."""
+        if protocol not in tw.PROTOCOLS:
+            raise StreamRefused(400, "invalid_field", f"protocol: one of {', '.join(tw.PROTOCOLS)}", "protocol")
+        if protocol == "twilio" and encoding != tw.ENCODING:
+            raise StreamRefused(400, "invalid_field", "encoding: Twilio Media Streams carry mulaw only", "encoding")
         if url is not None:
             try:
                 self.guard.check_url(url, ("ws", "wss"))
@@ -530,7 +587,7 @@ class StreamManager:
             raise StreamRefused(409, "too_many_streams",
                                 f"the call already has {len(live)} streams (streams.max_per_call)")
         if bidirectional:
-            if session.app_name != "api":
+            if session.app_name != "api" and not bot:
                 raise StreamRefused(409, "wrong_app", "a bidirectional stream plays into the call, so it needs a "
                                                       f"call handled by the API app (this one: {session.app_name})",
                                     "bidirectional")
@@ -544,7 +601,8 @@ class StreamManager:
                 OpusEncoder(ENCODINGS["opus"])
             except OpusError as exc:
                 raise StreamRefused(409, "encoding_unavailable", str(exc), "encoding") from None
-        st = MediaStream(self, session, url, direction, encoding, bidirectional)
+        st = MediaStream(self, session, url, direction, encoding, bidirectional, protocol, parameters, account_sid,
+                         bot)
         self.streams[st.id] = st
         st.begin()
         self.metrics.streams_active.inc()
@@ -574,3 +632,39 @@ class StreamManager:
             await asyncio.gather(*pending, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
+
+
+class BotApp(App):
+    """A number routed straight to a bot: the call is answered, a bidirectional stream
+    connects out to the bot, the bot's audio is the call's audio, and the call ends
+    when the stream does (the bot closed the socket, or it could not be reached)."""
+    name = "stream"
+
+    def __init__(self, session, manager: StreamManager, route: BotRoute, api_base: str):
+        super().__init__(session)
+        self.manager = manager
+        self.route = route
+        self.api_base = route.api_base or api_base
+        self.stream: MediaStream | None = None
+
+    def parameters(self) -> dict[str, str]:
+        """``customParameters`` (Twilio) / ``start.parameters`` (Trunkline): the route's own, then
+        the call's: numbers, direction, trunk, its id and where to hang it up."""
+        s = self.session
+        return {**self.route.parameters, "from": user_part(s.from_uri), "to": user_part(s.to_uri),
+                "direction": s.direction, "trunk": s.trunk or "", "call_id": s.call_id,
+                "api_base": self.api_base}
+
+    def on_answered(self) -> None:
+        r = self.route
+        self.stream = self.manager.start(self.session, r.url, "in", r.encoding, True, r.protocol,
+                                         self.parameters(), r.account_sid, bot=True)
+        self.stream.on_stopped = self._stream_stopped
+
+    def _stream_stopped(self, reason: str) -> None:
+        if reason != "call_ended":
+            self.session.hangup(f"bot stream {reason}")
+
+    def on_dtmf(self, digit: str) -> None:
+        if self.stream is not None:
+            self.stream.on_dtmf(digit)

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.api.routes import Api, ApiError, error_response
 from bridge.api.services import Services
 from bridge.api.events import Tailer
-from bridge.api.http import CONSOLE, start_http
+from bridge.api.http import CONSOLE, TLS, server_tls, start_http
 from bridge.core.metrics import Metrics
 from bridge.records.store import Store
 from bridge.api.webhooks import WebhookDispatcher
@@ -155,6 +155,7 @@ class BoxApi(Api):
         async with self.http.get(cell.http + request.path_qs, headers=headers) as r:
             if r.status != 200:
                 return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+            self.audited(request, request.match_info["recording_id"])   # the client's address (the cell sees ours)
             resp = web.StreamResponse(status=200, headers={k: v for k, v in r.headers.items() if k in (
                 "Content-Type", "Content-Length", "Cache-Control", "Content-Disposition", "X-Recording-Complete",
                 "X-Recording-Key-Id")})
@@ -306,6 +307,8 @@ async def start_box(sup) -> list:
     await services.webhooks.start()
     tail = asyncio.create_task(services.tailer.run())
     app = web.Application(client_max_size=1 << 20)
+    if (tls := server_tls(sup.cfg.raw["http"])) is not None:    # HTTPS on the box's address (cells stay plain)
+        app[TLS] = tls
     BoxApi(services, sup, http).register(app)
 
     async def healthz(request):

@@ -83,7 +83,13 @@ class Supervisor:
         per -= per % 2
         self.cells = [CellProc(i, c["host"], sip_base + i, http_base + i,
                                f"{lo + i * per}-{lo + (i + 1) * per - 1}") for i in range(n)]
+        # the front's internal UDP socket, used only toward cells (see deploy/kamailio)
+        taken = {self.public_port, int(http_port)} | {p for c in self.cells for p in (c.sip_port, c.http_port)}
+        self.front_port = cfg.raw["cells"]["front_port"] or next(p for p in range(sip_base + n, 65536) if p not in taken)
         used = {self.public_port, int(http_port)}
+        if self.front_port in taken:
+            raise ValueError(f"cells.front_port {self.front_port} collides with other listeners")
+        used.add(self.front_port)
         for c in self.cells:
             if c.sip_port in used or c.http_port in used or c.sip_port == c.http_port:
                 raise ValueError(f"cells.sip_base/http_base: cell {c.index} ports {c.sip_port}/{c.http_port} "
@@ -103,15 +109,21 @@ class Supervisor:
         return cmd
 
     def _cell_env(self, c: CellProc) -> dict:
-        front = self.public_host if self.public_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        # A cell trusts only the front's internal socket (address and port); on loopback any
+        # local user may still bind that address (deploy/OPERATOR.md: "Cells and local users").
+        front = self._front_ip()
+        h = f"[{front}]" if ":" in front else front
         return {**os.environ, "TRUNKLINE_CELL": str(c.index),
-                "TRUNKLINE_SIP_TRUSTED_PROXIES": f"{self._front_ip()}/32",
-                "TRUNKLINE_SIP_OUTBOUND_PROXY": f"sip:{front}:{self.public_port}",
+                "TRUNKLINE_SIP_TRUSTED_PROXIES": f"{front}/32",
+                "TRUNKLINE_SIP_TRUSTED_PROXY_PORT": str(self.front_port),
+                "TRUNKLINE_SIP_OUTBOUND_PROXY": f"sip:{h}:{self.front_port}",
                 "TRUNKLINE_WEBHOOKS_DISPATCH": "false",
-                "TRUNKLINE_HTTP_OPS_LISTEN": ""}
+                "TRUNKLINE_HTTP_OPS_LISTEN": "",
+                "TRUNKLINE_HTTP_TLS_CERT": "", "TRUNKLINE_HTTP_TLS_KEY": ""}   # the box terminates HTTPS
 
     def _front_ip(self) -> str:
-        """The address Kamailio sends to cells from (cells trust only it)."""
+        """The address of the front's internal socket: Kamailio sends to cells from it and
+        cells send to it (cells trust only it)."""
         return self.cfg.raw["cells"]["front_ip"] or "127.0.0.1"
 
     def start_cell(self, c: CellProc) -> None:
@@ -149,11 +161,15 @@ class Supervisor:
         h = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
         listen = [f"udp:{h}:{self.public_port}", f"tcp:{h}:{self.public_port}"]
         trusted = [a for t in self.cfg.trunks for a in t.allow]
+        fh = self._front_ip()
+        inner = f"udp:{f'[{fh}]' if ':' in fh else fh}:{self.front_port}"
         text = kamailio.render(listen, self.run_dir, trusted, self.cfg.raw["sip"]["retry_after"],
                                ping=self.cfg.raw["cells"]["ping_interval"], pike=self.cfg.raw["cells"]["pike"],
                                children=self.cfg.raw["cells"]["children"],
-                               trunk_addresses=[t.address for t in self.cfg.trunks if t.address])
-        dlist = kamailio.dispatcher_list([(c.host, c.sip_port) for c in self.cells], self.cfg.raw["sip"]["capacity"])
+                               trunk_addresses=[t.address for t in self.cfg.trunks if t.address],
+                               cell_socket=inner, trunks=[(t.address, list(t.allow)) for t in self.cfg.trunks])
+        dlist = kamailio.dispatcher_list([(c.host, c.sip_port) for c in self.cells], self.cfg.raw["sip"]["capacity"],
+                                         socket=inner)
         path = kamailio.write(self.run_dir, text, dlist)
         check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True)
         if check.returncode != 0:

@@ -34,7 +34,8 @@ from bridge.records.journal import CallRecords
 from bridge.records import writer as records_writer
 from bridge.records.recording import Recordings
 from bridge.cell.session import Session
-from bridge.api.streams import StreamManager
+from bridge.api.streams import BotApp, MediaStream, StreamManager
+from bridge.core import numbers as number_routes
 from sip import commands as cmd
 from sip import events as ev
 from sip.engine import Engine, EngineConfig
@@ -44,6 +45,18 @@ log = logging.getLogger("trunkline.cell")
 calls_log = logging.getLogger("trunkline.call")
 
 TICK = 0.020
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _sip_tcp(sip: dict, host: str) -> bool:
+    """sip.tcp: "auto" is UDP only behind a front (it talks UDP to cells) and on a non-loopback
+    address (pjsip's select() ioqueue holds 64 sockets: idle connections lock TCP trunks out)."""
+    if sip["tcp"] != "auto":
+        return sip["tcp"] == "on"
+    return not sip["trusted_proxies"] and _loopback(host)
 
 
 def engine_config(cfg: Config) -> EngineConfig:
@@ -56,7 +69,9 @@ def engine_config(cfg: Config) -> EngineConfig:
         clock_rate=media["clock_rate"], codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
         capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
         rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
-        tcp=not sip["trusted_proxies"],          # behind a front: UDP only (the front talks UDP to cells)
+        tcp=_sip_tcp(sip, host.strip("[]")),
+        require_guard=sip["require_guard"] == "on" or (sip["require_guard"] == "auto" and not _loopback(host.strip("[]"))),
+        proxy_port=sip["trusted_proxy_port"],
         allowed_destinations=tuple(sip["allowed_destinations"]),
         fixed_destinations=tuple(cfg.raw["app"]["dtmf_transfer"].values()),
         # with several cells only cell 0 keeps the trunk registrations
@@ -96,7 +111,7 @@ class Cell:
         if closed:
             log.warning("closed %d call records left open by an earlier run", closed)
         for number, app in cfg.raw["numbers"].items():
-            self.store.set_number(number, app)
+            self.store.set_number(number, number_routes.encode(number_routes.check_route(app)))
         self.bus = EventBus(self.store, self.metrics, self.writer)
         w = cfg.raw["webhooks"]
         self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
@@ -202,18 +217,20 @@ class Cell:
             self._tail_task.cancel()
         if self._rec_task:
             self._rec_task.cancel()
+        if getattr(self, "_retention_task", None):
+            self._retention_task.cancel()
         self.recordings.stop_all("cell stopped")
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)   # nothing queued is lost
         self.store.close()
         self.stopped.set()
 
     def _purge(self) -> None:
-        days = self.cfg.raw["records"]["retention_days"]
-        if days:
-            removed = self.store.purge(time.time() - days * 86400)
-            if any(removed.values()):
-                event(log, "records_purged", **removed)
-        self.recordings.purge()
+        """Retention now, then periodically while the cell runs (``bridge/records/lifecycle.py``)."""
+        from bridge.records.lifecycle import Retention
+        self.retention = Retention(self.store, self.cfg.data_dir, self.cfg.raw["records"]["retention_days"],
+                                   self.recordings, self.metrics)
+        self.retention.run_once()
+        self._retention_task = asyncio.create_task(self.retention.run(), name="records-retention")
 
     async def make_call(self, uri: str, trunk: str | None = None, app: str | None = None) -> str:
         fut = self.engine.submit(cmd.MakeCall(uri, trunk, app))
@@ -247,7 +264,8 @@ class Cell:
         self._calls_waiting.set()
         s = Session(self.services, e)
         self.sessions[e.call_id] = s
-        s.app_name = e.app or self.app_for(e.to_uri)
+        route = e.app or self.app_for(e.to_uri)
+        s.app_name = number_routes.app_name(route)
         event(calls_log, "call_offered", call_id=e.call_id, direction=e.direction,
               **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk, app=s.app_name)
         self._record(s)
@@ -256,7 +274,12 @@ class Cell:
             # the api app runs without models too (media streams); its transcribes/speakings need them
             if s.app_name == "agent" and self.hub is None:
                 raise RuntimeError(f"app {s.app_name!r} needs the models, which this cell did not load")
-            s.app = make_app(s.app_name, s, self)
+            if s.app_name == "stream":            # a number routed straight to a bot
+                h = self.cfg.raw["http"]          # where the bot hangs up (the route's api_base wins)
+                base = ("https://" if h["tls_cert"] else "http://") + h["listen"].replace("0.0.0.0:", "127.0.0.1:")
+                s.app = BotApp(s, self.streams, number_routes.decode(route), base)
+            else:
+                s.app = make_app(s.app_name, s, self)
             s.app.on_start()
         except Exception as exc:  # noqa: BLE001 - a bad app/prompt ends this call only
             self._app_failed(s, exc)
@@ -300,6 +323,9 @@ class Cell:
         s.dtmf += shown
         s.emit("dtmf_received", {"digit": shown, "method": e.method, "duration_ms": e.duration_ms,
                                  **({"masked": True} if shown != e.digit else {})})
+        for tap in s.taps:      # a Twilio stream the API added: the digit when events show it
+            if isinstance(tap, MediaStream) and not tap.bot and shown == e.digit:
+                tap.on_dtmf(shown)
         target = self.cfg.raw["app"]["dtmf_transfer"].get(e.digit)
         if target:
             s.transfer(target)
@@ -379,7 +405,8 @@ class Cell:
 
     # -- records and routing --------------------------------------------------------------
     def app_for(self, to_uri: str) -> str:
-        """The app for an inbound call: by the dialled number (user part of To), else the default."""
+        """The route for an inbound call, as stored (``bridge.core.numbers``): by the dialled
+        number (user part of To), else the default app."""
         user = user_part(to_uri)
         numbers = self.store.numbers()
         return numbers.get(user) or numbers.get(user.lstrip("+")) or self.cfg.app

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.core import numbers
 from bridge.core.toolspec import ToolBox, ToolConfigError, load_toolbox
 from sip.config import TrunkSpec as Trunk   # one trunk type, from file to engine
 
@@ -67,6 +68,13 @@ def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"expected true or false, got {v!r}")
     return v
+
+
+def _auto_bool(v: Any) -> str:
+    """"auto", or a boolean given as "on"/"off" (true/false accepted)."""
+    if isinstance(v, str) and v.lower() == "auto":
+        return "auto"
+    return "on" if _bool(v) else "off"
 
 
 def _str(v: Any) -> str:
@@ -151,20 +159,24 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "sip": {"listen": _hostport, "public_address": _str, "user_agent": _str,
             "capacity": _int(1, 3), "retry_after": _int(1, 3600), "answer_delay": _float(0, 60),
             "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6),
-            "trusted_proxies": _cidrs, "outbound_proxy": _str, "allowed_destinations": _str_list},
+            "trusted_proxies": _cidrs, "outbound_proxy": _str, "allowed_destinations": _str_list,
+            "tcp": _auto_bool, "require_guard": _auto_bool, "trusted_proxy_port": _int(0, 65535)},
     "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
               "realtime_clock": _bool},
     "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300),
              "outbound_allow": _outbound_allow, "outbound_strict": _bool,
-             "rate_limit": _float(0, 100000), "rate_burst": _int(1, 100000)},
-    "records": {"retention_days": _float(0, 36500)},
+             "rate_limit": _float(0, 100000), "rate_burst": _int(1, 100000),
+             "tls_cert": _str, "tls_key": _str},
+    "records": {"retention_days": _float(0, 36500), "require_keys": _bool, "local_key_file": _str,
+                "log_words": _bool},
     "recordings": {"enabled": _bool, "format": _choice("opus", "wav"), "dir": _str, "numbers": _number_flags,
                    "key_file": _str, "key_env": _str, "current_key": _str, "retention_days": _float(0, 36500),
                    "opus_bitrate": _int(6000, 256000), "flush_interval": _float(0.2, 10), "dtmf_pause": _bool,
                    "dtmf_resume_after": _float(0.5, 60)},
     "pii": {"mask_cards": _bool, "patterns": _regex_list, "show_dtmf": _bool},
     "cells": {"host": _str, "sip_base": _int(0, 65535), "http_base": _int(0, 65535), "kamailio": _str,
-              "ping_interval": _int(1, 60), "pike": _int(1, 100000), "children": _int(1, 64), "front_ip": _str},
+              "ping_interval": _int(1, 60), "pike": _int(1, 100000), "children": _int(1, 64), "front_ip": _str,
+              "front_port": _int(0, 65535)},
     "webhooks": {"max_attempts": _int(1, 50), "base_delay": _float(0.01, 3600), "max_delay": _float(0.1, 86400),
                  "timeout": _float(0.5, 60), "dispatch": _bool},
     "streams": {"buffer_frames": _int(5, 3000), "max_per_call": _int(1, 10), "reconnect_attempts": _int(0, 100),
@@ -203,17 +215,18 @@ DEFAULTS: dict[str, Any] = {
     "sip": {"listen": "0.0.0.0:5060", "public_address": "", "user_agent": "Trunkline",
             "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
             "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": "",
-            "allowed_destinations": []},
+            "allowed_destinations": [], "tcp": "auto", "require_guard": "auto", "trusted_proxy_port": 0},
     "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
     "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0,
-             "outbound_allow": [], "outbound_strict": False, "rate_limit": 50.0, "rate_burst": 200},
-    "records": {"retention_days": 30.0},
+             "outbound_allow": [], "outbound_strict": False, "rate_limit": 50.0, "rate_burst": 200,
+             "tls_cert": "", "tls_key": ""},
+    "records": {"retention_days": 30.0, "require_keys": False, "local_key_file": "", "log_words": False},
     "recordings": {"enabled": False, "format": "opus", "dir": "", "numbers": {}, "key_file": "",
                    "key_env": "TRUNKLINE_RECORDING_KEYS", "current_key": "", "retention_days": 90.0,
                    "opus_bitrate": 32000, "flush_interval": 1.0, "dtmf_pause": True, "dtmf_resume_after": 5.0},
     "pii": {"mask_cards": True, "patterns": [], "show_dtmf": False},
     "cells": {"host": "127.0.0.1", "sip_base": 0, "http_base": 0, "kamailio": "kamailio", "ping_interval": 2,
-              "pike": 60, "children": 1, "front_ip": ""},
+              "pike": 60, "children": 1, "front_ip": "", "front_port": 0},
     "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0, "dispatch": True},
     "streams": {"buffer_frames": 50, "max_per_call": 3, "reconnect_attempts": 5, "reconnect_base_delay": 0.5,
                 "reconnect_max_delay": 10.0, "connect_timeout": 10.0, "send_timeout": 5.0, "playback_seconds": 60.0},
@@ -280,7 +293,8 @@ class Config:
         load = self.raw["models"]["load"]
         if load != "auto":
             return load == "always"
-        return bool({self.app, *self.raw["numbers"].values()} & {"agent", "api"})
+        return bool({self.app, *(v for v in self.raw["numbers"].values() if isinstance(v, str))}
+                    & {"agent", "api"})
 
 
 def _check(section: str, key: str, value: Any) -> Any:
@@ -358,6 +372,15 @@ def _check_outbound(raw: dict, m: dict) -> None:
         raise ConfigError(f"models.llm_url: {exc}") from None
 
 
+def _check_tls(h: dict) -> None:
+    """``http.tls_cert`` and ``http.tls_key`` (PEM files): both or neither, and readable."""
+    if bool(h["tls_cert"]) != bool(h["tls_key"]):
+        raise ConfigError("http.tls_cert: HTTPS needs both http.tls_cert and http.tls_key")
+    for key in ("tls_cert", "tls_key"):
+        if h[key] and not os.access(os.path.expanduser(h[key]), os.R_OK):
+            raise ConfigError(f"http.{key}: {h[key]} is not a readable file")
+
+
 def _check_tool_urls(raw: dict, toolbox) -> None:
     """A tool URL whose host is a literal address must be allowed by ``http.outbound_allow``."""
     if toolbox is None:
@@ -374,12 +397,31 @@ def _check_tool_urls(raw: dict, toolbox) -> None:
             pass                                 # a templated host: checked when connecting
 
 
+def _check_number_urls(raw: dict) -> None:
+    """A number routed to a bot whose URL's host is a literal address must be allowed by
+    ``http.outbound_allow`` (names are checked on every connection)."""
+    from bridge.core.netguard import OutboundRefused, Policy
+    policy = Policy.from_config(raw["http"])
+    for number, route in raw["numbers"].items():
+        if isinstance(route, dict):
+            try:
+                policy.check_url(route["url"], ("ws", "wss"))
+            except OutboundRefused as exc:
+                raise ConfigError(f"numbers.{number}: url: {exc.reason} address refused "
+                                  "(allow it with http.outbound_allow)") from None
+
+
 def _merge_file(raw: dict, data: dict) -> None:
     for key, value in data.items():
         if key == "numbers":
-            if not isinstance(value, dict) or not all(isinstance(v, str) and v in ("echo", "playback", "agent", "api")
-                                                      for v in value.values()):
-                raise ConfigError("numbers: expected a table of \"number\" = \"echo|playback|agent|api\"")
+            if not isinstance(value, dict):
+                raise ConfigError("numbers: expected a table of \"number\" = \"echo|playback|agent|api\" "
+                                  "or { app = \"stream\", url = ... }")
+            for number, route in value.items():
+                try:
+                    numbers.check_route(route)
+                except ValueError as exc:
+                    raise ConfigError(f"numbers.{number}: {exc}") from None
             raw["numbers"] = value
         elif key == "trunks":
             if not isinstance(value, list):
@@ -464,6 +506,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             _hostport(raw["http"]["ops_listen"])
         except TypeError as exc:
             raise ConfigError(f"http.ops_listen: {exc}") from None
+    _check_tls(raw["http"])
     if raw["app"]["name"] == "playback" and not raw["app"]["prompt"]:
         raise ConfigError("app.prompt: required for the playback app")
     from bridge.core.keys import KeyRingError, configured_keyring
@@ -472,10 +515,17 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
     except KeyRingError as exc:
         raise ConfigError(f"recordings.{exc}" if str(exc).split(":")[0] in ("key_file", "current_key")
                           else f"recordings: {exc}") from None
+    from bridge.core.keys import configure_records
+    configure_records(raw["data_dir"], raw["recordings"], raw["records"], environ)   # how records are sealed
+    if raw["records"]["require_keys"] and not (raw["recordings"]["key_file"] or (
+            raw["recordings"]["key_env"] and (os.environ if environ is None else environ).get(
+                raw["recordings"]["key_env"]))):
+        raise ConfigError("records.require_keys: no key ring is configured ([recordings] key_file or key_env)")
     t = raw["tools"]
     try:
         toolbox = load_toolbox(raw["tool"], t["secrets_file"], t["file"], environ)
     except ToolConfigError as exc:
         raise ConfigError(str(exc)) from None
     _check_tool_urls(raw, toolbox)
+    _check_number_urls(raw)
     return Config(raw, trunks, toolbox)

@@ -254,6 +254,10 @@ class Recordings:
                 log.error("cannot delete recording file %s: %s", row["path"], exc.strerror)
         if rows:
             event(log, "recordings_purged", count=len(rows), retention_days=days)
+            from bridge.records.lifecycle import purged_counter
+            counter = purged_counter(self.metrics)
+            if counter is not None:
+                counter.labels("recordings").inc(len(rows))
         return len(rows)
 
     async def run_retention(self) -> None:

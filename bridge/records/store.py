@@ -14,6 +14,14 @@ thread and connection, off the 20 ms tick; everything else (API keys, webhooks,
 numbers, reads) runs on the event-loop thread and commits before it goes on.
 A call row handed to the writer is visible to ``get_call``/``list_calls`` at
 once (``stage_call``) until its commit lands.
+
+At rest, what a caller said or keyed is sealed (``bridge/records/cipher.py``):
+the parties of a call row (``from_uri``/``to_uri``), transcript text and
+extras, event data, webhook secrets and idempotent response bodies. Call ids,
+states and timings stay in clear for operations; ``caller_ref`` (a keyed
+hash) finds a caller's rows for an erasure. Every read here returns
+plaintext; a value whose caller was erased reads as ``None`` (``"{}"`` for
+event data). Rows written before encryption are read as they are.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import sqlite3
 import time
 
 from bridge.records import slowdisk
+from bridge.records.cipher import caller_of, is_sealed, vault_for
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -60,6 +69,8 @@ CREATE TABLE IF NOT EXISTS recordings (
     duration REAL, bytes INTEGER, paused TEXT, reason TEXT, error TEXT, complete INTEGER,
     started_by TEXT, cell TEXT);
 CREATE INDEX IF NOT EXISTS recordings_call ON recordings(call_id, started);
+CREATE TABLE IF NOT EXISTS erasures (
+    id TEXT PRIMARY KEY, at REAL NOT NULL, by TEXT NOT NULL, caller_hash TEXT NOT NULL, counts TEXT NOT NULL);
 """
 
 CALL_COLUMNS = ("id", "direction", "from_uri", "to_uri", "trunk", "app", "state", "codec", "created",
@@ -92,11 +103,24 @@ class Store:
                     raise
                 time.sleep(0.05)
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA secure_delete=ON")       # deleted rows (retention, erasure) are zeroed on disk
         self.db.executescript(SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
         if "cell" not in cols:                                    # databases from before multi-cell
             self.db.execute("ALTER TABLE calls ADD COLUMN cell TEXT")
+        if "caller_ref" not in cols:                              # databases from before sealed records
+            self.db.execute("ALTER TABLE calls ADD COLUMN caller_ref TEXT")
+        self.db.execute("CREATE INDEX IF NOT EXISTS calls_caller ON calls(caller_ref)")
+        self._vault = None
         self.unsaved_calls: dict[str, dict] = {}     # call rows handed to the writer, not yet committed
+
+    @property
+    def vault(self):
+        """What seals and opens what callers said (``bridge/records/cipher.py``): made on first use, so
+        that a store used only for API keys needs no records key ring."""
+        if self._vault is None:
+            self._vault = vault_for(self.path)
+        return self._vault
 
     def close(self) -> None:
         self.db.close()
@@ -135,9 +159,16 @@ class Store:
 
     # -- calls -----------------------------------------------------------------------
     def upsert_call(self, call: dict) -> None:
-        cols = CALL_COLUMNS
-        vals = [call.get(c) for c in cols]
-        vals[-1] = json.dumps(call["quality"]) if call.get("quality") is not None else None
+        cols = CALL_COLUMNS + ("caller_ref",)
+        ref = self.vault.bind_call(call["id"], caller_of(call), self.db)
+        if ref is not None:
+            self.vault.touch(ref, self.db)
+        vals = [call.get(c) for c in CALL_COLUMNS] + [ref]
+        vals[CALL_COLUMNS.index("quality")] = json.dumps(call["quality"]) if call.get("quality") is not None \
+            else None
+        for c in ("from_uri", "to_uri"):
+            i = CALL_COLUMNS.index(c)
+            vals[i] = self.vault.seal(vals[i], call["id"], self.db)
         slowdisk.stall()
         self.db.execute(f"INSERT INTO calls ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
                         f"ON CONFLICT(id) DO UPDATE SET " + ",".join(f"{c}=excluded.{c}" for c in cols[1:]), vals)
@@ -146,7 +177,16 @@ class Store:
         """A call row about to be upserted by the writer: reads see it from now on.
         Returns the staged row, to pass to ``call_saved`` once it is committed."""
         row = {c: call.get(c) for c in CALL_COLUMNS}
+        self.vault.bind_call(row["id"], caller_of(row), self.db)   # its caller's key, before anything is sealed
         self.unsaved_calls[row["id"]] = row
+        return row
+
+    def _open_call(self, row: dict | None) -> dict | None:
+        if row is None:
+            return None
+        row.pop("caller_ref", None)
+        for c in ("from_uri", "to_uri"):
+            row[c] = self.vault.open(row[c])
         return row
 
     def call_saved(self, row: dict) -> None:
@@ -158,7 +198,7 @@ class Store:
         staged = self.unsaved_calls.get(call_id)
         if staged is not None:
             return dict(staged)
-        row = self._one("SELECT * FROM calls WHERE id = ?", call_id)
+        row = self._open_call(self._one("SELECT * FROM calls WHERE id = ?", call_id))
         if row and row["quality"]:
             row["quality"] = json.loads(row["quality"])
         return row
@@ -172,6 +212,7 @@ class Store:
         else:
             rows = self._all("SELECT * FROM calls ORDER BY created DESC LIMIT ?", n)
         for r in rows:
+            self._open_call(r)
             r["quality"] = json.loads(r["quality"]) if r["quality"] else None
         if self.unsaved_calls:
             staged = [dict(r) for r in self.unsaved_calls.values()
@@ -191,32 +232,42 @@ class Store:
     def add_transcript(self, call_id: str, direction: str, text: str, transcribe_id: str | None = None,
                        extra: dict | None = None, at: float | None = None) -> int:
         slowdisk.stall()
+        def seal(v):
+            return self.vault.seal(v, call_id, self.db)
         cur = self.db.execute("INSERT INTO transcripts (call_id, transcribe_id, direction, text, at, extra) "
-                              "VALUES (?,?,?,?,?,?)", (call_id, transcribe_id, direction, text,
+                              "VALUES (?,?,?,?,?,?)", (call_id, transcribe_id, direction, seal(text),
                                                        time.time() if at is None else at,
-                                                       json.dumps(extra) if extra else None))
+                                                       seal(json.dumps(extra)) if extra else None))
         return cur.lastrowid
 
     def transcript(self, call_id: str) -> list[dict]:
         rows = self._all("SELECT seq, transcribe_id, direction, text, at, extra FROM transcripts "
                          "WHERE call_id = ? ORDER BY seq", call_id)
         for r in rows:
-            r["extra"] = json.loads(r["extra"]) if r["extra"] else None
+            r["text"] = self.vault.open(r["text"])
+            r["extra"] = json.loads(self.vault.open(r["extra"]) or "null") if r["extra"] else None
         return rows
 
     # -- events -------------------------------------------------------------------------
     def add_event(self, eid: str, etype: str, call_id: str | None, at: float, data: dict | str) -> int:
         """``data`` as a dict, or already as its JSON text."""
         slowdisk.stall()
+        text = data if isinstance(data, str) else json.dumps(data)
         cur = self.db.execute("INSERT INTO events (id, type, call_id, at, data) VALUES (?,?,?,?,?)",
-                              (eid, etype, call_id, at, data if isinstance(data, str) else json.dumps(data)))
+                              (eid, etype, call_id, at, self.vault.seal(text, call_id, self.db)))
         return cur.lastrowid
 
+    def _open_event(self, row: dict | None) -> dict | None:
+        if row is not None:
+            row["data"] = open_event_data(self.vault, row["data"])
+        return row
+
     def events_since(self, seq: int, limit: int = 10000) -> list[dict]:
-        return self._all("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", seq, limit)
+        return [self._open_event(r) for r in self._all("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                                       seq, limit)]
 
     def event(self, seq: int) -> dict | None:
-        return self._one("SELECT * FROM events WHERE seq = ?", seq)
+        return self._open_event(self._one("SELECT * FROM events WHERE seq = ?", seq))
 
     def last_event_seq(self) -> int:
         row = self._one("SELECT MAX(seq) AS m FROM events")
@@ -226,19 +277,21 @@ class Store:
     def add_webhook(self, url: str, topics: list[str], secret: str) -> dict:
         wid = new_id("wh")
         self.db.execute("INSERT INTO webhooks (id, url, secret, topics, created) VALUES (?,?,?,?,?)",
-                        (wid, url, secret, json.dumps(topics), time.time()))
+                        (wid, url, self.vault.seal(secret), json.dumps(topics), time.time()))
         return self.webhook(wid)
 
     def webhook(self, wid: str) -> dict | None:
         row = self._one("SELECT * FROM webhooks WHERE id = ?", wid)
         if row:
             row["topics"] = json.loads(row["topics"])
+            row["secret"] = self.vault.open(row["secret"])
         return row
 
     def webhooks(self) -> list[dict]:
         rows = self._all("SELECT * FROM webhooks ORDER BY created")
         for r in rows:
             r["topics"] = json.loads(r["topics"])
+            r["secret"] = self.vault.open(r["secret"])
         return rows
 
     def delete_webhook(self, wid: str) -> bool:
@@ -275,11 +328,17 @@ class Store:
 
     # -- idempotency ------------------------------------------------------------------------
     def idempotent(self, key_id: str, key: str) -> dict | None:
-        return self._one("SELECT * FROM idempotency WHERE key_id = ? AND key = ?", key_id, key)
+        row = self._one("SELECT * FROM idempotency WHERE key_id = ? AND key = ?", key_id, key)
+        if row is not None:
+            row["body"] = self.vault.open(row["body"])
+            if row["body"] is None:                 # sealed with a key no longer in the ring
+                return None
+        return row
 
     def remember(self, key_id: str, key: str, fingerprint: str, status: int, body: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO idempotency (key_id, key, fingerprint, status, body, created) "
-                        "VALUES (?,?,?,?,?,?)", (key_id, key, fingerprint, status, body, time.time()))
+                        "VALUES (?,?,?,?,?,?)", (key_id, key, fingerprint, status, self.vault.seal(body),
+                                                 time.time()))
 
     # -- numbers ---------------------------------------------------------------------------------
     def numbers(self) -> dict[str, str]:
@@ -301,4 +360,78 @@ class Store:
             out[table] = self.db.execute(f"DELETE FROM {table} WHERE {col} < ?", (older_than,)).rowcount
         out["calls"] = self.db.execute("DELETE FROM calls WHERE ended IS NOT NULL AND ended < ?",
                                        (older_than,)).rowcount
+        out["caller_keys"] = self.vault.expire(older_than, self.db)    # what is left of them anywhere becomes unreadable
         return out
+
+    # -- erasure ------------------------------------------------------------------------------------
+    def caller_calls(self, number: str) -> list[str]:
+        """The ids of every call row whose remote party is ``number`` (also rows from before sealing)."""
+        ref = self.vault.ref(number)
+        ids = [r["id"] for r in self._all("SELECT id FROM calls WHERE caller_ref = ?", ref)]
+        from bridge.records.cipher import normalize_number
+        want = normalize_number(number)
+        for r in self._all("SELECT id, direction, from_uri, to_uri FROM calls WHERE caller_ref IS NULL"):
+            if not is_sealed(r["from_uri"]) and caller_of(r) == want:
+                ids.append(r["id"])
+        return ids
+
+    def erase_caller(self, number: str, by: str) -> dict:
+        """Delete every row about a caller and their key (crypto-shredding what is left elsewhere:
+        JSONL journals, backups). Records the erasure with the number only as a keyed hash.
+        Returns the counts and the recording files to delete (``paths``)."""
+        ref = self.vault.ref(number)
+        ids = self.caller_calls(number)
+        counts = {"calls": 0, "transcripts": 0, "events": 0, "deliveries": 0, "recordings": 0}
+        paths: list[str] = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                q = ",".join("?" * len(part))
+                paths += [r["path"] for r in self._all(f"SELECT path FROM recordings WHERE call_id IN ({q})", *part)]
+                counts["recordings"] += self.db.execute(f"DELETE FROM recordings WHERE call_id IN ({q})",
+                                                        part).rowcount
+                counts["deliveries"] += self.db.execute(
+                    f"DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM events WHERE call_id IN ({q}))",
+                    part).rowcount
+                for table in ("transcripts", "events"):
+                    counts[table] += self.db.execute(f"DELETE FROM {table} WHERE call_id IN ({q})", part).rowcount
+                counts["calls"] += self.db.execute(f"DELETE FROM calls WHERE id IN ({q})", part).rowcount
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        counts["caller_keys"] = self.vault.erase(ref, self.db)
+        eid = new_id("era")
+        self.db.execute("INSERT INTO erasures (id, at, by, caller_hash, counts) VALUES (?,?,?,?,?)",
+                        (eid, time.time(), by, ref, json.dumps(counts)))
+        return {"id": eid, "counts": counts, "call_ids": ids, "paths": paths, "caller_hash": ref}
+
+    def erasures(self, limit: int = 100) -> list[dict]:
+        rows = self._all("SELECT * FROM erasures ORDER BY at DESC LIMIT ?", limit)
+        for r in rows:
+            r["counts"] = json.loads(r["counts"])
+        return rows
+
+
+def open_event_data(vault, data) -> str:
+    """An event's ``data`` column as its JSON text (``"{}"`` when it cannot be opened)."""
+    text = vault.open(data)
+    return "{}" if text is None else text
+
+
+def read_events(path: str, since: int, limit: int) -> list[dict]:
+    """Stored events after ``since`` on a read-only connection of its own (for a worker thread),
+    their data opened."""
+    import sqlite3 as _sqlite3
+    db = _sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=15.0)
+    try:
+        db.row_factory = _sqlite3.Row
+        rows = [dict(r) for r in db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                            (since, limit)).fetchall()]
+    finally:
+        db.close()
+    vault = vault_for(path)
+    for r in rows:
+        r["data"] = open_event_data(vault, r["data"])
+    return rows

@@ -34,7 +34,9 @@ to memory without bound trades it for the process being killed. So when it
 is full the *oldest* record is dropped, counted
 (``trunkline_records_dropped_total``) and written in full to the log at
 ERROR (already PII-masked), so nothing is lost silently and it can be
-recovered from the log. ``trunkline_record_queue_depth`` shows the backlog
+recovered from the log (sealed: a SQL record is logged as one sealed value
+with its call's caller key, a JSONL line is already sealed, so no words reach
+the log). ``trunkline_record_queue_depth`` shows the backlog
 long before that (10 000 records is minutes of a full cell's records).
 
 ``close()`` (the cell's clean stop, after its SIGTERM drain) writes
@@ -60,6 +62,7 @@ log = logging.getLogger("trunkline.records")
 
 CAPACITY = 10_000
 BATCH = 256
+SPILL_MAX = 10_000           # dropped records waiting to be logged by the spill thread
 RETRY_FIRST = 0.2
 RETRY_MAX = 5.0
 INLINE_ENV = "TL_TEST_INLINE_WRITES"   # tests only: write on the caller's thread (the old path)
@@ -93,10 +96,17 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (sqlite3.OperationalError, OSError))
 
 
-def _spill(job: SqlJob | LineJob, why: str) -> None:
-    """A record given up: logged in full so that it is not lost silently."""
+def _spill(job: SqlJob | LineJob, why: str, vault=None) -> None:
+    """A record given up: logged in full (sealed) so that it is not lost silently."""
     if isinstance(job, SqlJob):
-        log.error("record given up (%s): %s %s", why, job.what, json.dumps(job.record, default=str))
+        text = json.dumps(job.record, default=str)
+        if vault is not None:
+            call_id = job.record.get("call_id") or job.record.get("id") if isinstance(job.record, dict) else None
+            try:
+                text = vault.seal(text, call_id if isinstance(call_id, str) else None)
+            except Exception:  # noqa: BLE001 - never log the words, even when sealing fails
+                text = "(cannot be sealed; not logged)"
+        log.error("record given up (%s): %s %s", why, job.what, text)
     else:
         log.error("record given up (%s): %s %s", why, job.journal.path, job.line.rstrip("\n"))
 
@@ -114,6 +124,9 @@ class Writer:
         self._skipped = 0                     # ... and dropped from a full queue (the loop's count)
         self._queue: deque[SqlJob | LineJob] = deque()
         self._cond = threading.Condition()
+        self._spill_q: deque[tuple[SqlJob | LineJob, str]] = deque()   # dropped on the loop, logged off it
+        self._spill_wake = threading.Event()
+        self._spill_lost = 0
         self._busy = False                    # a batch is being written ...
         self._inflight: list[SqlJob | LineJob] = []   # ... this one
         self._closing = False
@@ -131,6 +144,7 @@ class Writer:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._spiller, name="records-spill", daemon=True).start()
 
     def sql(self, run: Callable[[Store], Any], what: str, record: dict,
             on_done: Callable[[Any], None] | None = None) -> None:
@@ -142,10 +156,10 @@ class Writer:
     def _put(self, job: SqlJob | LineJob) -> None:
         with self._cond:
             if self._closed:
-                self._drop(job, "writer stopped")
+                self._drop_later(job, "writer stopped")
                 return
             if len(self._queue) >= self.capacity:
-                self._drop(self._queue.popleft(), "queue full")
+                self._drop_later(self._queue.popleft(), "queue full")
                 self._skipped += 1
             self._queue.append(job)
             self.queued += 1
@@ -208,11 +222,38 @@ class Writer:
             self._run()
         return done
 
+    def _drop_later(self, job: SqlJob | LineJob, why: str) -> None:
+        """On the loop, lock held: count the dropped record now and leave the logging to the spill
+        thread: with a stalled disk, stderr (journald) may block too, and the loop must never wait
+        on it. If even the spill is SPILL_MAX behind, the record is only counted."""
+        if self._thread is None:               # not started: no loop to protect
+            self._drop(job, why)
+            return
+        self.dropped += 1
+        if self.metrics is not None:
+            self.metrics.records_dropped.inc()
+        if len(self._spill_q) >= SPILL_MAX:
+            self._spill_lost += 1
+        else:
+            self._spill_q.append((job, why))
+        self._spill_wake.set()
+
+    def _spiller(self) -> None:
+        while True:
+            self._spill_wake.wait()
+            self._spill_wake.clear()
+            while self._spill_q:
+                job, why = self._spill_q.popleft()
+                _spill(job, why, getattr(self.store, "vault", None))
+            lost, self._spill_lost = self._spill_lost, 0
+            if lost:
+                log.error("%d dropped records were not logged either (the log is behind too)", lost)
+
     def _drop(self, job: SqlJob | LineJob, why: str) -> None:
         self.dropped += 1
         if self.metrics is not None:
             self.metrics.records_dropped.inc()
-        _spill(job, why)
+        _spill(job, why, getattr(self.store, "vault", None))
 
     def _gauge(self, depth: int) -> None:
         if self.metrics is not None:
