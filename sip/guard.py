@@ -8,10 +8,12 @@ trunk's allow-list that is an answer to a stranger, and over UDP a reflector.
 pjsua2 exposes no request hook, but its extension exports the pjsip C API, so this
 registers a small pjsip module (priority 15: before the transaction layer) through
 ctypes. For each request it reads the source address from the ``pjsip_rx_data``;
-from an untrusted source only an out-of-dialog INVITE (no To-tag), ACK and CANCEL
-go on to the engine (which refuses the INVITE with 403 and reports it as
-``call_rejected``; the ACK completes that 403's transaction); every other request,
-including an INVITE with a To-tag (a re-INVITE into some dialog), is dropped unanswered.
+from an untrusted source only an out-of-dialog INVITE (no To-tag) and ACK go on to the
+engine (which refuses the INVITE with 403 and reports it as ``call_rejected``; the ACK
+completes that 403's transaction); every other request, including CANCEL (else a CANCEL
+racing the deferred 403 drew 200 and 487) and an INVITE with a To-tag (a re-INVITE into
+some dialog), is dropped unanswered. A request whose To or From tag is empty is dropped
+from anyone: such an ACK aborted the process inside pjsip.
 
 The offsets of ``pkt_info.src_name``/``src_port`` and ``msg_info.msg_buf``/``len`` inside
 ``pjsip_rx_data`` depend on how pjproject was built (e.g. PJSIP_MAX_PKT_LEN), so they are
@@ -55,8 +57,12 @@ SCAN_LIMIT = 16384                       # how far calibration may look for the 
 STEP = 64                                # memory is read in steps of this many bytes
 ADDR_LEN = 46                            # PJ_INET6_ADDRSTRLEN
 MSG_LIMIT = 8192                         # how much of a message the To-tag check reads
-UNTRUSTED_PASS = (b"INVITE", b"ACK", b"CANCEL")   # the engine refuses (403) these; ACK/CANCEL end it
+UNTRUSTED_PASS = (b"INVITE", b"ACK")   # the engine refuses (403) the INVITE; the ACK completes that 403
 _TO_TAG = re.compile(rb"(?im)^(?:to|t)[ \t]*:[^\n]*;[ \t]*tag[ \t]*=")
+# A To or From tag with no value (``;tag=`` then nothing): RFC 3261 wants a token there. An ACK
+# like that for a live call aborted the cell inside pjsip (sip_util.c: "Assertion
+# 'req_msg->line.req.method.id != PJSIP_ACK_METHOD'", found by the fuzzer), from any source.
+_EMPTY_TAG = re.compile(rb"(?im)^(?:to|t|from|f)[ \t]*:[^\n]*;[ \t]*tag[ \t]*=[ \t]*(?:[;,>\r\n]|$)")
 
 
 class _PjStr(ctypes.Structure):
@@ -78,6 +84,16 @@ class _Module(ctypes.Structure):
 def _pjsip_lib() -> ctypes.CDLL:
     from pjsua2 import _pjsua2           # the SWIG extension: pjproject linked in, C symbols exported
     return ctypes.CDLL(_pjsua2.__file__)
+
+
+def _head(msg: bytes) -> bytes:
+    head = re.split(rb"\r?\n\r?\n", msg, maxsplit=1)[0]
+    return re.sub(rb"\r?\n[ \t]+", b" ", head)
+
+
+def has_empty_tag(msg: bytes) -> bool:
+    """Whether the To or From header carries ``tag=`` with no value (headers only, folded lines joined)."""
+    return _EMPTY_TAG.search(_head(msg)) is not None
 
 
 def has_to_tag(msg: bytes) -> bool:
@@ -228,17 +244,21 @@ class Guard:
             if not self.active:
                 if self._expect and self._calibrate(rdata):
                     if self.active:
-                        log.info("SIP source guard on: from untrusted sources only out-of-dialog INVITE, "
-                                 "ACK and CANCEL reach pjsua")
+                        log.info("SIP source guard on: from untrusted sources only out-of-dialog INVITE "
+                                 "and ACK reach pjsua")
                     return CONSUMED
                 return PASS
             name = ctypes.string_at(rdata + self._off_name, ADDR_LEN).split(b"\0", 1)[0].decode("ascii", "replace")
             port = ctypes.c_int.from_address(rdata + self._off_port).value
-            if self.allows(f"[{name}]:{port}" if ":" in name else f"{name}:{port}"):
-                return PASS
             msg = ctypes.c_void_p.from_address(rdata + self._off_buf).value
             size = ctypes.c_int.from_address(rdata + self._off_len).value
             method = ctypes.string_at(msg, 8).split(b" ", 1)[0] if msg and size >= 8 else b""
+            if msg and size > 0 and has_empty_tag(ctypes.string_at(msg, min(size, MSG_LIMIT))):
+                self.dropped += 1                       # malformed from anyone (trunks included)
+                log.info("dropped %s with an empty To/From tag from %s", method.decode("ascii", "replace")[:16], name)
+                return CONSUMED
+            if self.allows(f"[{name}]:{port}" if ":" in name else f"{name}:{port}"):
+                return PASS
             if method in UNTRUSTED_PASS and not (method == b"INVITE" and has_to_tag(
                     ctypes.string_at(msg, min(size, MSG_LIMIT)))):
                 return PASS

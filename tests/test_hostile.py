@@ -215,7 +215,7 @@ def test_tcp_is_off_by_default_on_a_public_address_and_the_guard_required(tmp_pa
     assert ec('[sip]\nlisten = "192.0.2.10:5060"\n').tcp is False
     assert ec('[sip]\nlisten = "0.0.0.0:5060"\ntcp = "on"\n').tcp is True
     assert ec('[sip]\nlisten = "0.0.0.0:5060"\nrequire_guard = "off"\n').require_guard is False
-    local = ec('[sip]\nlisten = "127.0.0.1:5060"\n')
-    assert (local.tcp, local.require_guard) == (True, False)
+    local = ec('[sip]\nlisten = "127.0.0.1:5060"\n')      # a burst of TCP connections aborted pjsip
+    assert (local.tcp, local.require_guard) == (False, False)
     behind_front = ec('[sip]\nlisten = "127.0.0.1:5061"\ntrusted_proxies = ["127.0.0.1/32"]\n')
     assert behind_front.tcp is False
