@@ -34,7 +34,8 @@ def test_conversation_two_turns_and_durable_transcript(cell_factory, tmp_path):
         assert caller.goodbye() == 0                      # the agent said goodbye and sent BYE
     finally:
         caller.close()
-    turns = [json.loads(l) for l in (cell.data / "turns.jsonl").read_text().splitlines()]
+    from bridge.records.journal import CallRecords        # sealed at rest: read back with the records key
+    turns = list(CallRecords(str(cell.data), name="turns.jsonl").read())
     callers = [t for t in turns if t["role"] == "caller"]
     assert len(callers) == 3 and "bye" in callers[2]["text"].lower()
     assert "opening" in callers[0]["text"].lower()
@@ -70,7 +71,8 @@ def test_barge_in_stops_the_agent(cell_factory, tmp_path):
         caller.close()
     barge = cell.wait_event("barge_in")[0]
     assert barge["latency"] < 0.25
-    interrupted = [e for e in cell.events("turn") if e.get("interrupted")]
+    from bridge.records.journal import CallRecords        # the log has no words: the sealed journal does
+    interrupted = [t for t in CallRecords(str(cell.data), name="turns.jsonl").read() if t.get("interrupted")]
     assert interrupted and interrupted[0]["heard"] != interrupted[0]["text"]
     assert cell.metrics()["trunkline_agent_interruptions_total"] >= 1
 

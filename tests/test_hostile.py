@@ -129,8 +129,9 @@ def _extra(method: str, contact: str) -> str:
 
 def test_untrusted_source_gets_only_403_or_nothing_from_a_cell(cell_factory, tmp_path):
     """Every method from outside the allow-list: no 2xx (OPTIONS and MESSAGE used to get 200
-    from pjsua itself), finals only 403, and a SUBSCRIBE makes no NOTIFY anywhere."""
-    cell = cell_factory(TRUSTED_ONLY)
+    from pjsua itself), finals only 403, and a SUBSCRIBE makes no NOTIFY anywhere. TCP is
+    opted in (sip.tcp = "on") so the TCP path of the guard is tested too."""
+    cell = cell_factory(TRUSTED_ONLY + '[sip]\ntcp = "on"\n')
     dest = ("127.0.0.1", cell.ports["sip"])
     listener = UdpPeer("127.0.0.6")
     contact = f"127.0.0.6:{listener.addr[1]}"

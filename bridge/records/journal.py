@@ -123,6 +123,8 @@ class CallRecords:
 
     def read(self) -> Iterator[dict]:
         """Every record in the file, opened (see ``open_record``); lines that are not JSON are skipped."""
+        if not os.path.isfile(self.path):
+            return
         try:
             with open(self.path, encoding="utf-8") as f:
                 lines = f.readlines()
@@ -139,7 +141,7 @@ class CallRecords:
     def rewrite(self, drop: Callable[[dict], bool]) -> int:
         """Remove the lines whose (still sealed) record ``drop`` says to; atomically (a new file renamed
         over the old one, fsynced). Returns how many lines were removed."""
-        if not os.path.exists(self.path):
+        if not os.path.isfile(self.path):          # absent, or not a regular file (never rewrite a device)
             return 0
         with self._locked():
             with open(self.path, encoding="utf-8") as f:

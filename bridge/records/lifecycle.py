@@ -113,6 +113,7 @@ class Retention:
 
     def run_once(self, now: float | None = None) -> dict:
         """One round on the calling thread with the loop's store (at start)."""
+        self.store.vault            # a key ring missing the records' keys stops the start, not a call
         removed = self._purge(self.store, now or time.time()) if self.days else {}
         if self.recordings is not None:
             removed["recordings"] = self.recordings.purge()

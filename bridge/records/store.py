@@ -33,6 +33,7 @@ import sqlite3
 import time
 
 from bridge.records import slowdisk
+from bridge.core.keys import KeyRingError
 from bridge.records.cipher import caller_of, is_sealed, vault_for
 
 SCHEMA = """
@@ -112,12 +113,16 @@ class Store:
             self.db.execute("ALTER TABLE calls ADD COLUMN caller_ref TEXT")
         self.db.execute("CREATE INDEX IF NOT EXISTS calls_caller ON calls(caller_ref)")
         self._vault = None
+        try:            # now, outside any transaction: making it writes (its tables, its HMAC key)
+            self._vault = vault_for(self.path)
+        except KeyRingError:
+            pass        # a store used only for API keys needs no records key ring; sealing says why
         self.unsaved_calls: dict[str, dict] = {}     # call rows handed to the writer, not yet committed
 
     @property
     def vault(self):
-        """What seals and opens what callers said (``bridge/records/cipher.py``): made on first use, so
-        that a store used only for API keys needs no records key ring."""
+        """What seals and opens what callers said (``bridge/records/cipher.py``); ``KeyRingError`` when
+        the records' key ring is missing a key they need."""
         if self._vault is None:
             self._vault = vault_for(self.path)
         return self._vault
