@@ -64,7 +64,8 @@ class DestinationPolicy:
 _URI_SCHEMES = ("sip:", "sips:", "tel:")
 
 
-def _host_port(hostport: str) -> tuple[str, int | None]:
+def host_port(hostport: str) -> tuple[str, int | None]:
+    """``host:port`` / ``[v6]:port`` / ``host`` -> (lower-case host, port or None)."""
     if hostport.startswith("["):
         host, _, rest = hostport[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
@@ -101,7 +102,7 @@ def _strict_uri(uri: str) -> tuple[str, str, str, int | None] | str:
         return "unsupported characters in the user part"
     if not _HOST.fullmatch(hostport):
         return "unsupported host"
-    host, port = _host_port(hostport)
+    host, port = host_port(hostport)
     return scheme.lower(), user, host, port
 
 
@@ -110,7 +111,7 @@ def _uri_parts(uri: str) -> tuple[str, str, str, int | None]:
     scheme, _, rest = uri.partition(":")
     rest = rest.split(";", 1)[0].split("?", 1)[0]
     user, at, hostport = rest.rpartition("@")
-    host, port = _host_port(hostport if at else rest)
+    host, port = host_port(hostport if at else rest)
     return scheme.lower(), user, host, port
 
 
@@ -119,7 +120,7 @@ def _at_trunk(host: str, port: int | None, policy: DestinationPolicy) -> bool:
     for _, address, allow in policy.trunks:
         if address:
             a = address[4:] if address.lower().startswith("sip:") else address
-            thost, tport = _host_port(a.split(";", 1)[0].split("@")[-1])
+            thost, tport = host_port(a.split(";", 1)[0].split("@")[-1])
             if thost == host and (port is None or port == (tport or 5060)):
                 return True
         try:

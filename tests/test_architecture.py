@@ -13,7 +13,7 @@ ALLOWED = {
     "bridge.agent": {"bridge.core", "bridge.records", "media", "ai", "sip.uri", "sip.config"},
     "bridge.api": {"bridge.core", "bridge.records", "media", "sip.commands", "sip.uri", "sip.config", "bridge"},
     "bridge.cell": {"bridge.core", "bridge.records", "bridge.agent", "bridge.api", "sip", "media", "ai", "bridge"},
-    "bridge.box": {"bridge.core", "bridge.records", "bridge.api", "bridge"},
+    "bridge.box": {"bridge.core", "bridge.records", "bridge.api", "sip.uri", "sip.config", "bridge"},
     "bridge.cli": {"bridge", "sip", "media", "ai"},
     "bridge": set(),
     "media": set(),

@@ -1,2 +1,2 @@
 """The box: supervisor of many cells, the generated Kamailio front, the box-wide API.
-May import: bridge.core, bridge.records, bridge.api; never a cell's internals (cells are processes)."""
+May import: bridge.core, bridge.records, bridge.api, sip.uri; never a cell's internals (cells are processes)."""

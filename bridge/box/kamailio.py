@@ -5,6 +5,8 @@ import glob
 import os
 from pathlib import Path
 
+from sip.uri import host_port
+
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "kamailio" / "kamailio.cfg.tmpl"
 
 
@@ -32,15 +34,7 @@ def _split_address(address: str) -> tuple[str, int | None]:
     for scheme in ("sips:", "sip:"):
         if a.lower().startswith(scheme):
             a = a[len(scheme):]
-    a = a.split(";", 1)[0].split("@")[-1]
-    if a.startswith("["):
-        host, _, rest = a[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif a.count(":") == 1:
-        host, _, port = a.partition(":")
-    else:
-        host, port = a, ""
-    return host, int(port) if port.isdigit() else None
+    return host_port(a.split(";", 1)[0].split("@")[-1])
 
 
 def _quoted(text: str) -> str:
