@@ -202,3 +202,27 @@ def test_audit_trail_unit(tmp_path, monkeypatch):
         assert [r["key_id"] for r in trail.rows()] == ["key_b"]
     finally:
         trail.close()
+
+
+def test_retention_purges_old_audit_rows_but_never_the_last_day(tmp_path):
+    """records.retention_days applies to the access audit too; its own trigger keeps a day."""
+    import sqlite3
+    import time as _time
+    from bridge.records.audit import open_trail
+    from bridge.records.store import Store
+    store = Store(str(tmp_path))
+    trail = open_trail(str(tmp_path))
+    db = sqlite3.connect(str(tmp_path / "trunkline.db"))
+    now = _time.time()
+    for age_days in (40, 10, 0.1):
+        db.execute("INSERT INTO access_audit (at, key_id, route, object) VALUES (?, 'k', '/v1/x', 'o')",
+                   (now - age_days * 86400,))
+    db.commit()
+    db.close()
+    removed = store.purge(now - 5 * 86400)
+    assert removed["access_audit"] == 2
+    store.purge(now)                                    # asks for everything: the last day stays
+    left = [r["at"] for r in trail.rows(0, 10)]
+    assert len(left) == 1 and left[0] > now - 86400
+    trail.close() if hasattr(trail, "close") else None
+    store.close()

@@ -36,6 +36,8 @@ from bridge.records import slowdisk
 from bridge.core.keys import KeyRingError
 from bridge.records.cipher import caller_of, is_sealed, vault_for
 
+AUDIT_KEEP_MIN = 86400.0    # seconds: as audit.KEEP_MIN_DAYS (its trigger refuses younger deletions)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL, hash TEXT NOT NULL,
@@ -366,6 +368,11 @@ class Store:
         out["calls"] = self.db.execute("DELETE FROM calls WHERE ended IS NOT NULL AND ended < ?",
                                        (older_than,)).rowcount
         out["caller_keys"] = self.vault.expire(older_than, self.db)    # what is left of them anywhere becomes unreadable
+        try:       # the access audit (bridge/records/audit.py) refuses to lose rows younger than a day
+            out["access_audit"] = self.db.execute("DELETE FROM access_audit WHERE at < ?",
+                                                  (min(older_than, time.time() - AUDIT_KEEP_MIN),)).rowcount
+        except sqlite3.OperationalError:                                # no audit kept here yet
+            out["access_audit"] = 0
         return out
 
     # -- erasure ------------------------------------------------------------------------------------
