@@ -9,6 +9,7 @@ import time
 import pytest
 
 from billing import TOKEN, BillingApi, tools_toml
+from bridge.records.journal import CallRecords
 from fake_llm import FakeLLM
 from support import SCENARIOS, Api, create_key
 from voice import Caller, transcribe
@@ -55,7 +56,12 @@ def test_agent_looks_up_with_filler_then_pays_async(cell_factory, tmp_path):
     assert billing.callbacks and billing.callbacks[0][0] == 202
     # The call's record carries the audit of every tool call, without the secret.
     ended = cell.wait_event("call_ended")[0]
-    audit = ended["tools"]
+    deadline = time.monotonic() + 15                            # the writer appends the journal
+    records = []
+    while not records and time.monotonic() < deadline:
+        records = [r for r in CallRecords(str(cell.data)).read() if r["call_id"] == ended["call_id"]]
+        time.sleep(0.1)
+    audit = records[0]["tools"]                                 # the journal's copy, decrypted (the log's has no arguments)
     assert [(a["tool"], a["status"]) for a in audit] == [
         ("lookup_invoices", "ok"), ("pay_invoice_later", "accepted"), ("pay_invoice_later", "async_result")]
     assert audit[0]["request"]["query"]["phone"] == CALLER_ID and audit[0]["result"]["count"] == 2

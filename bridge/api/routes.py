@@ -185,6 +185,9 @@ class Api(MediaApi, PrivacyApi, ErasureApi):
         for r in ROUTES:
             app.router.add_route(r.method, r.path, getattr(self, r.handler) if r.raw else self.wrap(r))
         self.register_twilio(app)        # the Twilio-compatible REST route (bridge/api/twilio.py)
+        # The access audit opens now, at start: opening it creates its table, a write that would
+        # wait on the writer's lock if it first happened on a read during a slow disk.
+        self.audit_trail        # noqa: B018
         app.on_cleanup.append(lambda _app: asyncio.to_thread(self.close_audit))   # the access audit's thread
         app.router.add_get("/v1/openapi.json", self.openapi)
         app.router.add_get("/v1/ws", self.websocket)

@@ -64,8 +64,9 @@ VAULT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS vault_keys (
     name TEXT PRIMARY KEY, key_id TEXT NOT NULL, wrapped BLOB NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS caller_keys (
-    id TEXT PRIMARY KEY, ref TEXT NOT NULL UNIQUE, key_id TEXT NOT NULL, wrapped BLOB NOT NULL,
+    id TEXT PRIMARY KEY, ref TEXT NOT NULL, key_id TEXT NOT NULL, wrapped BLOB NOT NULL,
     created REAL NOT NULL, used REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS caller_keys_ref ON caller_keys(ref);
 """
 _CALLS_KEPT = 4096           # call id -> caller key, for the calls this process writes
 
@@ -115,6 +116,10 @@ class Vault:
         self._derived: dict[tuple[str, str], AESGCM] = {}
         self._calls: OrderedDict[str, tuple[str, str, AESGCM] | None] = OrderedDict()
         self._warned: set[str] = set()
+        # caller keys made on the event loop and not yet committed by the cell's writer:
+        # id -> (ref, key id, wrapped, created, raw). A ref may end up with several keys
+        # (two cells meeting a new caller at once): each value names the key it was sealed with.
+        self._pending: dict[str, tuple[str, str, bytes, float, bytes]] = {}
         self._ref_key = self._vault_key("ref")
         self.rewrap()
 
@@ -191,19 +196,50 @@ class Vault:
         with self._dblock:
             yield self._db
 
-    def _caller_key(self, ref: str, create: bool = True, db=None) -> tuple[str, AESGCM] | None:
+    def _caller_key(self, ref: str, create: bool = True, db=None, defer: bool = False) -> tuple[str, AESGCM] | None:
         with self._conn(db) as conn:
-            row = conn.execute("SELECT id, key_id, wrapped FROM caller_keys WHERE ref = ?", (ref,)).fetchone()
+            row = conn.execute("SELECT id, key_id, wrapped FROM caller_keys WHERE ref = ? ORDER BY created LIMIT 1",
+                               (ref,)).fetchone()
             if row is None:
+                with self._lock:
+                    waiting = next(((cid, p) for cid, p in self._pending.items() if p[0] == ref), None)
+                if waiting is not None:
+                    return waiting[0], AESGCM(waiting[1][4])
                 if not create:
                     return None
+                if defer:       # on the loop: no write here (a stalled writer holds the database)
+                    cid, raw = secrets.token_hex(8), os.urandom(32)
+                    kid, blob = self._wrap(raw, b"caller:" + cid.encode())
+                    with self._lock:
+                        self._pending[cid] = (ref, kid, blob, time.time(), raw)
+                    return cid, AESGCM(raw)
                 now = time.time()
                 cid = secrets.token_hex(8)
                 kid, blob = self._wrap(os.urandom(32), b"caller:" + cid.encode())
                 conn.execute("INSERT OR IGNORE INTO caller_keys (id, ref, key_id, wrapped, created, used) "
                              "VALUES (?,?,?,?,?,?)", (cid, ref, kid, blob, now, now))
-                row = conn.execute("SELECT id, key_id, wrapped FROM caller_keys WHERE ref = ?", (ref,)).fetchone()
+                row = conn.execute("SELECT id, key_id, wrapped FROM caller_keys WHERE ref = ? ORDER BY created "
+                                   "LIMIT 1", (ref,)).fetchone()
         return row[0], AESGCM(self._unwrap(row[1], row[2], b"caller:" + row[0].encode()))
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush_pending(self, db) -> list[str]:
+        """Write the caller keys made on the loop (writer thread, inside its transaction);
+        returns their ids for ``settle_pending`` once that transaction is committed."""
+        with self._lock:
+            items = list(self._pending.items())
+        for cid, (ref, kid, blob, created, _raw) in items:
+            db.execute("INSERT OR IGNORE INTO caller_keys (id, ref, key_id, wrapped, created, used) "
+                       "VALUES (?,?,?,?,?,?)", (cid, ref, kid, blob, created, created))
+        return [cid for cid, _ in items]
+
+    def settle_pending(self, cids: list[str]) -> None:
+        """Those keys are committed: the table holds them now."""
+        with self._lock:
+            for cid in cids:
+                self._pending.pop(cid, None)
 
     def touch(self, ref: str, db=None) -> None:
         """The caller's key was used now (retention keeps it); called by the writer, off the tick."""
@@ -211,6 +247,10 @@ class Vault:
             conn.execute("UPDATE caller_keys SET used = ? WHERE ref = ?", (time.time(), ref))
 
     def _caller_key_by_id(self, cid: str) -> AESGCM | None:
+        with self._lock:
+            waiting = self._pending.get(cid)
+        if waiting is not None:
+            return AESGCM(waiting[4])
         with self._conn() as conn:
             row = conn.execute("SELECT key_id, wrapped FROM caller_keys WHERE id = ?", (cid,)).fetchone()
         if row is None:
@@ -223,7 +263,7 @@ class Vault:
             while len(self._calls) > _CALLS_KEPT:
                 self._calls.popitem(last=False)
 
-    def bind_call(self, call_id: str, number: str, db=None) -> str | None:
+    def bind_call(self, call_id: str, number: str, db=None, defer: bool = False) -> str | None:
         """Seal this call's values with its caller's key from now on; returns the caller ref.
         Looked up in the database (never a cache): a caller erased elsewhere gets a new key.
         A read on the loop, once per call; a write only the first time a caller is ever seen."""
@@ -234,7 +274,7 @@ class Vault:
         if known is not None:
             return known[0]
         ref = self.ref(number)
-        got = self._caller_key(ref, db=db)
+        got = self._caller_key(ref, db=db, defer=defer)
         self._remember(call_id, (ref, got[0], got[1]))
         return ref
 
@@ -259,6 +299,8 @@ class Vault:
 
     def forget(self, ref: str) -> None:
         with self._lock:
+            for cid in [cid for cid, p in self._pending.items() if p[0] == ref]:
+                del self._pending[cid]
             for k in [k for k, v in self._calls.items() if v is not None and v[0] == ref]:
                 del self._calls[k]
 

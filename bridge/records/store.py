@@ -167,6 +167,7 @@ class Store:
     # -- calls -----------------------------------------------------------------------
     def upsert_call(self, call: dict) -> None:
         cols = CALL_COLUMNS + ("caller_ref",)
+        self.vault.flush_pending(self.db)          # keys the loop made, with (or before) what they seal
         ref = self.vault.bind_call(call["id"], caller_of(call), self.db)
         if ref is not None:
             self.vault.touch(ref, self.db)
@@ -184,7 +185,9 @@ class Store:
         """A call row about to be upserted by the writer: reads see it from now on.
         Returns the staged row, to pass to ``call_saved`` once it is committed."""
         row = {c: call.get(c) for c in CALL_COLUMNS}
-        self.vault.bind_call(row["id"], caller_of(row), self.db)   # its caller's key, before anything is sealed
+        # its caller's key, before anything is sealed; a new caller's key is made in memory and
+        # committed by the writer (this runs on the loop, which must never wait on the database)
+        self.vault.bind_call(row["id"], caller_of(row), self.db, defer=True)
         self.unsaved_calls[row["id"]] = row
         return row
 

@@ -294,6 +294,11 @@ class Writer:
         return bool(self._held) and time.monotonic() >= self._retry_at
 
     def _write(self, batch: list[SqlJob | LineJob], final: bool = False) -> None:
+        if any(isinstance(j, LineJob) for j in batch) and self.store.vault.has_pending():
+            try:                              # journal lines may be sealed with keys made on the loop
+                self._transaction([])
+            except sqlite3.Error as exc:      # kept in memory; tried again with the next batch
+                log.warning("caller keys not written yet: %s", exc)
         lines: dict[int, list[str]] = {}
         sql: list[SqlJob] = []
         for job in batch:
@@ -323,8 +328,11 @@ class Writer:
         db = self.store.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            keys = self.store.vault.flush_pending(db)   # caller keys made on the loop, before what they seal
             out = [job.run(self.store) for job in jobs]
+            keys += self.store.vault.flush_pending(db)
             db.execute("COMMIT")
+            self.store.vault.settle_pending(keys)
         except BaseException:
             try:
                 db.execute("ROLLBACK")
