@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "sipp-scenarios"
 SHARED = Path(os.environ.get("TRUNKLINE_SHARED", ROOT.parent / "shared"))
 
+
+def needs_shared(*relative: str):
+    """A pytest skip mark for tests that read reference data in ``../shared`` (not in the repo):
+    CI has it; a fresh clone may not, and then the tests skip with this reason."""
+    import pytest
+    missing = [r for r in relative if not (SHARED / r).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"reference data not found under {SHARED}: {', '.join(missing)} "
+                              "(../shared is absent; set TRUNKLINE_SHARED to point at it)")
+
 # Test ports stay below the kernel's ephemeral range (32768+), so a listener never
 # collides with the source port of some outgoing connection.
 # TEST_PORT_BLOCK pins the first block, so two suites on one machine can be kept apart.

@@ -5,15 +5,11 @@ import time
 
 import pytest
 
-from support import SHARED, sipp
+from support import SHARED, needs_shared, sipp
 
 TORTURE = [SHARED / "testdata/sip/rfc4475", SHARED / "testdata/sip/rfc5118"]
 
-# Reference data lives in ../shared (not in the repo): CI has it, a fresh clone may not.
-pytestmark = pytest.mark.skipif(
-    not all((d / "index.json").is_file() for d in TORTURE),
-    reason=f"RFC 4475/5118 torture messages not found under {SHARED}/testdata/sip "
-           "(../shared is absent; set TRUNKLINE_SHARED to point at it)")
+pytestmark = needs_shared("testdata/sip/rfc4475/index.json", "testdata/sip/rfc5118/index.json")
 
 
 def _messages():
