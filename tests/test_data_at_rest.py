@@ -81,6 +81,11 @@ def _open_store(cell):
     return Store(str(cell.data))
 
 
+# What the caller keys: framed by * and # so that no random id can match it by chance, as the bare
+# "4815" once did inside the webhook id "wh_7cc0664815f673ec" (hex), a false alarm, not a leak.
+KEYED = "*4815#"
+
+
 def test_api_call_keeps_no_number_digits_or_secrets_in_clear(cell_factory, tmp_path):
     """A caller on the api app keys digits (shown in records: show_dtmf), the API stores a webhook secret and
     an idempotent answer holding it: none of it is in clear in any file, log included; the API reads it all."""
@@ -94,9 +99,9 @@ def test_api_call_keeps_no_number_digits_or_secrets_in_clear(cell_factory, tmp_p
     try:
         peer.wait_remote()
         call = _active_call(api)
-        for d in "4815":
+        for d in KEYED:
             _send_digit(peer, d)
-        cell.wait_event("dtmf", 4)
+        cell.wait_event("dtmf", len(KEYED))
         secret = "whsec-" + "7" * 24
         st, hook, _ = api.post("/v1/webhooks", {"url": "http://127.0.0.1:9/hook", "secret": secret},
                                headers={"Idempotency-Key": "idem-1"})
@@ -111,16 +116,16 @@ def test_api_call_keeps_no_number_digits_or_secrets_in_clear(cell_factory, tmp_p
     # callers of the API read plaintext: the number, the digits, the secret (and its idempotent replay)
     assert NUMBER_A in api.get(f"/v1/calls/{call['id']}")[1]["from"]
     digits = [e["data"]["digit"] for e in api.get("/v1/events")[1]["events"] if e["type"] == "dtmf_received"]
-    assert "".join(digits) == "4815"
+    assert "".join(digits) == KEYED
     st, again, h = api.post("/v1/webhooks", {"url": "http://127.0.0.1:9/hook", "secret": secret},
                             headers={"Idempotency-Key": "idem-1"})
     assert h.get("Idempotent-Replayed") == "true" and again["secret"] == secret
     from bridge.records.journal import CallRecords
     _open_store(cell).close()
     (rec,) = [r for r in CallRecords(str(cell.data)).read() if r["call_id"] == ended["call_id"]]
-    assert rec["dtmf"] == "4815" and NUMBER_A in rec["from"]
+    assert rec["dtmf"] == KEYED and NUMBER_A in rec["from"]
     # ... and no file holds any of it in clear (while running: WAL; after a clean stop: the main file)
-    needles = [NUMBER_A.encode(), NUMBER_A[1:].encode(), b"4815", b'"digit": "4"', secret.encode()]
+    needles = [NUMBER_A.encode(), NUMBER_A[1:].encode(), KEYED.encode(), b'"digit": "4"', secret.encode()]
     assert _found(cell, needles) == []
     assert cell.stop() == 0
     assert _found(cell, needles) == []
