@@ -80,6 +80,18 @@ CALL_COLUMNS = ("id", "direction", "from_uri", "to_uri", "trunk", "app", "state"
                 "answered", "ended", "result", "reason", "cell", "quality")
 
 
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script, one by one (``executescript`` would commit around them)."""
+    out, cur = [], ""
+    for line in script.splitlines(keepends=True):
+        cur += line
+        if sqlite3.complete_statement(cur):
+            out.append(cur.strip())
+            cur = ""
+    assert not cur.strip(), "schema ends mid-statement"
+    return out
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
@@ -107,13 +119,22 @@ class Store:
                 time.sleep(0.05)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA secure_delete=ON")       # deleted rows (retention, erasure) are zeroed on disk
-        self.db.executescript(SCHEMA)
-        cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
-        if "cell" not in cols:                                    # databases from before multi-cell
-            self.db.execute("ALTER TABLE calls ADD COLUMN cell TEXT")
-        if "caller_ref" not in cols:                              # databases from before sealed records
-            self.db.execute("ALTER TABLE calls ADD COLUMN caller_ref TEXT")
-        self.db.execute("CREATE INDEX IF NOT EXISTS calls_caller ON calls(caller_ref)")
+        # Cells of a box migrate the same file at the same moment: schema and column checks run in one
+        # write transaction, so the second process sees the first one's columns instead of adding them again.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(SCHEMA):
+                self.db.execute(stmt)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
+            if "cell" not in cols:                                # databases from before multi-cell
+                self.db.execute("ALTER TABLE calls ADD COLUMN cell TEXT")
+            if "caller_ref" not in cols:                          # databases from before sealed records
+                self.db.execute("ALTER TABLE calls ADD COLUMN caller_ref TEXT")
+            self.db.execute("CREATE INDEX IF NOT EXISTS calls_caller ON calls(caller_ref)")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
         self._vault = None
         try:            # now, outside any transaction: making it writes (its tables, its HMAC key)
             self._vault = vault_for(self.path)
