@@ -20,7 +20,7 @@ from sip import commands as cmd
 
 if TYPE_CHECKING:
     from bridge.api.events import EventBus, Tailer
-    from bridge.api.streams import StreamManager
+    from bridge.api.stream_manager import StreamManager
     from bridge.api.webhooks import WebhookDispatcher
     from bridge.core.config import Config
     from bridge.core.metrics import Metrics

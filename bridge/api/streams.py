@@ -17,6 +17,8 @@ bidirectional stream plays what the client sends into the call, paced a few
 frames ahead of the media clock by ``Playout``; ``clear`` flushes it
 (barge-in) and ``mark`` is echoed once the audio queued before it has been
 played (marks flushed by ``clear`` are echoed with ``cleared: true``).
+``bridge/api/stream_manager.py`` starts and ends a cell's streams; ``bridge/api/bot.py``
+is the app of a number routed straight to a bot.
 
 Nothing a stream does can end its call: a failing stream is stopped and says
 so in events (``stream_reconnecting``, ``stream_stopped``, ``stream_failed``).
@@ -35,16 +37,11 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from bridge.core import backoff as _backoff
-from bridge.core.app import App
-from bridge.core.numbers import BotRoute
-from bridge.core.states import CallState, SpeakingState, StreamState
+from bridge.core.states import StreamState
 from bridge.api.base import json_too_deep
-from bridge.core.guarded_http import failure_class, guarded_session
-from bridge.core.netguard import OutboundRefused
+from bridge.core.guarded_http import failure_class
 from bridge.records.store import new_id
-from sip.uri import user_part
 from media.frames import FRAMES_PER_SECOND
-from media.opus import OpusEncoder, OpusError
 from media.playout import Playout, Segment
 from media import twilio as tw
 from media.streamcodec import (ENCODINGS, FrameDecoder, FrameEncoder, MediaClock, StreamProtocolError,
@@ -75,9 +72,10 @@ def backoff(attempt: int, base: float, cap: float, rnd: Callable[[], float] = ra
 
 
 class MediaStream:
-    def __init__(self, manager: "StreamManager", session, url: str | None, direction: str, encoding: str,
+    def __init__(self, manager, session, url: str | None, direction: str, encoding: str,
                  bidirectional: bool, protocol: str = "trunkline", parameters: dict | None = None,
                  account_sid: str | None = None, bot: bool = False):
+        """``manager``: the cell's ``bridge.api.stream_manager.StreamManager`` (cfg, metrics, HTTP client)."""
         cfg = manager.cfg
         self.manager = manager
         self.session = session
@@ -534,137 +532,3 @@ class MediaStream:
                 log.warning("stream %s: %s; waiting for the client", self.id, detail,
                             extra={"fields": {"call_id": self.call_id, "stream_id": self.id}})
         return ws
-
-
-class StreamManager:
-    """The cell's media streams: start, look up, end; one HTTP client for outbound ones."""
-
-    KEEP_ENDED = 500       # ended streams kept for GET (their final stats)
-
-    def __init__(self, services):
-        """``services``: a cell's ``bridge.api.services.Services`` (its cfg and metrics)."""
-        self.services = services
-        self.cfg = services.cfg.raw["streams"]
-        self.metrics = services.metrics
-        self.streams: dict[str, MediaStream] = {}
-        self._ended: deque[str] = deque()
-        self._http: aiohttp.ClientSession | None = None
-        self.guard = services.cfg.outbound      # the SSRF guard for outbound stream URLs
-
-    def http(self) -> aiohttp.ClientSession:
-        """Outbound connections obey the SSRF guard (checked, pinned addresses; no redirects)."""
-        if self._http is None or self._http.closed:
-            self._http = guarded_session(self.guard, metric=getattr(self.metrics, "outbound_refused", None),
-                                         use="stream")
-        return self._http
-
-    def get(self, stream_id: str) -> MediaStream | None:
-        return self.streams.get(stream_id)
-
-    def for_call(self, call_id: str) -> list[MediaStream]:
-        return [s for s in self.streams.values() if s.call_id == call_id]
-
-    def start(self, session, url: str | None, direction: str, encoding: str, bidirectional: bool,
-              protocol: str = "trunkline", parameters: dict | None = None, account_sid: str | None = None,
-              bot: bool = False) -> MediaStream:
-        """``bot``: the stream is the call's app (a number routed to a bot): it may play into the call."""
-        if protocol not in tw.PROTOCOLS:
-            raise StreamRefused(400, "invalid_field", f"protocol: one of {', '.join(tw.PROTOCOLS)}", "protocol")
-        if protocol == "twilio" and encoding != tw.ENCODING:
-            raise StreamRefused(400, "invalid_field", "encoding: Twilio Media Streams carry mulaw only", "encoding")
-        if url is not None:
-            try:
-                self.guard.check_url(url, ("ws", "wss"))
-            except OutboundRefused as exc:
-                raise StreamRefused(400, "refused_address", f"url: {exc.reason} addresses are not allowed "
-                                                            "(http.outbound_allow)", "url") from None
-            except ValueError as exc:
-                raise StreamRefused(400, "invalid_field", f"url: {exc}", "url") from None
-        if session.ending or session.state == CallState.ENDED:
-            raise StreamRefused(409, "call_ended", f"call {session.call_id} is ending")
-        live = [s for s in self.for_call(session.call_id) if s.live]
-        if len(live) >= self.cfg["max_per_call"]:
-            raise StreamRefused(409, "too_many_streams",
-                                f"the call already has {len(live)} streams (streams.max_per_call)")
-        if bidirectional:
-            if session.app_name != "api" and not bot:
-                raise StreamRefused(409, "wrong_app", "a bidirectional stream plays into the call, so it needs a "
-                                                      f"call handled by the API app (this one: {session.app_name})",
-                                    "bidirectional")
-            if any(s.bidirectional for s in live):
-                raise StreamRefused(409, "wrong_state", "the call already has a bidirectional stream", "bidirectional")
-            if any(sp.status != SpeakingState.STOPPED for sp in session.speakings.values()):
-                raise StreamRefused(409, "wrong_state", "the call has a speaking session playing into it",
-                                    "bidirectional")
-        if encoding == "opus":
-            try:
-                OpusEncoder(ENCODINGS["opus"])
-            except OpusError as exc:
-                raise StreamRefused(409, "encoding_unavailable", str(exc), "encoding") from None
-        st = MediaStream(self, session, url, direction, encoding, bidirectional, protocol, parameters, account_sid,
-                         bot)
-        self.streams[st.id] = st
-        st.begin()
-        self.metrics.streams_active.inc()
-        return st
-
-    def ended(self, st: MediaStream) -> None:
-        self.metrics.streams_active.dec()
-        self._ended.append(st.id)
-        while len(self._ended) > self.KEEP_ENDED:
-            self.streams.pop(self._ended.popleft(), None)
-
-    def call_ended(self, call_id: str) -> None:
-        for st in self.for_call(call_id):
-            st.stop("call_ended")
-
-    async def close(self, grace: float = 2.0) -> None:
-        """Cell shutdown: stop every stream, give them ``grace`` seconds to say ``stop``."""
-        tasks = []
-        for st in list(self.streams.values()):
-            st.stop("shutdown")
-            if st._task is not None:
-                tasks.append(st._task)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-
-
-class BotApp(App):
-    """A number routed straight to a bot: the call is answered, a bidirectional stream
-    connects out to the bot, the bot's audio is the call's audio, and the call ends
-    when the stream does (the bot closed the socket, or it could not be reached)."""
-    name = "stream"
-
-    def __init__(self, session, manager: StreamManager, route: BotRoute, api_base: str):
-        super().__init__(session)
-        self.manager = manager
-        self.route = route
-        self.api_base = route.api_base or api_base
-        self.stream: MediaStream | None = None
-
-    def parameters(self) -> dict[str, str]:
-        """``customParameters`` (Twilio) / ``start.parameters`` (Trunkline): the route's own, then
-        the call's: numbers, direction, trunk, its id and where to hang it up."""
-        s = self.session
-        return {**self.route.parameters, "from": user_part(s.from_uri), "to": user_part(s.to_uri),
-                "direction": s.direction, "trunk": s.trunk or "", "call_id": s.call_id,
-                "api_base": self.api_base}
-
-    def on_answered(self) -> None:
-        r = self.route
-        self.stream = self.manager.start(self.session, r.url, "in", r.encoding, True, r.protocol,
-                                         self.parameters(), r.account_sid, bot=True)
-        self.stream.on_stopped = self._stream_stopped
-
-    def _stream_stopped(self, reason: str) -> None:
-        if reason != "call_ended":
-            self.session.hangup(f"bot stream {reason}")
-
-    def on_dtmf(self, digit: str) -> None:
-        if self.stream is not None:
-            self.stream.on_dtmf(digit)

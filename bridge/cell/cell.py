@@ -34,7 +34,9 @@ from bridge.records.journal import CallRecords
 from bridge.records import writer as records_writer
 from bridge.records.recording import Recordings
 from bridge.cell.session import Session
-from bridge.api.streams import BotApp, MediaStream, StreamManager
+from bridge.api.bot import BotApp
+from bridge.api.stream_manager import StreamManager
+from bridge.api.streams import MediaStream
 from bridge.core import numbers as number_routes
 from sip import commands as cmd
 from sip import events as ev
