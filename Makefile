@@ -11,7 +11,7 @@ ARGS ?=
 RUN_DEBS := libopus0 ca-certificates cmake build-essential kamailio
 TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious strace iproute2
 
-.PHONY: run test test-all bench fuzz deps test-deps clean
+.PHONY: soak run test test-all bench fuzz deps test-deps clean
 
 # ---- set-up -----------------------------------------------------------------
 $(BIN)/python:
@@ -47,6 +47,13 @@ test-all: test-deps
 
 bench: test-deps
 	$(BIN)/python tests/bench/run.py $(ARGS)
+
+# Soak (issue 14): a box of cells under steady traffic with faults injected at known times,
+# sampled from /proc; results in tests/bench/results/soak.json. `make test` runs a 2-minute sample.
+DURATION ?= 3600
+SOAK_CELLS ?= 4
+soak: test-deps
+	$(BIN)/python tests/bench/soak.py --duration $(DURATION) --cells $(SOAK_CELLS) $(ARGS)
 
 # Hostile traffic (issue 11): >= 20,000 fuzzed SIP messages into a cell and the Kamailio
 # front (UDP/TCP, trusted/untrusted), plus the long RTP and API fuzz runs. Bounded (~15 min).

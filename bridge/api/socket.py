@@ -124,4 +124,7 @@ class EventSocket:
         finally:
             self.services.tailer.unsubscribe(listener)
             send_task.cancel()
+            # a sender that already failed (the client went away mid-send) is collected here, so its
+            # error is neither lost nor logged as "Task exception was never retrieved" (seen in the soak)
+            await asyncio.gather(send_task, return_exceptions=True)
         return ws

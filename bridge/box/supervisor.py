@@ -28,6 +28,25 @@ from bridge.core.logs import event
 log = logging.getLogger("trunkline.supervisor")
 
 
+def _reap_front(config_path: str) -> None:
+    """Kill what is left of an earlier Kamailio on this config: when its main process dies by
+    SIGKILL its workers live on, holding the front's sockets, and a new one cannot bind them."""
+    me = os.getpid()
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == me:
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"-f" in args and config_path.encode() in args and os.path.basename(args[0]).startswith(b"kamailio"):
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the supervisor dies, however it dies."""
     try:
@@ -84,7 +103,8 @@ class Supervisor:
         self.cells = [CellProc(i, c["host"], sip_base + i, http_base + i,
                                f"{lo + i * per}-{lo + (i + 1) * per - 1}") for i in range(n)]
         # the front's internal UDP socket, used only toward cells (see deploy/kamailio)
-        taken = {self.public_port, int(http_port)} | {p for c in self.cells for p in (c.sip_port, c.http_port)}
+        taken = {self.public_port, int(http_port)} | {p for c in self.cells for p in (c.sip_port, c.http_port)} \
+            | set(range(lo, hi + 1))           # the cells' RTP ports: a call must never find its port taken
         self.front_port = cfg.raw["cells"]["front_port"] or next(p for p in range(sip_base + n, 65536) if p not in taken)
         used = {self.public_port, int(http_port)}
         if self.front_port in taken:
@@ -97,6 +117,7 @@ class Supervisor:
             used |= {c.sip_port, c.http_port}
         self.run_dir = os.path.join(os.path.abspath(cfg.data_dir), "run")
         self.kamailio: subprocess.Popen | None = None
+        self._front_fails, self._front_next, self._front_started = 0, 0.0, time.monotonic()
         self.stopping = False
 
     # -- cells -------------------------------------------------------------------------
@@ -174,6 +195,7 @@ class Supervisor:
         check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError("generated kamailio config does not parse:\n" + check.stderr[-2000:])
+        _reap_front(path)
         out = open(os.path.join(self.run_dir, "kamailio.log"), "ab")
         self.kamailio = subprocess.Popen([binary, "-DD", "-E", "-f", path, "-P", os.path.join(self.run_dir, "kamailio.pid")],
                                          stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -289,8 +311,21 @@ class Supervisor:
                 c.next_start = 0.0
                 self.start_cell(c)
         if self.kamailio is not None and self.kamailio.poll() is not None and not self.stopping:
-            log.error("kamailio exited (%s); restarting it", self.kamailio.returncode)
-            self.start_kamailio()
+            # restarted with backoff (a front that cannot bind must not be respawned twice a second),
+            # the count forgiven once it has stayed up for a minute
+            if self._front_next == 0.0:
+                self._front_fails = self._front_fails + 1 if now - self._front_started < 60 else 1
+                delay = backoff.delay(self._front_fails - 1, 0.5, 30.0)
+                self._front_next = now + delay
+                log.error("kamailio exited (%s); restarting it in %.1f s", self.kamailio.returncode, delay)
+            elif now >= self._front_next:
+                self._front_next = 0.0
+                self._front_started = now
+                try:
+                    self.start_kamailio()
+                except (RuntimeError, ValueError, OSError) as exc:
+                    log.error("kamailio did not restart: %s", exc)
+                    self._front_next = now + 30.0
 
     async def _stop_cells(self) -> None:
         for c in self.cells:

@@ -1,0 +1,627 @@
+"""Soak: a box of cells under steady traffic for DURATION seconds, with faults injected at
+known times, sampled from /proc every INTERVAL seconds.
+
+    make soak DURATION=3600            # the full run (README: "Soak")
+    python tests/bench/soak.py --duration 120 --interval 5 --cells 3   # what `make test` samples
+
+What runs (all on 127.0.0.1, bounded, stops by itself):
+- ``trunkline serve --cells N`` (echo app, recordings on, sealed records) behind its Kamailio front.
+- Traffic through the front at ~80 % of the box's call slots (3 per cell): long calls
+  (SIPp ``bench_pcap.xml``: ~19 s of real speech RTP each) and short ones (SIPp's built-in
+  ``uac``, 2 s, no media), each SIPp run writing its counters every second (``-trace_stat``).
+- API clients on the box API: an event WebSocket that drops and resumes (``since``) every
+  20 s, and a webhook receiver (signed POSTs, all ``call_ended`` events).
+- Faults at fixed fractions of the run, each with the effect the soak checks:
+  ``webhook_down`` (receiver gone; deliveries retried, none lost), ``kill_cell`` (kill -9; the
+  supervisor restarts it, new calls recover), ``stop_cell`` (SIGSTOP 5 s; the front fails
+  over, the cell resumes), ``kill_front`` (kill -9 of Kamailio; restarted), ``db_locked``
+  (another process holds the SQLite write lock for 5 s), ``disk_full`` (root only: the data
+  directory is a small tmpfs, filled for 30 s; records kept in memory and written after).
+- Samples per process (supervisor, each cell, Kamailio's processes together): RSS, PSS, open
+  FDs, threads, CPU; the SQLite file + WAL size and the data directory's size.
+
+Checks (``verdict``): every process alive at the end; growth after warm-up < 5 % (RSS; PSS is
+reported, since it also moves when a sibling sharing its pages dies or is forked again; FDs and
+threads within max(5 %, 4)) for every process over its last life, after its own warm-up; no failed call outside a fault's window; every answered call has its ``call_ended``
+record in the store, the WebSocket saw every stored ``call_ended`` event, and the webhook
+receiver got every one of them (after the receiver came back).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from support import Api, BoxProcess, create_key, serve_on_loopback, sipp  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# -- /proc -----------------------------------------------------------------------------------
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def children(root: int) -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            st = _read(f"/proc/{p}/stat")
+            if st:
+                try:
+                    kids.setdefault(int(st.rsplit(")", 1)[1].split()[1]), []).append(int(p))
+                except (IndexError, ValueError):
+                    pass
+    return kids
+
+
+def proc_sample(pid: int) -> dict | None:
+    status = _read(f"/proc/{pid}/status")
+    if not status:
+        return None
+    rss = re.search(r"VmRSS:\s+(\d+)", status)
+    thr = re.search(r"Threads:\s+(\d+)", status)
+    pss = re.search(r"^Pss:\s+(\d+)", _read(f"/proc/{pid}/smaps_rollup"), re.M)
+    st = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = 0
+    return {"rss_kb": int(rss.group(1)) if rss else 0, "pss_kb": int(pss.group(1)) if pss else 0,
+            "fds": fds, "threads": int(thr.group(1)) if thr else 0,
+            "cpu_s": (int(st[11]) + int(st[12])) / TICKS if len(st) > 12 else 0.0}
+
+
+def cmdline(pid: int) -> str:
+    return _read(f"/proc/{pid}/cmdline").replace("\0", " ")
+
+
+def roles(box_pid: int, cell_pids: dict[int, int] | None = None) -> dict[str, list[int]]:
+    """The box's processes by role: supervisor, cellN (``cell_pids``: pid -> index, from the box
+    API; else the TRUNKLINE_CELL of a cell started by exec), kamailio (all of Kamailio's
+    processes), zygote (the process cells are forked from) and the cells' own workers."""
+    kids = children(box_pid)
+    out: dict[str, list[int]] = {"supervisor": [box_pid]}
+    todo = list(kids.get(box_pid, []))
+    while todo:
+        p = todo.pop()
+        cl = cmdline(p)
+        m = re.search(r"(?:^|\0)TRUNKLINE_CELL=(\d+)(?:\0|$)", _read(f"/proc/{p}/environ"))
+        if "kamailio" in cl.split(" ")[0]:
+            role = "kamailio"
+        elif cell_pids is not None and p in cell_pids:
+            role = f"cell{cell_pids[p]}"
+        elif cell_pids is None and m:
+            role = f"cell{m.group(1)}"
+        elif "rtpengine" in cl.split(" ")[0]:
+            role = "rtpengine"
+        elif "bridge" in cl:
+            role = "zygote" if "zygote" in cl else f"worker:{p}"
+        else:
+            role = "other"
+        out.setdefault(role, []).append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def dir_kb(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks // 2
+            except OSError:
+                pass
+    return total
+
+
+# -- SIPp counters ---------------------------------------------------------------------------
+def failures(stat_csv: Path) -> list[tuple[float, int]]:
+    """(unix time, new failed calls in that period) from SIPp's ``-trace_stat`` file."""
+    if not stat_csv.exists():
+        return []
+    rows = [r.split(";") for r in stat_csv.read_text(errors="replace").splitlines() if r.strip()]
+    if len(rows) < 2:
+        return []
+    head = rows[0]
+    ti, fi = head.index("CurrentTime"), head.index("FailedCall(C)")
+    out, last = [], 0
+    for r in rows[1:]:
+        if len(r) <= max(ti, fi):
+            continue
+        t = float(r[ti].split()[-1])
+        n = int(r[fi])
+        if n > last:
+            out.append((t, n - last))
+        last = n
+    return out
+
+
+def totals(stat_csv: Path) -> tuple[int, int]:
+    rows = [r.split(";") for r in stat_csv.read_text(errors="replace").splitlines() if r.strip()] \
+        if stat_csv.exists() else []
+    if len(rows) < 2:
+        return 0, 0
+    head, last = rows[0], rows[-1]
+    return int(last[head.index("SuccessfulCall(C)")]), int(last[head.index("FailedCall(C)")])
+
+
+# -- API clients -----------------------------------------------------------------------------
+class WebhookReceiver:
+    """A loopback receiver that can go down and come back on the same port."""
+
+    def __init__(self):
+        self.got: dict[int, float] = {}          # event seq -> when it arrived
+        self.port: int | None = None
+        self.loop = None
+
+    def _app(self):
+        from aiohttp import web
+
+        async def hook(request):
+            body = await request.json()
+            self.got.setdefault(body["seq"], time.time())
+            return web.Response(status=204)
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        return app
+
+    def up(self) -> None:
+        if self.port is None:
+            self.port, self.loop = serve_on_loopback(self._app)
+            return
+        from aiohttp import web
+        loop, ready = asyncio.new_event_loop(), threading.Event()
+
+        def run():
+            asyncio.set_event_loop(loop)
+            runner = web.AppRunner(self._app())
+            loop.run_until_complete(runner.setup())
+            for _ in range(100):          # the old socket may linger a moment
+                try:
+                    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True).start())
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(15)
+        self.loop = loop
+
+    def down(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.loop = None
+
+
+class EventSocket:
+    """A WebSocket consumer of every event that drops its connection every ``period`` s and
+    resumes from the last ``seq`` it saw, as a real consumer with a flaky link would."""
+
+    def __init__(self, url: str, key: str, period: float):
+        self.url, self.key, self.period = url, key, period
+        self.seen: dict[int, str] = {}
+        self.reconnects = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(15)
+
+    async def _run(self):
+        import aiohttp
+        last = None
+        while not self._stop.is_set():
+            t_end = time.monotonic() + self.period
+            try:
+                async with aiohttp.ClientSession() as s:
+                    async with s.ws_connect(self.url, headers={"Authorization": f"Bearer {self.key}"}) as ws:
+                        sub = {"type": "subscribe", "topics": ["*"]}
+                        if last is not None:
+                            sub["since"] = last
+                        await ws.send_json(sub)
+                        while time.monotonic() < t_end and not self._stop.is_set():
+                            try:
+                                m = await asyncio.wait_for(ws.receive_json(), 0.5)
+                            except asyncio.TimeoutError:
+                                continue
+                            if m.get("type") == "event":
+                                ev = m["event"]
+                                self.seen[ev["seq"]] = ev["type"]
+                                last = max(last or 0, ev["seq"])
+            except Exception as exc:  # noqa: BLE001 - the box API may be busy; count and retry
+                self.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                await asyncio.sleep(1.0)
+            self.reconnects += 1
+
+
+# -- faults ----------------------------------------------------------------------------------
+@dataclass
+class Fault:
+    kind: str
+    at: float                  # seconds into the run
+    length: float              # how long it lasts (0: instant)
+    expect: str
+    done_at: float | None = None
+    note: str = ""
+
+    def window(self, grace: float) -> tuple[float, float]:
+        return self.at, self.at + self.length + grace
+
+
+def schedule(duration: float, disk: bool) -> list[Fault]:
+    d = duration
+    f = [Fault("webhook_down", 0.15 * d, min(600.0, 0.2 * d), "deliveries retried, none lost"),
+         Fault("kill_cell", 0.30 * d, 0.0, "supervisor restarts the cell; new calls recover"),
+         Fault("stop_cell", 0.45 * d, 5.0, "front fails over; the cell resumes"),
+         Fault("kill_front", 0.60 * d, 0.0, "supervisor restarts Kamailio; new calls recover"),
+         Fault("db_locked", 0.72 * d, 5.0, "records wait for the lock; nothing lost")]
+    if disk:
+        f.append(Fault("disk_full", 0.82 * d, min(30.0, 0.1 * d), "records kept in memory and written after"))
+    return f
+
+
+# -- the run ---------------------------------------------------------------------------------
+@dataclass
+class Soak:
+    duration: float
+    interval: float
+    cells: int
+    tmp: Path
+    samples: list[dict] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    restarts: dict[str, list[float]] = field(default_factory=dict)
+    faults_on: bool = True
+    api: object = None
+
+    def run(self) -> dict:
+        tmp = self.tmp
+        data = tmp / "data"
+        data.mkdir()
+        disk = os.geteuid() == 0 and shutil.which("mount") is not None
+        if disk:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192m", "tmpfs", str(data)], capture_output=True)
+            disk = r.returncode == 0
+        (tmp / "pcap").symlink_to("/usr/share/sip-tester")
+        keys = tmp / "records.keys"
+        from bridge.core.keys import new_key_line
+        keys.write_text(new_key_line("k1") + "\n")
+        keys.chmod(0o600)
+        slots = 3 * self.cells
+        long_limit = max(1, round(0.5 * slots))         # ~19 s calls
+        short_limit = max(1, round(0.8 * slots) - long_limit)
+        cfg = ('[models]\nload = "never"\n[sip]\nrtp_timeout = 0\n[http]\noutbound_allow = ["127.0.0.1/32"]\n'
+               '[webhooks]\nbase_delay = 0.5\nmax_delay = 5\nmax_attempts = 50\n'
+               f'[recordings]\nenabled = true\nkey_file = "{keys}"\ncurrent_key = "k1"\n')
+        box = BoxProcess(tmp, self.cells, cfg)
+        hook = WebhookReceiver()
+        hook.up()
+        procs: list[subprocess.Popen] = []
+        sock = None
+        t0 = time.time()
+        try:
+            box.start(wait=False)
+            box.wait_healthy(timeout=120 + 3 * self.cells)
+            key = create_key(box.data, "control")
+            api = self.api = Api(box, key)
+            st, body, _ = api.post("/v1/webhooks", {"url": f"http://127.0.0.1:{hook.port}/hook",
+                                                    "topics": ["event:call_hangup"]})
+            assert st == 201, body
+            sock = EventSocket(f"ws://127.0.0.1:{box.ports['http']}/v1/ws", key, period=20.0).start()
+            t0 = time.time()
+            self.faults = schedule(self.duration, disk) if self.faults_on else []
+            # SIPp: long calls at a rate that keeps long_limit up, short 2 s calls likewise
+            long_rate = long_limit / 20.0
+            short_rate = short_limit / 2.6
+            long_n = int(self.duration * long_rate)
+            short_n = int(self.duration * short_rate)
+            for name, scen, args, n, lp in (
+                    ("long", "bench_pcap.xml", ["-l", str(long_limit), "-r", str(round(long_rate * 1000)), "-rp", "1000",
+                                                "-mp", str(box.ports["sip"] + 400)], long_n, box.ports["sipp"]),
+                    ("short", "builtin:uac", ["-d", "2000", "-l", str(short_limit),
+                                              "-r", str(round(short_rate * 1000)), "-rp", "1000"], short_n,
+                     box.ports["sipp"] + 1)):
+                d = tmp / name
+                d.mkdir()
+                if name == "long":
+                    (d / "pcap").symlink_to("/usr/share/sip-tester")
+                procs.append(sipp(scen, box.sip, d, *args, "-trace_stat", "-fd", "1", local_port=lp, calls=n,
+                                  background=True, timeout=self.duration + 120))
+            self._loop(box, hook, t0, data)
+            # traffic is paced to end with the run: wait for the last calls (bounded)
+            for p in procs:
+                try:
+                    p.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+            hook.up() if hook.loop is None else None
+            time.sleep(3)
+            return self._verdict(box, hook, sock, tmp, t0, data)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            if sock is not None:
+                sock.stop()
+            for f in self.faults:
+                if f.kind == "stop_cell" and f.note and f.done_at is None:
+                    try:
+                        os.kill(int(f.note.split("pid ")[1]), signal.SIGCONT)
+                    except (OSError, IndexError, ValueError):
+                        pass
+            try:
+                box.stop(timeout=60)
+            except AssertionError:
+                pass
+            hook.down()
+            # the logs outlive the run (the data directory may be a tmpfs that goes with it)
+            (tmp / "logs").mkdir(exist_ok=True)
+            for f in list((data / "run").glob("*.log")) + list((data / "run").glob("*.cfg")):
+                try:
+                    shutil.copy(f, tmp / "logs" / f.name)
+                except OSError:
+                    pass
+            if disk:
+                subprocess.run(["umount", "-l", str(data)], capture_output=True)
+
+    def roles(self, box) -> dict[str, list[int]]:
+        try:
+            st, body, _ = self.api.get("/v1/cells")
+            pids = {c["pid"]: c["index"] for c in body["cells"] if c.get("pid") and c.get("alive")} \
+                if st == 200 else None
+        except Exception:  # noqa: BLE001 - the box API busy or restarting: fall back to the environment
+            pids = None
+        return roles(box.proc.pid, pids)
+
+    def _loop(self, box, hook, t0: float, data: Path) -> None:
+        next_sample = t0
+        pending = sorted(self.faults, key=lambda f: f.at)
+        active: list[tuple[Fault, object]] = []
+        while time.time() - t0 < self.duration:
+            now = time.time()
+            for f in [f for f in pending if now - t0 >= f.at]:
+                pending.remove(f)
+                active.append((f, self._inject(f, box, hook, data)))
+            for f, undo in list(active):
+                if now - t0 >= f.at + f.length:
+                    if undo is not None:
+                        undo()
+                    f.done_at = time.time() - t0
+                    active.remove((f, undo))
+            if now >= next_sample:
+                self._sample(box, t0, data)
+                next_sample += self.interval
+            time.sleep(0.2)
+        for f, undo in active:
+            if undo is not None:
+                undo()
+            f.done_at = time.time() - t0
+        self._sample(box, t0, data)
+
+    def _inject(self, f: Fault, box, hook, data: Path):
+        r = self.roles(box)
+        if f.kind == "webhook_down":
+            hook.down()
+            return hook.up
+        if f.kind in ("kill_cell", "stop_cell"):
+            idx = 1 if f.kind == "kill_cell" else 0
+            idx = min(idx, self.cells - 1)
+            pid = r.get(f"cell{idx}", [None])[0]
+            if pid is None:
+                f.note = f"cell{idx} not running"
+                return None
+            if f.kind == "kill_cell":
+                os.kill(pid, signal.SIGKILL)
+                self.restarts.setdefault(f"cell{idx}", []).append(f.at)
+                f.note = f"cell{idx} pid {pid}"
+                return None
+            os.kill(pid, signal.SIGSTOP)
+            f.note = f"cell{idx} pid {pid}"
+            return lambda: os.kill(pid, signal.SIGCONT)
+        if f.kind == "kill_front":
+            k = [p for p in r.get("kamailio", []) if int(_read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()[1])
+                 == box.proc.pid]
+            if k:
+                os.kill(k[0], signal.SIGKILL)
+                self.restarts.setdefault("kamailio", []).append(f.at)
+                f.note = f"kamailio pid {k[0]}"
+            return None
+        if f.kind == "db_locked":
+            db = sqlite3.connect(data / "trunkline.db", timeout=10, isolation_level=None)
+            db.execute("BEGIN IMMEDIATE")
+            f.note = "write lock held by the soak"
+
+            def release():
+                db.execute("COMMIT")
+                db.close()
+            return release
+        if f.kind == "disk_full":
+            filler = data / "filler"
+            free = shutil.disk_usage(data).free
+            with open(filler, "wb") as fh:
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, max(1, free))
+                except OSError:
+                    pass
+                # whatever fallocate left (tmpfs rounds), fill by writing
+                try:
+                    while True:
+                        fh.write(b"\0" * (1 << 20))
+                        fh.flush()
+                except OSError:
+                    pass
+            f.note = f"filled {free >> 20} MB"
+            return lambda: filler.unlink(missing_ok=True)
+        raise ValueError(f.kind)
+
+    def _sample(self, box, t0: float, data: Path) -> None:
+        row = {"t": round(time.time() - t0, 1), "procs": {}}
+        for role, pids in self.roles(box).items():
+            if role.startswith("worker:") or role == "other":
+                continue
+            ss = [s for s in (proc_sample(p) for p in pids) if s]
+            if ss:
+                row["procs"][role] = {k: sum(s[k] for s in ss) for k in ss[0]} | {"pids": sorted(pids)[:1]}
+        db = data / "trunkline.db"
+        row["db_kb"] = (db.stat().st_size // 1024) if db.exists() else 0
+        wal = data / "trunkline.db-wal"
+        row["wal_kb"] = (wal.stat().st_size // 1024) if wal.exists() else 0
+        row["data_kb"] = dir_kb(data)
+        self.samples.append(row)
+
+    # -- verdict -----------------------------------------------------------------------------
+    def _growth(self, warmup: float) -> dict:
+        out = {}
+        roles_seen = sorted({r for s in self.samples for r in s["procs"]})
+        for role in roles_seen:
+            pts = [(s["t"], s["procs"][role]) for s in self.samples if role in s["procs"]]
+            # a restarted process starts over: its last life only, after its own warm-up
+            last_pid = pts[-1][1]["pids"] if pts else None
+            life = [(t, p) for t, p in pts if p["pids"] == last_pid]
+            pts = [(t, p) for t, p in life if t >= life[0][0] + warmup]
+            if len(pts) < 4:
+                out[role] = {"samples": len(pts), "note": "too few samples after warm-up (restarted late?)"}
+                continue
+            k = max(2, len(pts) // 3)
+            first, last = pts[:k], pts[-k:]
+            g = {}
+            for m in ("pss_kb", "rss_kb", "fds", "threads"):
+                a = statistics.median(p[m] for _, p in first)
+                b = statistics.median(p[m] for _, p in last)
+                g[m] = {"from": a, "to": b, "growth_pct": round(100 * (b - a) / a, 1) if a else 0.0}
+            cpu = (last[-1][1]["cpu_s"] - first[0][1]["cpu_s"]) / max(1e-6, last[-1][0] - first[0][0])
+            out[role] = {"samples": len(pts), "cpu_pct": round(100 * cpu, 2), **g}
+        return out
+
+    def _verdict(self, box, hook, sock, tmp: Path, t0: float, data: Path) -> dict:
+        problems: list[str] = []
+        warmup = min(60.0, 0.25 * self.duration)
+        growth = self._growth(warmup)
+        for role, g in growth.items():
+            if "note" in g:
+                continue
+            # RSS is what the process itself holds; PSS also moves when a sibling sharing its pages
+            # dies or is forked again (a killed cell changes the others' PSS), so it is reported only
+            for m in ("rss_kb",):
+                if g[m]["growth_pct"] >= 5.0:
+                    problems.append(f"{role} {m} grew {g[m]['growth_pct']} % ({g[m]['from']} -> {g[m]['to']})")
+            for m in ("fds", "threads"):
+                if g[m]["to"] - g[m]["from"] > max(4, 0.05 * g[m]["from"]):
+                    problems.append(f"{role} {m} grew {g[m]['from']} -> {g[m]['to']}")
+        alive = self.roles(box)
+        for i in range(self.cells):
+            if f"cell{i}" not in alive:
+                problems.append(f"cell{i} is not running at the end")
+        if "kamailio" not in alive:
+            problems.append("Kamailio is not running at the end")
+        # failed calls: each must fall in a fault's window (the fault, then a call's length + recovery)
+        grace = 45.0
+        windows = [tuple(t0 + x for x in f.window(grace)) for f in self.faults
+                   if f.kind in ("kill_cell", "stop_cell", "kill_front", "disk_full", "db_locked")]
+        calls = {}
+        unexplained = 0
+        for name in ("long", "short"):
+            stat = next(iter(sorted((tmp / name).glob("*_.csv"))), tmp / name / "none.csv")
+            ok, failed = totals(stat)
+            fails = failures(stat)
+            bad = sum(n for t, n in fails if not any(a <= t <= b for a, b in windows))
+            unexplained += bad
+            calls[name] = {"successful": ok, "failed": failed, "failed_outside_faults": bad,
+                           "failed_at_s": [[round(t - t0, 1), n] for t, n in fails][:50]}
+        if unexplained:
+            problems.append(f"{unexplained} failed calls outside any fault's window")
+        # every answered call has its record; events reached the WebSocket and the webhook
+        db = sqlite3.connect(f"file:{data / 'trunkline.db'}?mode=ro", uri=True, timeout=30)
+        ended = {r[0] for r in db.execute("SELECT seq FROM events WHERE type = 'call_hangup'")}
+        answered_rows = db.execute("SELECT COUNT(*) FROM calls WHERE answered IS NOT NULL").fetchone()[0]
+        db.close()
+        sipp_ok = sum(c["successful"] for c in calls.values())
+        if answered_rows < sipp_ok:
+            problems.append(f"{sipp_ok} calls answered at the caller, {answered_rows} answered calls in the store")
+        deadline = time.time() + 30
+        while time.time() < deadline and not ended <= set(hook.got):
+            time.sleep(0.5)
+        missing_hook = ended - set(hook.got)
+        if missing_hook:
+            problems.append(f"{len(missing_hook)} of {len(ended)} call_hangup events never reached the webhook")
+        ws_seen = {s for s, t in sock.seen.items() if t == "call_hangup"}
+        missing_ws = ended - ws_seen
+        if missing_ws:
+            problems.append(f"{len(missing_ws)} of {len(ended)} call_hangup events never reached the WebSocket")
+        last = self.samples[-1] if self.samples else {}
+        return {"duration_s": self.duration, "cells": self.cells, "interval_s": self.interval, "calls": calls,
+                "answered_in_store": answered_rows, "call_hangup_events": len(ended),
+                "webhook_received": len(set(hook.got) & ended), "websocket_received": len(ws_seen & ended),
+                "websocket_reconnects": sock.reconnects,
+                "faults": [{"kind": f.kind, "at_s": round(f.at, 1), "length_s": f.length, "expect": f.expect,
+                            "note": f.note} for f in self.faults],
+                "growth_after_warmup": growth, "db_kb": last.get("db_kb"), "wal_kb": last.get("wal_kb"),
+                "data_kb": last.get("data_kb"), "samples": len(self.samples),
+                "series": [{"t": x["t"], "db_kb": x["db_kb"], "wal_kb": x["wal_kb"], "data_kb": x["data_kb"],
+                            **{r: [v["rss_kb"], v["pss_kb"], v["fds"], v["threads"]] for r, v in x["procs"].items()}}
+                           for x in self.samples],
+                "problems": problems,
+                "ok": not problems}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", 3600)))
+    ap.add_argument("--interval", type=float, default=10.0)
+    ap.add_argument("--cells", type=int, default=4)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "soak.json"))
+    ap.add_argument("--samples-out", default="")
+    ap.add_argument("--no-faults", action="store_true", help="traffic and sampling only")
+    ap.add_argument("--keep", default="", help="run in this directory and keep it (SIPp logs, cell logs)")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as td:
+        work = Path(a.keep or td)
+        work.mkdir(parents=True, exist_ok=True)
+        soak = Soak(a.duration, a.interval, a.cells, work, faults_on=not a.no_faults)
+        res = soak.run()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.samples_out:
+        Path(a.samples_out).write_text(json.dumps(soak.samples))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("growth_after_warmup", "series")}, indent=1))
+    for role, g in res["growth_after_warmup"].items():
+        if "note" in g:
+            print(f"  {role:10s} {g['note']}")
+        else:
+            print(f"  {role:10s} cpu {g['cpu_pct']:5.2f} %  PSS {g['pss_kb']['from']:.0f}->{g['pss_kb']['to']:.0f} kB "
+                  f"({g['pss_kb']['growth_pct']:+.1f} %)  FDs {g['fds']['from']:.0f}->{g['fds']['to']:.0f}  "
+                  f"threads {g['threads']['from']:.0f}->{g['threads']['to']:.0f}")
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
