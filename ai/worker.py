@@ -3,9 +3,14 @@
 The cell starts this process (``python -m ai.worker FD CONFIG``, talking over
 a socket pair) so model inference can never stall the media clock or crash
 the calls. The messages are the dataclasses of ``ai/messages.py`` (requests
-``SttRequest``/``LlmRequest``/``TtsRequest``, ``Cancel``, ``Release``, ``Stop``
-in; ``SttResult``, ``Token``/``ToolChoice``/``LlmDone``, ``Pcm``/``TtsDone``,
-``EngineError``, ``Ready``/``Fatal`` out).
+``SttRequest``/``LlmRequest``/``TtsRequest``/``TurnRequest``, ``Cancel``,
+``Release``, ``Stop`` in; ``SttResult``, ``Token``/``ToolChoice``/``LlmDone``,
+``Pcm``/``TtsDone``, ``TurnResult``, ``EngineError``, ``Ready``/``Fatal`` out).
+
+The end-of-turn model (Smart Turn, ``ai/turn_model.py``) has its own thread and
+queue so a decision (~60 ms) never waits behind a whisper decode; when it
+cannot be loaded the worker still starts (``Ready.info["turn_error"]``) and
+the cell falls back to its fixed silence window.
 
 Each engine has one thread and a fair queue: requests are taken round-robin
 across calls, so one chatty call cannot starve the others. llama.cpp streams
@@ -26,7 +31,7 @@ from ai.llm import GenParams
 
 class Job(NamedTuple):
     """A request waiting in an engine's queue; ``interim`` last (``FairQueue`` coalesces on it)."""
-    request: m.SttRequest | m.LlmRequest | m.TtsRequest
+    request: m.SttRequest | m.LlmRequest | m.TtsRequest | m.TurnRequest
     queued_at: float
     params: GenParams | None = None      # an LLM request's generation parameters, checked on arrival
     interim: bool = False
@@ -98,12 +103,25 @@ def load_engines(cfg: dict):
     return stt, llm, tts
 
 
+def load_turn_model(cfg: dict):
+    """The end-of-turn model, or ``(None, reason)``: its failure never stops the worker."""
+    if cfg.get("turn_model", "none") != "smart-turn" or "stt" not in cfg.get("engines", ("stt",)):
+        return None, ""
+    try:
+        from ai.turn_model import SmartTurn
+        model = SmartTurn(cfg.get("turn_model_path") or None, threads=1)
+        model.predict(bytes(3200))               # warm up (first run allocates)
+        return model, ""
+    except Exception as exc:  # noqa: BLE001 - the cell falls back to the fixed silence window
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 class Worker:
-    def __init__(self, conn, stt, llm, tts):
+    def __init__(self, conn, stt, llm, tts, turn=None):
         self.conn = conn
-        self.stt, self.llm, self.tts = stt, llm, tts
+        self.stt, self.llm, self.tts, self.turn = stt, llm, tts, turn
         self.send_lock = threading.Lock()
-        self.q = {"stt": FairQueue(), "llm": FairQueue(), "tts": FairQueue()}
+        self.q = {"stt": FairQueue(), "llm": FairQueue(), "tts": FairQueue(), "turn": FairQueue()}
         self.cancelled: dict[str, float] = {}        # call -> time of the last cancel
         self.stopping = False
 
@@ -129,6 +147,21 @@ class Worker:
                 self.send(m.SttResult(req.rid, r.text, r.no_speech_prob, r.avg_logprob, r.audio_seconds, r.seconds))
             except Exception as exc:  # noqa: BLE001
                 self.send(m.EngineError(req.rid, "stt", f"{type(exc).__name__}: {exc}"))
+
+    def turn_loop(self) -> None:
+        while not self.stopping:
+            got = self.q["turn"].get(0.5)
+            if got is None:
+                continue
+            call, job = got
+            req = job.request
+            if self._is_cancelled(call, job.queued_at):
+                continue
+            try:
+                p, secs = self.turn.predict(req.pcm)
+                self.send(m.TurnResult(req.rid, p, secs))
+            except Exception as exc:  # noqa: BLE001
+                self.send(m.EngineError(req.rid, "turn", f"{type(exc).__name__}: {exc}"))
 
     def tts_loop(self) -> None:
         while not self.stopping:
@@ -209,7 +242,7 @@ class Worker:
     # -- reader -------------------------------------------------------------
     def handle(self, msg: m.ToWorker, now: float) -> bool:
         """One message from the hub; False when the worker is to stop."""
-        if isinstance(msg, (m.SttRequest, m.TtsRequest)) and getattr(self, msg.engine) is None:
+        if isinstance(msg, (m.SttRequest, m.TtsRequest, m.TurnRequest)) and getattr(self, msg.engine) is None:
             self.send(m.EngineError(msg.rid, msg.engine, f"the {msg.engine} engine is not loaded in this process"))
         elif isinstance(msg, m.SttRequest):
             self.q["stt"].put(msg.call, Job(msg, now, interim=msg.interim), replace_interim=msg.interim)
@@ -222,6 +255,8 @@ class Worker:
                 self.q["llm"].put(msg.call, Job(msg, now, params))
         elif isinstance(msg, m.TtsRequest):
             self.q["tts"].put(msg.call, Job(msg, now))
+        elif isinstance(msg, m.TurnRequest):          # only the newest question per call matters
+            self.q["turn"].put(msg.call, Job(msg, now, interim=True), replace_interim=True)
         elif isinstance(msg, m.Cancel):
             self.cancelled[msg.call] = now
             for q in self.q.values():
@@ -238,7 +273,8 @@ class Worker:
 
     def run(self) -> None:
         threads = [threading.Thread(target=f, name=n, daemon=True) for f, n, e in
-                   ((self.stt_loop, "stt", self.stt), (self.llm_loop, "llm", self.llm), (self.tts_loop, "tts", self.tts))
+                   ((self.stt_loop, "stt", self.stt), (self.llm_loop, "llm", self.llm),
+                    (self.tts_loop, "tts", self.tts), (self.turn_loop, "turn", self.turn))
                    if e is not None]
         for th in threads:
             th.start()
@@ -265,8 +301,10 @@ def main(conn, cfg: dict) -> None:
     except BaseException as exc:  # noqa: BLE001
         conn.send(m.Fatal(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
         return
-    conn.send(m.Ready({"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0}))
-    Worker(conn, *engines).run()
+    turn, turn_error = load_turn_model(cfg)
+    conn.send(m.Ready({"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0,
+                       "turn_model": turn.name if turn is not None else "", "turn_error": turn_error}))
+    Worker(conn, *engines, turn=turn).run()
 
 
 if __name__ == "__main__":

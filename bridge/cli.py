@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from bridge import __version__
@@ -169,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from bridge.cell.run import run_call, run_serve
     try:
-        if args.command == "serve" and args.cells > 1:
+        # SIP over TLS (or a TCP trunk) lives in the front: such a box runs it even with one
+        # cell (a cell started by the supervisor has TRUNKLINE_CELL and never does)
+        front = cfg.runs_front() and "TRUNKLINE_CELL" not in os.environ
+        if args.command == "serve" and (args.cells > 1 or front):
             from bridge.box.supervisor import Supervisor
             try:
-                sup = Supervisor(cfg, args.cells, args.config)
+                sup = Supervisor(cfg, max(args.cells, 1), args.config)
             except ValueError as exc:
                 print(f"trunkline: config error: {exc}", file=sys.stderr)
                 return 2

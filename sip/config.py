@@ -20,6 +20,10 @@ class TrunkSpec:
     register: bool = False
     expires: int = 300
     proxy: str = ""                   # send through this SIP front instead of straight to ``address``
+    addresses: list[str] = field(default_factory=list)   # ordered, for outbound failover (first = ``address``)
+    cps: float = 0.0                  # outbound call attempts per second the carrier takes (0: no limit)
+    max_calls: int = 0                # outbound calls at once through this trunk (0: no limit)
+    failover_timeout: float = 8.0     # no 180/183 by then: the next address (only when there is one)
 
 
 @dataclass

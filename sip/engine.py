@@ -5,6 +5,12 @@ Everything pjsua2 happens in ``Engine._thread`` (``threadCnt=0``, polled with
 runs on the pooled ports. Other threads talk to the engine only through
 ``submit(command)`` and receive events through the ``on_event`` callback.
 
+Idle cost: the bridge clock stops a second after the last call, and with no
+call the loop blocks in ``libHandleEvents`` for up to IDLE_POLL_MS (pjsip's own
+timers still fire on time: pjsip shortens the wait to the next one). ``submit``
+wakes a blocked loop with a CRLFCRLF keep-alive datagram to the engine's own UDP
+socket (RTP has its own ioqueue and worker, so only this thread reads it).
+
 Capacity: the wheel allows 4 pjsua calls. One slot is always kept free so a
 call over capacity can still be answered ``503`` with ``Retry-After`` (pjsua
 itself would answer ``486`` when every slot is taken), so a cell holds 3.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -29,12 +36,40 @@ from sip.acl import SourceFilter, split_hostport
 from sip.callbacks import _Account, _Call, _LogWriter, _quiet_stdout
 from sip.config import MAX_CAPACITY, PJSUA_SLOTS, EngineConfig, EngineError, TrunkSpec  # noqa: F401 (re-exported)
 from sip.guard import Guard
+from sip.headers import clean as clean_header, parse as parse_headers
 from sip.port import FramePort, PortPool, choose_copy
 from sip.stats import read_quality
 from sip.uri import DestinationPolicy, _loose_route, _number_uri, _registrar, _uri_host, check_destination
 
 NO_MEDIA_GRACE = 5.0       # seconds a confirmed call may go without any audio stream
+BUSY_POLL_MS = 10          # libHandleEvents timeout while calls are up (answer delays, stats, commands)
+IDLE_POLL_MS = 1000        # ... with no call: a command wakes it at once (``_wake``), pjsip timers cap it
+WAKE_DATAGRAM = b"\r\n\r\n" # a SIP keep-alive: pjsip's UDP transport drops it before parsing
+SND_IDLE_CLOSE = 1         # seconds without a call before pjsua stops the bridge clock
+PJSUA_ACCOUNTS = 8         # the wheel's PJSUA_MAX_ACC: one more aborts the process (an assertion)
+FAILOVER_STATUSES = (408, 503)   # a final answer that moves an outbound call to the trunk's next address
 log = logging.getLogger("trunkline.sip")
+
+
+@dataclass
+class _Outbound:
+    """An outbound call's route through its trunk: the addresses in order, and where it is."""
+    target: str                       # what was dialled (a number, or a URI)
+    trunk: str
+    addresses: tuple[str, ...]
+    timeout: float                    # seconds to wait for 180/183 before the next address
+    index: int = 0
+    deadline: float | None = None     # no provisional response by then: the next address
+    retry: bool = False               # the attempt ended with a failover status: place the next now
+
+    @property
+    def address(self) -> str:
+        return self.addresses[self.index] if self.addresses else ""
+
+    @property
+    def next_address(self) -> str:
+        return self.addresses[self.index + 1] if self.index + 1 < len(self.addresses) else ""
+
 
 @dataclass
 class _Leg:
@@ -59,6 +94,7 @@ class _Leg:
     refusal: tuple[int, dict] | None = None   # final answer owed, sent after onIncomingCall returns
     confirmed_at: float | None = None          # when the call was confirmed (ACKed)
     had_media: bool = False                    # an audio stream was ever connected
+    outbound: _Outbound | None = None          # an outbound call through a trunk: its failover route
 
 
 class Engine:
@@ -80,6 +116,10 @@ class Engine:
         self.filters = [(t.name, SourceFilter(t.allow), config.proxy_port if t.name == "proxy" else 0)
                         for t in config.trunks if t.allow]
         self.fast_copy = False
+        self._idle_wait = False               # the engine thread is (about to be) blocked for IDLE_POLL_MS
+        self._wake_sock: socket.socket | None = None
+        self._wake_to: tuple | None = None
+        self.wakes = 0                        # keep-alives sent to wake an idle engine (tests, figures)
 
     # -- public API (any thread) -------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
@@ -94,7 +134,21 @@ class Engine:
             command.future.set_exception(EngineError("SIP engine is not running"))
         else:
             self._cmds.put(command)
+            if self._idle_wait:               # set before the engine's last look at the queue
+                self._wake()
         return command.future
+
+    def _wake(self) -> None:
+        """Cut an idle engine's long ``libHandleEvents`` short: a CRLFCRLF keep-alive to its own
+        SIP UDP socket (any thread). pjsip reads and discards it; the guard never sees it."""
+        sock, to = self._wake_sock, self._wake_to
+        if sock is None or to is None:
+            return
+        try:
+            sock.sendto(WAKE_DATAGRAM, to)
+            self.wakes += 1
+        except OSError as exc:        # the engine still sees the command within IDLE_POLL_MS
+            log.debug("could not wake the SIP engine: %s", exc)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self._thread.is_alive():
@@ -173,7 +227,12 @@ class Engine:
         mc.audioFramePtime = 20
         mc.noVad = True
         mc.ecTailLen = 0
+        # RTP stays on pjmedia's own ioqueue and worker thread (C only, no GIL): that worker wakes
+        # every 10 ms even with no call (~0.25 % of a core), but sharing the SIP ioqueue would put
+        # every RTP packet through this thread's Python loop. The bridge clock stops SND_IDLE_CLOSE s
+        # after the last call (``_stop_idle_clock``); pjsua starts it again for a call's audio.
         mc.threadCnt = 1
+        mc.sndAutoCloseTime = SND_IDLE_CLOSE
         mc.maxMediaPorts = 32
         ep.libInit(ep_cfg)
         # Behind the front a cell listens on UDP only: the front reaches cells over UDP, and
@@ -189,6 +248,7 @@ class Engine:
             except pj.Error as exc:
                 raise EngineError(f"cannot listen on {c.host}:{c.port}: {exc.info()}") from None
         ep.libStart()
+        self._open_wake()
         self._start_guard()
         if c.tcp and c.host not in ("127.0.0.1", "::1", "localhost") and not c.host.startswith("127."):
             log.warning("SIP over TCP on %s:%d is reachable directly: pjsip's select() ioqueue holds 64 "
@@ -197,18 +257,43 @@ class Engine:
         ep.audDevManager().setNullDev()
         self._set_codecs()
         self.pool = PortPool(PJSUA_SLOTS, c.clock_rate)
+        self._stop_idle_clock()
         self.accounts: dict[str | None, _Account] = {}
+        self._abandoned: dict[int, _Call] = {}   # outbound attempts given up on (failover), until pjsua ends them
         self._add_account(None, None)
+        failover = [(t, i, a) for t in c.trunks for i, a in enumerate(t.addresses[1:], 1)]
+        wanted = 1 + sum(1 for t in c.trunks if t.register or t.address or t.proxy) + len(failover)
+        if wanted > PJSUA_ACCOUNTS:
+            raise EngineError(f"trunks need {wanted} SIP accounts (one per trunk with an address, one per extra "
+                              f"failover address, one default); pjsua holds {PJSUA_ACCOUNTS}")
         for t in c.trunks:
             if t.register or t.address or t.proxy:
                 self._add_account(t.name, t)
+        for t, i, a in failover:          # one account per failover address (its own route), never registered
+            self._add_account(f"{t.name}#{i}", replace(t, address=a, register=False))
         log.info("SIP engine listening on %s:%d %s (capacity %d calls)", c.host, c.port,
                  "udp+tcp" if c.tcp else "udp", c.capacity)
+
+    def _open_wake(self) -> None:
+        """The socket ``_wake`` sends from, and where to: our UDP listen address (loopback for a wildcard)."""
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.cfg.host, self.cfg.host)
+        try:
+            family, _, _, _, to = socket.getaddrinfo(host, self.cfg.port, type=socket.SOCK_DGRAM)[0]
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            # bound and connected to our own address: no port of its own open to the network, and
+            # the kernel drops anything that does not come from the engine's socket
+            s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0) if host.startswith(("127.", "::1"))
+                   else (host, 0))
+            s.connect(to)
+        except OSError as exc:
+            log.warning("no wake socket for the SIP engine (%s): an idle engine polls every %d ms", exc, BUSY_POLL_MS)
+            return
+        self._wake_sock, self._wake_to = s, to
 
     def _start_guard(self) -> None:
         """Drop requests from untrusted sources inside pjsip (see sip/guard.py): calibrate
         with one OPTIONS sent to ourselves from the listen address (loopback for a wildcard)."""
-        import socket
         host = self.cfg.host
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         self.guard = Guard(lambda ip: self.trunk_for(ip) is not None)
@@ -234,6 +319,14 @@ class Engine:
                               "untrusted sources with pjsua's replies (set sip.require_guard = \"off\" to run "
                               "without it, e.g. behind the Kamailio front)")
         log.error("SIP source guard %s: untrusted OPTIONS/MESSAGE get pjsua's answers", problem)
+
+    def _stop_idle_clock(self) -> None:
+        """pjsua stops an idle sound device (here the null device's clock thread, which ticks the
+        conference bridge 50 times a second) only when a bridge connection goes away: make and break
+        one between two pooled ports, so the clock stops SND_IDLE_CLOSE s after start too."""
+        a, b = self.pool.ports[0], self.pool.ports[1]
+        a.startTransmit(b)
+        a.stopTransmit(b)
 
     def _set_codecs(self) -> None:
         wanted = [w.upper() for w in self.cfg.codecs]
@@ -286,10 +379,26 @@ class Engine:
         acc.create(ac, name is None)
         self.accounts[name] = acc
 
+    def _idle(self) -> bool:
+        """No call, nothing owed: the loop may block until a packet, a pjsip timer or a command."""
+        return (not self.legs and not self._dead and not self._published_active
+                and self._wake_sock is not None)
+
+    def _poll(self) -> None:
+        if not self._idle():
+            self.ep.libHandleEvents(BUSY_POLL_MS)
+            return
+        self._idle_wait = True            # from here on submit() wakes us ...
+        try:
+            if self._cmds.empty():        # ... so a command queued before this line is seen here
+                self.ep.libHandleEvents(IDLE_POLL_MS)
+        finally:
+            self._idle_wait = False
+
     def _loop(self) -> None:
         next_stats = time.monotonic() + self.cfg.stats_interval
         while True:
-            self.ep.libHandleEvents(10)
+            self._poll()
             if self._drain_commands():
                 return
             now = time.monotonic()
@@ -362,20 +471,111 @@ class Engine:
         if c.trunk is not None and c.trunk not in self.accounts:
             raise EngineError(f"unknown or unroutable trunk: {c.trunk}")
         self._check_destination(c.uri, c.trunk)
-        acc = self.accounts[c.trunk] if c.trunk is not None else self.accounts[None]
-        uri = c.uri.strip()                 # checked above: no parameters but transport/user, no headers
-        uri = uri if uri.lower().startswith(("sip:", "sips:", "tel:")) else _number_uri(uri, c.trunk, self.cfg)
-        call = _Call(self, acc)
-        media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
-        prm = pj.CallOpParam(True)
-        call.makeCall(uri, prm)
+        spec = next((t for t in self.cfg.trunks if t.name == c.trunk), None)
+        plan = None
+        if spec is not None and len(spec.addresses) > 1:
+            plan = _Outbound(c.uri.strip(), spec.name, tuple(spec.addresses), spec.failover_timeout)
+        failed: list[ev.CallAttemptFailed] = []
+        while True:
+            try:
+                call = self._dial(c.uri.strip(), c.trunk, plan)
+                break
+            except pj.Error as exc:         # e.g. no transport to that address: the next one, if any
+                if plan is None or not plan.next_address:
+                    raise EngineError(f"cannot place the call: {exc.info()}") from None
+                failed.append(ev.CallAttemptFailed("", plan.address, 503, f"transport error: {exc.reason}",
+                                                   plan.next_address))
+                plan.index += 1
         info = call.getInfo()
-        leg = _Leg(call, info.callIdString, "outbound", c.trunk, media, admitted=True)
-        self.legs[info.id] = leg
+        media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
+        leg = _Leg(call, info.callIdString, "outbound", c.trunk, media, admitted=True, outbound=plan)
+        self._seat(info.id, leg)
         self.by_call_id[leg.call_id] = leg
         self._emit(ev.CallOffered(leg.call_id, "outbound", info.localUri, info.remoteUri, "", c.trunk, media, c.app))
+        for f in failed:
+            self._emit(replace(f, call_id=leg.call_id))
         self._publish_snapshot(time.monotonic())
         return leg.call_id
+
+    def _dial(self, target: str, trunk: str | None, plan: _Outbound | None) -> _Call:
+        """INVITE ``target`` through ``trunk`` (at the plan's current address, with that address's
+        account and route); raises ``pj.Error`` when pjsua cannot send it."""
+        key = trunk if plan is None or plan.index == 0 else f"{trunk}#{plan.index}"
+        acc = self.accounts[key] if trunk is not None else self.accounts[None]
+        uri = target                        # checked: no parameters but transport/user, no headers
+        if not uri.lower().startswith(("sip:", "sips:", "tel:")):
+            uri = _number_uri(uri, trunk, self.cfg) if plan is None else f"sip:{uri}@{_uri_host(plan.address)}"
+        call = _Call(self, acc)
+        call.makeCall(uri, pj.CallOpParam(True))
+        if plan is not None:
+            plan.deadline = time.monotonic() + plan.timeout
+        return call
+
+    def _fail_over(self, leg: _Leg, status: int, reason: str) -> bool:
+        """The current attempt of an outbound call failed (``status``): record it and, when the
+        trunk has another address, move the call there (placed from the loop). False: the call ends."""
+        plan = leg.outbound
+        if plan is None or leg.answered or leg.end_reason:
+            return False
+        if status not in FAILOVER_STATUSES:
+            return False
+        reason = clean_header(reason)[:128]         # the far end's reason phrase: untrusted text
+        self._emit(ev.CallAttemptFailed(leg.call_id, plan.address, status, reason, plan.next_address))
+        if not plan.next_address:
+            return False
+        log.info("call %s: %s at %s, trying %s", leg.call_id, status, plan.address, plan.next_address)
+        plan.index += 1
+        plan.retry, plan.deadline = True, None
+        self.legs[f"failover:{leg.call_id}"] = leg      # still counted (capacity, snapshot) until placed
+        self.by_call_id[leg.call_id] = leg
+        return True
+
+    def _failover_due(self, leg: _Leg, now: float) -> None:
+        """From the loop: place a failed-over attempt, or give up on one that got no 180/183 in time."""
+        plan = leg.outbound
+        if plan is None:
+            return
+        if plan.deadline is not None and (now >= plan.deadline or leg.end_reason) and not leg.answered:
+            plan.deadline = None                # (hung up before any 180/183: end it now, not at the deadline)
+            old = leg.call
+            try:
+                old_id = old.getId()
+                self.legs.pop(old_id, None)
+                self._abandoned[old_id] = old      # pjsua ends it (at once if nothing came back, else CANCEL)
+                old.hangup(pj.CallOpParam())
+            except pj.Error as exc:
+                log.debug("giving up attempt of %s: %s", leg.call_id, exc.info())
+            if not self._fail_over(leg, 408, f"no provisional response in {plan.timeout:g} s"):
+                self._end_unplaced(leg, 487 if leg.end_reason else 408, leg.end_reason or "failed 408")
+            return
+        key = f"failover:{leg.call_id}"
+        if not plan.retry or self.legs.get(key) is not leg:
+            return
+        plan.retry = False
+        del self.legs[key]
+        if leg.end_reason:                  # hung up while between addresses
+            self._end_unplaced(leg, 487, leg.end_reason)
+            return
+        while True:
+            try:
+                leg.call = self._dial(plan.target, plan.trunk, plan)
+                self.legs[leg.call.getId()] = leg
+                return
+            except pj.Error as exc:
+                if not self._fail_over(leg, 503, f"transport error: {exc.reason}"):
+                    self._end_unplaced(leg, 503, "failed 503")
+                    return
+                del self.legs[key]
+                plan.retry = False
+
+    def _end_unplaced(self, leg: _Leg, status: int, reason: str) -> None:
+        """An outbound call that ends with no pjsua call of its own left (every address failed)."""
+        for k in [k for k, v in self.legs.items() if v is leg]:
+            del self.legs[k]
+        if self.by_call_id.get(leg.call_id) is leg:
+            del self.by_call_id[leg.call_id]
+        self._emit(ev.CallEnded(leg.call_id, leg.direction, status, reason, False, 0.0, leg.quality, None))
+        self._publish_snapshot(time.monotonic())
 
     def _check_destination(self, target: str, trunk: str | None) -> None:
         """The last guard against toll fraud: the same rule the API applies."""
@@ -407,16 +607,25 @@ class Engine:
             extra = {"Retry-After": str(self.cfg.retry_after)} if status == pj.PJSIP_SC_SERVICE_UNAVAILABLE else {}
             leg = _Leg(call, info.callIdString, "inbound", trunk, None, admitted=False, end_reason=reason,
                        refusal=(status, extra))
-            self.legs[info.id] = leg
+            self._seat(info.id, leg)
             self._emit(ev.CallRejected(source, info.remoteUri, info.localUri, status, reason))
             return
         media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
         leg = _Leg(call, info.callIdString, "inbound", trunk, media, admitted=True)
-        self.legs[info.id] = leg
+        self._seat(info.id, leg)
         self.by_call_id[leg.call_id] = leg
         self._answer(call, pj.PJSIP_SC_RINGING)
         leg.answer_at = time.monotonic() + self.cfg.answer_delay
-        self._emit(ev.CallOffered(leg.call_id, "inbound", info.remoteUri, info.localUri, source, trunk, media))
+        try:                                # carrier headers (trusted source only): bounded, cleaned
+            found = parse_headers(prm.rdata.wholeMsg)
+        except Exception:  # noqa: BLE001 - never lose a call over its headers
+            log.exception("call %s: could not read the INVITE's headers", leg.call_id)
+            found = None
+        if found is not None and found.dropped:
+            log.info("call %s: %d carrier header values over the limit dropped", leg.call_id, found.dropped)
+        headers = MappingProxyType({k: tuple(v) for k, v in found.values.items()}) if found else MappingProxyType({})
+        self._emit(ev.CallOffered(leg.call_id, "inbound", info.remoteUri, info.localUri, source, trunk, media,
+                                  headers=headers))
         self._publish_snapshot(time.monotonic())
         self._answer_due(time.monotonic())
 
@@ -432,6 +641,8 @@ class Engine:
 
     def _answer_due(self, now: float) -> None:
         for leg in list(self.legs.values()):
+            if leg.outbound is not None:
+                self._failover_due(leg, now)
             if leg.refusal is not None:
                 status, extra = leg.refusal
                 leg.refusal = None
@@ -448,13 +659,22 @@ class Engine:
 
     def _on_state(self, call: _Call) -> None:
         info = call.getInfo()
+        if self._abandoned.get(info.id) is call:          # an attempt failover gave up on
+            if info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                self._dead.append(self._abandoned.pop(info.id))
+            return
         leg = self.legs.get(info.id)
         if leg is None or leg.call is not call:
             return
+        if leg.outbound is not None and info.state in (pj.PJSIP_INV_STATE_EARLY, pj.PJSIP_INV_STATE_CONNECTING):
+            leg.outbound.deadline = None                  # 180/183 (or an answer): this address is alive
         if info.state == pj.PJSIP_INV_STATE_CONFIRMED and leg.admitted and not leg.answered:
             leg.answered = True
             leg.confirmed_at = time.monotonic()
-            self._emit(ev.CallAnswered(leg.call_id, leg.quality.codec, leg.quality.clock_rate))
+            if leg.outbound is not None:
+                leg.outbound.deadline = None
+            self._emit(ev.CallAnswered(leg.call_id, leg.quality.codec, leg.quality.clock_rate,
+                                       leg.outbound.address if leg.outbound is not None else ""))
             self._publish_snapshot(time.monotonic())
         elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self._on_disconnected(leg, info)
@@ -462,7 +682,7 @@ class Engine:
     def _on_media(self, call: _Call) -> None:
         info = call.getInfo()
         leg = self.legs.get(info.id)
-        if leg is None or leg.media is None:
+        if leg is None or leg.media is None or leg.call is not call:      # (a call whose slot was reused)
             return
         for mi in info.media:
             if mi.type != pj.PJMEDIA_TYPE_AUDIO:
@@ -480,7 +700,7 @@ class Engine:
         if leg.aud is not None and leg.med_idx == idx and leg.aud.getPortId() == aud.getPortId():
             return
         if leg.port is None:
-            leg.port = self.pool.take(leg.media)
+            leg.port = self._take_port(leg)
         leg.aud, leg.med_idx = aud, idx
         leg.had_media = True
         aud.startTransmit(leg.port)
@@ -514,7 +734,7 @@ class Engine:
 
     def _on_stream_destroyed(self, call: _Call, idx: int) -> None:
         leg = self.legs.get(call.getId())
-        if leg is None or idx != leg.med_idx:
+        if leg is None or idx != leg.med_idx or leg.call is not call:
             return
         self._refresh_quality(leg)
         self._disconnect(leg)
@@ -534,6 +754,57 @@ class Engine:
                     pass
         leg.aud = None
 
+    def _seat(self, call_index: int, leg: _Leg) -> None:
+        """Key ``leg`` by its pjsua call index. A leg still there belongs to a call pjsua has
+        already let go of (its slot reused before we saw it end): release its media port and end
+        it here, or the port is lost for good and the call never ends for the app (the soak saw a
+        cell run out of media ports this way and refuse every call after)."""
+        old = self.legs.get(call_index)
+        if old is not None and old is not leg:
+            (log.warning if old.admitted else log.debug)(
+                "call %s: pjsua reused its slot for %s before it ended here; ending it", old.call_id, leg.call_id)
+            self._drop_leg(old, call_index)
+        self.legs[call_index] = leg
+
+    def _drop_leg(self, leg: _Leg, call_index: int) -> None:
+        self._disconnect(leg)
+        if leg.port is not None:
+            self.pool.give(leg.port)
+            leg.port = None
+        if self.legs.get(call_index) is leg:
+            del self.legs[call_index]
+        if self.by_call_id.get(leg.call_id) is leg:
+            del self.by_call_id[leg.call_id]
+        if leg.admitted:
+            self._emit(ev.CallEnded(leg.call_id, leg.direction, 0, leg.end_reason or "lost", leg.answered,
+                                    0.0, leg.quality, None))
+
+    def _take_port(self, leg: _Leg) -> FramePort:
+        """A free pooled port; one no live leg holds is reclaimed first if none is free (and said)."""
+        if not self.pool.free:
+            held = {id(x.port) for x in self.legs.values() if x.port is not None}
+            lost = [p for p in self.pool.ports if id(p) not in held and p not in self.pool.free]
+            for p in lost:
+                self._unlink(p)
+                self.pool.give(p)
+            if lost:
+                log.warning("reclaimed %d media port(s) that no call held", len(lost))
+        return self.pool.take(leg.media)
+
+    def _unlink(self, port: FramePort) -> None:
+        """Break every conference link to and from ``port``."""
+        try:
+            pid = port.getPortId()
+            for m in self.ep.mediaEnumPorts2():
+                if m.getPortId() == pid:
+                    continue
+                if pid in m.getPortInfo().listeners:
+                    m.stopTransmit(port)
+                if m.getPortId() in port.getPortInfo().listeners:
+                    port.stopTransmit(m)
+        except pj.Error as exc:
+            log.warning("unlinking a reclaimed media port: %s", exc.info())
+
     def _on_disconnected(self, leg: _Leg, info) -> None:
         if leg.aud is not None:
             self._refresh_quality(leg)
@@ -547,6 +818,9 @@ class Engine:
         self._dead.append(leg.call)
         if not leg.admitted:
             return
+        if (leg.outbound is not None and not leg.answered
+                and self._fail_over(leg, info.lastStatusCode, info.lastReason or str(info.lastStatusCode))):
+            return                          # placed again at the trunk's next address (from the loop)
         reason = leg.end_reason
         if not reason:
             if not leg.answered:
@@ -612,6 +886,7 @@ class Engine:
             self.legs.clear()
             self.by_call_id.clear()
             self._dead.clear()
+            getattr(self, "_abandoned", {}).clear()
             for acc in getattr(self, "accounts", {}).values():
                 try:
                     acc.shutdown()
@@ -629,5 +904,8 @@ class Engine:
             log.error("pjsua shutdown: %s", exc.info())
         finally:
             self.ep = None
+            sock, self._wake_sock = self._wake_sock, None
+            if sock is not None:
+                sock.close()
 
 

@@ -21,6 +21,9 @@ class CallOffered:
     trunk: str | None
     media: CallMedia = field(compare=False, repr=False)
     app: str | None = None          # set for outbound calls placed with MakeCall(app=...)
+    # carrier headers of an inbound INVITE (sip.headers.parse: P-Asserted-Identity, Diversion,
+    # Remote-Party-ID, X-*), canonical name -> values; untrusted, bounded and cleaned
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,19 @@ class CallAnswered:
     call_id: str
     codec: str
     clock_rate: int
+    address: str = ""       # outbound through a trunk: the trunk address that answered
+
+
+@dataclass(frozen=True)
+class CallAttemptFailed:
+    """An outbound call's attempt at one of its trunk's addresses failed (503, 408, no
+    provisional response in time, transport error); ``next_address`` is tried now ("" when
+    none is left and the call ends)."""
+    call_id: str
+    address: str
+    status: int
+    reason: str
+    next_address: str = ""
 
 
 @dataclass(frozen=True)

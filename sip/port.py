@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-
+import threading
 import time
 
 import pjsua2 as pj
@@ -95,20 +95,23 @@ def choose_copy() -> bool:
     return False
 
 
-_rt_done = False
+_rt_thread = 0      # the clock thread given SCHED_FIFO (pjsua starts a new one after an idle stop)
+_thread_id = threading.get_native_id
 
 
 def _make_clock_realtime() -> None:
     """Give the calling (clock) thread SCHED_FIFO, so Python threads doing
     CPU work cannot delay it. Needs root or CAP_SYS_NICE; failure is logged
     once and ignored."""
-    global _rt_done
-    _rt_done = True
+    global _rt_thread
+    first, _rt_thread = not _rt_thread, _thread_id()
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-        log.info("media clock thread runs SCHED_FIFO")
+        if first:
+            log.info("media clock thread runs SCHED_FIFO")
     except (OSError, AttributeError) as exc:
-        log.info("media clock thread stays SCHED_OTHER (%s)", exc)
+        if first:
+            log.info("media clock thread stays SCHED_OTHER (%s)", exc)
 
 
 class FramePort(pj.AudioMediaPort):
@@ -137,7 +140,7 @@ class FramePort(pj.AudioMediaPort):
             m.errors += 1
 
     def onFrameRequested(self, frame):
-        if not _rt_done and FramePort.realtime:
+        if FramePort.realtime and _rt_thread != _thread_id():
             _make_clock_realtime()
         m = self.media
         if m is None:

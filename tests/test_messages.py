@@ -17,7 +17,7 @@ from ai.worker import Worker
 SAMPLES = [
     m.SttRequest(1, "call-1", b"\x01\x00" * 160, True),
     m.LlmRequest(2, "call-1", [{"role": "user", "content": "hi"}], {"max_tokens": 5, "tools": [{"name": "x"}]}),
-    m.TtsRequest(3, "call-1", "hello"),
+    m.TtsRequest(3, "call-1", "hello"), m.TurnRequest(4, "call-1", b"\x00\x00" * 160), m.TurnResult(4, 0.91, 0.05),
     m.Cancel("call-1"), m.Release("call-1"), m.Stop(),
     m.SttResult(1, "hi there", 0.1, -0.2, 1.5, 0.3),
     m.Token(2, "Hel"), m.ToolChoice(2, {"tool": "x", "arguments": {"a": 1}, "id": "t1"}), m.LlmDone(2, 0.5, 7),

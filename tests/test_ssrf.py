@@ -175,7 +175,9 @@ def test_connector_connects_to_the_address_it_checked():
 # -- tools ------------------------------------------------------------------------------------
 def _box(tmp_path, url: str):
     return load_toolbox([{"name": "lookup", "description": "d", "url": url + "/{args.id}",
-                          "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}],
+                          # (the id's provenance is not what this test is about: bridge/agent/tools/provenance.py)
+                          "parameters": {"type": "object", "properties": {"id": {"type": "string",
+                                                                                 "x-source": "model"}}}}],
                         environ={})
 
 

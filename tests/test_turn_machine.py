@@ -53,7 +53,7 @@ class Call:
 
     def __init__(self, tools=False, filler_after=0.0, **cfg):
         conf = copy.deepcopy(DEFAULTS["agent"])
-        conf.update(greeting="", interim_every=0.0, reprompt_after=0.0, hangup_after=0.0)
+        conf.update(greeting="", interim_every=0.0, reprompt_after=0.0, hangup_after=0.0, turn_model="none")
         conf.update(cfg)
         self.canned = {k: split_frames(bytes(6400), RATE) for k in CANNED}       # 10 frames each
         self.m = TurnMachine(conf, self.canned, Runner() if tools else None,
@@ -245,8 +245,11 @@ def test_barge_in_flushes_the_playout_and_keeps_what_was_heard():
     c, text = playing_reply()
     assert c.m.state is State.PLAYING and len(c.sent) >= 29
     cancels = len(c.of(A.Cancel))
-    c.feed(SPEECH[:15])                           # the caller talks over the agent
-    assert c.of(A.Flush) and len(c.of(A.Cancel)) == cancels + 1 and not c.downlink
+    c.feed(SPEECH[:12])                           # the caller starts talking over the agent: paused at once
+    assert c.of(A.Flush) and not c.downlink and c.m.hold is not None
+    assert len(c.of(A.Cancel)) == cancels and c.m.state is State.PLAYING      # not cancelled yet
+    c.feed(SPEECH[12:70])                         # still talking (>= bargein_confirm): a barge-in
+    assert len(c.of(A.Cancel)) == cancels + 1 and not c.downlink
     assert c.m.state is State.LISTENING and c.m.reply is None and not c.m.playout.active
     (cut,) = [t for t in c.turns("agent") if t.extra.get("interrupted")]
     assert cut.text == text
@@ -256,7 +259,7 @@ def test_barge_in_flushes_the_playout_and_keeps_what_was_heard():
     assert [a.name for a in c.of(A.Metric) if a.name in ("bargein_latency", "interruptions")] == \
         ["bargein_latency", "interruptions"]
     (ev,) = [a for a in c.of(A.LogEvent) if a.name == "barge_in"]
-    assert ev.fields["heard"] == heard and 0 <= ev.fields["latency"] < 0.2
+    assert ev.fields["heard"] == heard and 0 <= ev.fields["latency"] < 0.2 and ev.fields["confirmed"] >= 0.8
     assert isinstance(c.of(A.ClearMark)[-1], A.ClearMark) and not c.of(A.ClearMark)[-1].time_only
 
 
@@ -265,9 +268,12 @@ def test_quiet_voice_while_the_agent_talks_is_not_a_barge_in():
     for _ in range(20):                           # voiced by the VAD but under bargein_floor_dbfs: echo
         c.step(voiced=True, level=c.m.cfg["bargein_floor_dbfs"] - 6)
     assert not c.of(A.Flush) and c.m.state is State.PLAYING
-    for _ in range(10):                           # the same, loud: the caller
+    for _ in range(4):                            # the same, loud: the caller; the agent pauses
         c.step(voiced=True, level=-20.0)
-    assert c.of(A.Flush) and c.m.state is State.LISTENING
+    assert c.of(A.Flush) and c.m.state is State.PLAYING
+    for _ in range(40):                           # and goes on talking: a barge-in
+        c.step(voiced=True, level=-20.0)
+    assert c.m.state is State.LISTENING
 
 
 def test_dtmf_tones_are_not_speech():
@@ -278,6 +284,173 @@ def test_dtmf_tones_are_not_speech():
     tone = (6000 * (np.sin(2 * math.pi * row * t) + np.sin(2 * math.pi * col * t))).astype("<i2").tobytes()
     c.feed([tone] * 40 + [FRAME] * 40)
     assert c.vad.last_dtmf is None and not c.stt() and c.m.state is State.LISTENING and not c.m.ep.in_speech
+
+
+def short_voice_over_the_agent():
+    c, text = playing_reply()
+    cancels, sent, stts = len(c.of(A.Cancel)), len(c.sent), len(c.stt())
+    for _ in range(15):                           # 0.3 s of voice over the agent
+        c.step(voiced=True)
+    paused = len(c.sent)
+    assert c.of(A.Flush) and c.m.state is State.PLAYING and paused - sent <= 4   # quiet within ~60 ms
+    c.quiet(20)                                   # the caller is quiet again: short; its words are read
+    (short,) = c.stt()[stts:]
+    assert len(c.sent) == paused and c.m.hold is not None   # still paused meanwhile, nothing cancelled
+    assert len(c.of(A.Cancel)) == cancels and c.m.state is State.PLAYING
+    return c, text, short, cancels
+
+
+def test_a_backchannel_pauses_the_agent_and_it_goes_on():
+    c, text, short, cancels = short_voice_over_the_agent()
+    paused = len(c.sent)
+    c.do(c.m.stt_result(short.decode, A.Transcript("Mm-hmm, okay.", 0.1, -0.3, 0.4, 0.2), c.now))
+    assert [a.name for a in c.of(A.LogEvent)].count("backchannel") == 1
+    c.quiet(3)
+    assert len(c.sent) > paused and c.m.hold is None        # the agent goes on where it stopped
+    c.idle(12)
+    assert len(c.of(A.Cancel)) == cancels and not [a for a in c.of(A.LogEvent) if a.name == "barge_in"]
+    assert c.m.state is State.LISTENING and c.turns("agent")[-1].extra["heard"] == text
+    assert len(c.turns("caller")) == 1            # the "mhm" is not a turn
+    total = sum(len(split_frames(spoken(a.text, RATE), RATE)) for a in c.of(A.Synthesize))
+    assert len(c.sent) == total                   # every frame of the reply went out, exactly once
+
+
+def test_talking_on_after_a_short_pause_is_a_barge_in_and_the_agent_never_resumes():
+    c, text, short, cancels = short_voice_over_the_agent()          # "Stop." ...
+    sent = len(c.sent)
+    for _ in range(45):                           # ... "I just want an appointment."
+        c.step(voiced=True)
+    assert len(c.sent) == sent and len(c.of(A.Cancel)) == cancels + 1 and c.m.state is State.LISTENING
+    c.do(c.m.stt_result(short.decode, A.Transcript("Stop.", 0.1, -0.3, 0.4, 0.2), c.now))     # stale now
+    assert len(c.turns("caller")) == 1 and len(c.sent) == sent
+
+
+def test_an_unclear_short_word_does_not_resume_the_agent_while_the_caller_talks_on():
+    c, text, short, cancels = short_voice_over_the_agent()
+    sent = len(c.sent)
+    for _ in range(8):                            # talking again when the transcript comes
+        c.step(voiced=True)
+    c.do(c.m.stt_result(short.decode, A.Transcript("", 0.9, -2.0, 0.3, 0.2), c.now))      # unclear
+    assert c.m.hold is not None and not [a for a in c.of(A.LogEvent) if a.name == "backchannel"]
+    for _ in range(40):
+        c.step(voiced=True)
+    assert len(c.sent) == sent and len(c.of(A.Cancel)) == cancels + 1       # never resumed; a barge-in
+
+
+def test_a_short_answer_over_the_agent_takes_the_turn():
+    c, text, short, cancels = short_voice_over_the_agent()
+    c.do(c.m.stt_result(short.decode, A.Transcript("No, Tuesday.", 0.1, -0.3, 0.4, 0.2), c.now))
+    assert len(c.of(A.Cancel)) == cancels + 1 and not c.downlink
+    (cut,) = [t for t in c.turns("agent") if t.extra.get("interrupted")]
+    assert cut.extra["bargein_latency"] < 0.1 and text.startswith(cut.extra["heard"])
+    assert len(c.turns("caller")) == 1 and c.m.ep.in_speech           # the caller may go on
+    c.quiet(12)                                   # the silence window closes: those words are the turn
+    assert c.turns("caller")[-1].text == "No, Tuesday." and c.m.state is State.REPLYING
+    assert len(c.stt()) == 2                      # no second decode of the same words
+    assert c.m.history[-1] == {"role": "user", "content": "No, Tuesday."}
+
+
+# -- end of turn from the audio (the model faked at its boundary) ----------------------------
+def model_call(**cfg):
+    return Call(turn_model="smart-turn", **cfg)
+
+
+def pause_until_asked(c, limit=30):
+    """Quiet frames until the machine asks the end-of-turn model; returns the question and when."""
+    before = len(c.of(A.ScoreTurn))
+    for _ in range(limit):
+        c.quiet(1)
+        if len(c.of(A.ScoreTurn)) > before:
+            return c.of(A.ScoreTurn)[-1], c.now
+    raise AssertionError("the end-of-turn model was never asked")
+
+
+def test_a_confident_complete_ends_the_turn_after_a_short_silence():
+    c = model_call(speculate=True)
+    c.feed(SPEECH)
+    last_voice = c.voiced_at[-1]
+    q, asked = pause_until_asked(c)
+    assert 0.24 <= asked - last_voice <= 0.3 and len(c.of(A.ScoreTurn)) == 1
+    assert q.pcm16k.endswith(b"".join([FRAME] * 5)) and len(q.pcm16k) > 0.8 * len(b"".join(SPEECH))
+    (spec,) = c.stt()
+    c.do(c.m.turn_score(q.decision, 0.93, 0.056, c.now))
+    assert c.m.state is State.LISTENING and not c.turns()            # the transcript is not in yet
+    c.do(c.m.stt_result(spec.decode, HEARD, c.now))                   # it is: the turn is over at once
+    assert c.m.state is State.REPLYING and c.now - last_voice < 0.32
+    (caller,) = c.turns("caller")
+    assert caller.extra["end"] == "model" and caller.extra["turn_p"] == 0.93 and \
+        caller.extra["turn_model_ms"] == 56.0
+    assert not c.m.ep.in_speech and c.m.state is not State.DECODING
+    c.answer()
+    c.quiet(3)
+    assert c.sent                                 # the held guess went out long before 0.6 s of quiet
+
+
+def test_incomplete_waits_up_to_turn_max_silence_and_groups_of_digits_stay_one_turn():
+    c = model_call(speculate=True, turn_max_silence=2.0)
+    groups = [SPEECH[10:40], SPEECH[40:70], SPEECH[70:97]]
+    for i, g in enumerate(groups):
+        c.feed(g)
+        q, _ = pause_until_asked(c)
+        decode = c.stt()[-1].decode
+        c.do(c.m.stt_result(decode, A.Transcript(f"My number is {'4 1 5 8 6 7'[:2 * i + 1]}", 0.01, -0.2, 1.0, 0.3),
+                            c.now))
+        last = i == len(groups) - 1
+        c.do(c.m.turn_score(q.decision, 0.9 if last else 0.2, 0.05, c.now))
+        if not last:
+            c.quiet(50)                           # a 1.2 s pause between groups: still the same turn
+            assert not c.turns("caller") and c.m.ep.in_speech
+    assert not c.turns("caller")                  # complete, but it ends in a digit: the digits window
+    c.quiet(round((1.36 - (c.now - c.voiced_at[-1])) / 0.02))
+    assert not c.turns("caller")
+    c.quiet(3)
+    (caller,) = c.turns("caller")
+    assert caller.extra["end"] == "digits" and caller.text.startswith("My number is 4 1 5")
+    assert 1.4 <= c.m.transitions[-1].at - c.voiced_at[-1] <= 1.42
+    (final,) = [r for r in c.stt() if r.decode == c.stt()[-1].decode]
+    assert len(final.pcm16k) >= len(b"".join(SPEECH[10:97]))          # one utterance: all three groups
+
+
+def test_an_incomplete_turn_ends_at_turn_max_silence():
+    c = model_call(speculate=False, turn_max_silence=1.5)
+    c.feed(SPEECH)
+    q, asked = pause_until_asked(c)
+    c.do(c.m.turn_score(q.decision, 0.1, 0.05, c.now))
+    c.quiet(round((1.45 - (c.now - c.voiced_at[-1])) / 0.02))
+    assert c.m.state is State.LISTENING and c.m.ep.in_speech           # 0.6 s went by: not cut off
+    c.quiet(4)
+    assert c.m.state is State.DECODING and 1.5 <= c.m.transitions[-1].at - c.voiced_at[-1] <= 1.54
+    c.do(c.m.stt_result(c.stt()[-1].decode, HEARD, c.now))
+    (caller,) = c.turns("caller")
+    assert caller.extra["end"] == "max" and caller.extra["turn_p"] == 0.1
+
+
+@pytest.mark.parametrize("failure,window,end", [("error", 0.6, "silence"), ("silent", 2.0, "max")])
+def test_without_a_decision_the_turn_ends_on_a_window(failure, window, end):
+    c = model_call(speculate=False)
+    c.feed(SPEECH)
+    q, _ = pause_until_asked(c)
+    if failure == "error":                        # no model: today's fixed window
+        c.do(c.m.turn_failed(q.decision, "no end-of-turn model loaded", c.now))
+    c.quiet(round((window - 0.02 - (c.now - c.voiced_at[-1])) / 0.02))
+    assert c.m.state is State.LISTENING
+    c.quiet(2)                                    # (no answer at all: up to turn_max_silence)
+    assert c.m.state is State.DECODING and window <= c.m.transitions[-1].at - c.voiced_at[-1] <= window + 0.02
+    c.do(c.m.stt_result(c.stt()[-1].decode, HEARD, c.now))
+    (caller,) = c.turns("caller")
+    assert caller.extra["end"] == end and caller.extra["turn_p"] is None
+    assert caller.extra.get("turn_error") == ("no end-of-turn model loaded" if failure == "error" else None)
+    assert c.m.turn_score(q.decision, 0.9, 0.05, c.now) == []        # a late answer is ignored
+
+
+def test_voice_again_makes_the_question_stale_and_asks_anew():
+    c = model_call(speculate=False)
+    c.feed(SPEECH[:50])
+    q1, _ = pause_until_asked(c)
+    c.feed(SPEECH[50:])                           # the caller goes on before the answer
+    assert c.m.turn_score(q1.decision, 0.99, 0.05, c.now) == [] and c.m.ep.in_speech
+    q2, _ = pause_until_asked(c)
+    assert q2.decision != q1.decision and len(q2.pcm16k) > len(q1.pcm16k)
 
 
 # -- tools ------------------------------------------------------------------------------------
@@ -432,7 +605,7 @@ def test_engine_error_apologises_and_listens_again():
 TURN = Path(__file__).resolve().parent.parent / "bridge" / "agent"
 
 
-@pytest.mark.parametrize("module", ["turn.py", "actions.py"])
+@pytest.mark.parametrize("module", ["turn.py", "turnstate.py", "actions.py", "endturn.py", "bargein.py"])
 def test_the_machine_reads_no_clock_and_does_no_io(module):
     tree = ast.parse((TURN / module).read_text())
     imported = set()
@@ -467,7 +640,7 @@ def test_every_transition_is_logged_with_its_time_and_reason(caplog):
     import logging
     caplog.set_level(logging.DEBUG, logger="trunkline.agent")
     c, _ = playing_reply()
-    c.feed(SPEECH[:15])
+    c.feed(SPEECH[:70])
     pairs = [(t.old, t.new) for t in c.m.transitions]
     assert pairs == [(State.LISTENING, State.DECODING), (State.DECODING, State.REPLYING),
                      (State.REPLYING, State.PLAYING), (State.PLAYING, State.LISTENING)]

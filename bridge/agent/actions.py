@@ -75,6 +75,14 @@ class RequestReply:
 
 
 @dataclass(frozen=True)
+class ScoreTurn:
+    """Ask the end-of-turn model about ``pcm16k`` (the utterance so far, trailing quiet included);
+    answer with ``turn_score(decision, probability, seconds)`` or ``turn_failed(decision, msg)``."""
+    decision: int
+    pcm16k: bytes
+
+
+@dataclass(frozen=True)
 class Synthesize:
     """Speak ``text`` for reply ``reply``; audio comes back as ``speech_audio(reply, seq, ...)``."""
     reply: int
@@ -175,5 +183,5 @@ class Metric:
     count: bool = False
 
 
-Action = Union[RequestStt, RequestReply, Synthesize, Cancel, Release, CallTool, Send, Flush, MarkFrame, ClearMark,
+Action = Union[RequestStt, RequestReply, ScoreTurn, Synthesize, Cancel, Release, CallTool, Send, Flush, MarkFrame, ClearMark,
                HangUp, LogTurn, LogTool, AuditTool, Emit, LogEvent, Metric]

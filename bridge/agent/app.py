@@ -18,15 +18,18 @@ import asyncio
 import logging
 import time
 
+from ai.vad_silero import detector as vad_detector
+from bridge.agent import outcome as call_outcome
 from bridge.agent.actions import (Action, AuditTool, CallTool, Cancel, ClearMark, Emit, Flush, Frame, HangUp, Line,
                                   LogEvent, LogTool, LogTurn, MarkFrame, Metric, Release, RequestReply, RequestStt,
-                                  Send, Synthesize, ToolChoice, Transcript)
+                                  ScoreTurn, Send, Synthesize, ToolChoice, Transcript)
+from bridge.agent.speakable import Speakable
 from bridge.agent.tools.runner import CallContext, Outcome
 from bridge.agent.turn import Reply, State, TurnMachine
+from bridge.core import pii
 from bridge.core.app import App
 from bridge.core.logs import event
 from media.resample import Resampler
-from media.vad import VoiceDetector
 
 log = logging.getLogger("trunkline.agent")
 
@@ -43,12 +46,14 @@ class AgentApp(App):
         self.turns = turns
         self.clock = clock
         self.rate = session.media.rate
-        self.vad = VoiceDetector(self.rate, cfg["vad_mode"])
+        self.vad = vad_detector(cfg.get("vad", "webrtc"), self.rate, cfg["vad_mode"])
         self.to16k = None if self.rate == 16000 else Resampler(self.rate, 16000)
         self.tools = tools
         self.call_key = session.call_id
         if tools is not None:
-            self.tool_ctx = CallContext(session.call_id, session.from_uri, session.to_uri)
+            self.tool_ctx = CallContext(session.call_id, session.from_uri, session.to_uri,
+                                        context=dict(getattr(session, "context", None) or {}))
+        self.outcome: call_outcome.CallOutcome | None = None    # what came of the call, once it has ended
         self.machine = TurnMachine(cfg, hub.canned, tools, tool_settings, call_id=session.call_id, now=clock())
 
     # -- views (tests, the API) ---------------------------------------------------------
@@ -83,9 +88,17 @@ class AgentApp(App):
 
     def on_end(self) -> None:
         self._run(self.machine.ended(self.clock()))
+        if self.cfg.get("call_summary", True):
+            self._summarize()
+
+    def on_dtmf(self, digit: str) -> None:
+        if self.tools is not None:
+            self.tool_ctx.evidence.dtmf(digit)          # ids keyed by the caller may be used by tools
 
     def on_tool_result(self, tool: str, result: dict, say: str | None) -> None:
         """An async tool result for this call (from the API's callback route)."""
+        if self.tools is not None:
+            self.tool_ctx.evidence.tool_result(result)
         self._run(self.machine.tool_result(tool, result, say, self.clock()))
 
     def _line(self) -> Line:
@@ -111,7 +124,7 @@ class AgentApp(App):
                 if not time_only:
                     media.mark = None
                 media.mark_time = None
-            case RequestStt() | RequestReply() | Synthesize() | Cancel() | Release():
+            case RequestStt() | RequestReply() | ScoreTurn() | Synthesize() | Cancel() | Release():
                 self._to_hub(a)
             case CallTool():
                 self._call_tool(a)
@@ -144,6 +157,8 @@ class AgentApp(App):
         rec = {"call_id": self.session.call_id, "turn": a.turn, "role": a.role, "text": a.text, **a.extra}
         self.turns.append({"event": "turn", "at": time.time(), **rec})
         event(log, "turn", **rec)
+        if a.role == "caller" and a.text and self.tools is not None and not a.extra.get("unclear"):
+            self.tool_ctx.evidence.caller(a.text)        # what the caller said may be used by tools
         said = a.text if a.role == "caller" else a.extra.get("heard", a.text)
         if said:
             self.session.record_transcript("in" if a.role == "caller" else "out", said, None,
@@ -163,11 +178,27 @@ class AgentApp(App):
                 hub.llm(key, a.messages, a.params, on_token=lambda tok: None, on_done=lambda *_: None,
                         on_error=lambda msg: None)
             case RequestReply(reply=r):
-                hub.llm(key, a.messages, a.params,
-                        on_token=lambda tok: self._run(m.token(r, tok, self.clock())),
-                        on_done=lambda secs, n: self._run(m.reply_done(r, secs, n, self.clock())),
-                        on_error=lambda msg: self._run(m.reply_failed(r, msg, self.clock())),
-                        on_tool=lambda choice: self._run(m.tool_chosen(r, ToolChoice.of(choice), self.clock())))
+                # Only speakable text reaches the machine (and so TTS and the history): no markup.
+                sp = Speakable(self.cfg.get("markup_fallback_text", ""))
+
+                def said(text: str) -> None:
+                    if text:
+                        self._run(m.token(r, text, self.clock()))
+
+                def chose(choice: dict) -> None:
+                    sp.chose_tool()
+                    self._run(m.tool_chosen(r, ToolChoice.of(choice), self.clock()))
+
+                def done(secs: float, n: int) -> None:
+                    said(sp.finish())
+                    if sp.dropped:
+                        event(log, "markup_dropped", call_id=self.session.call_id, pieces=len(sp.dropped))
+                    self._run(m.reply_done(r, secs, n, self.clock()))
+                hub.llm(key, a.messages, a.params, on_token=lambda tok: said(sp.feed(tok)), on_done=done,
+                        on_error=lambda msg: self._run(m.reply_failed(r, msg, self.clock())), on_tool=chose)
+            case ScoreTurn(decision=d, pcm16k=pcm):
+                hub.turn(key, pcm, lambda p, secs: self._run(m.turn_score(d, p, secs, self.clock())),
+                         on_error=lambda msg: self._run(m.turn_failed(d, msg, self.clock())))
             case Synthesize():
                 self._synthesize(a)
             case Cancel():
@@ -195,6 +226,7 @@ class AgentApp(App):
     # -- tools -----------------------------------------------------------------------------
     def _call_tool(self, a: CallTool) -> None:
         c = a.choice
+        self.session.emit("intent_detected", {"intent": c.tool, "tool": c.tool, "tool_call_id": c.id})
         task = asyncio.ensure_future(self.tools.call(self.tool_ctx, c.tool, c.arguments, c.id))
         task.add_done_callback(lambda t: self._tool_done(a, t))
 
@@ -206,3 +238,39 @@ class AgentApp(App):
             log.exception("tool %s failed on call %s", c.tool, self.session.call_id)
             o = Outcome(c.tool, c.id or "tc_error", "error", f"internal error: {exc}", kind="internal")
         self._run(self.machine.tool_done(a.reply, c, o, self.clock()))
+
+    # -- the call's outcome ------------------------------------------------------------------
+    def _transferred(self) -> bool:
+        s = self.session
+        if getattr(s, "transferred_to", None):
+            return True
+        services = getattr(s, "services", None)
+        keys = services.cfg.raw["app"]["dtmf_transfer"] if services is not None else {}
+        return any(d in keys for d in getattr(s, "dtmf", ""))
+
+    def _summarize(self) -> None:
+        """Ask the model what came of the call (in the inference process; the loop only parses the answer)."""
+        facts = call_outcome.facts_of(self.history, self._transferred(), self.cfg.get("tool_fallback_text", ""))
+        history = list(self.history)
+
+        def later(o: call_outcome.CallOutcome) -> None:
+            try:
+                asyncio.get_running_loop().call_soon(self._outcome, o)    # after call_hangup
+            except RuntimeError:
+                self._outcome(o)
+        try:
+            call_outcome.summarize(self.hub, self.call_key + ":outcome", history, facts, later)
+        except Exception:  # noqa: BLE001 - a summary must never hurt the call's cleanup
+            log.exception("call summary failed on call %s", self.session.call_id)
+
+    def _outcome(self, o: call_outcome.CallOutcome) -> None:
+        self.outcome = o
+        data = pii.mask(o.as_dict())
+        s = self.session
+        event(log, "call_summary", call_id=s.call_id, disposition=o.disposition, source=o.source)
+        services = getattr(s, "services", None)
+        if services is not None:
+            cid = s.call_id
+            services.bus.writer.sql(lambda st: st.set_call_outcome(cid, data), "call outcome",
+                                    {"call_id": cid, "outcome": data})
+        s.emit("call_summary", data)

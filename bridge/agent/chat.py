@@ -9,8 +9,14 @@ so prompts and tools can be tried, and scripted, without a phone:
     tool> lookup_invoices {} -> ok 200 in 0.04 s: {"status":"ok","count":2,...}
     agent: You have 2 open invoices ...
 
-Lines starting ``agent:`` are what a caller would hear; ``tool>`` lines show
-tool activity. ``/quit`` or end of input ends the chat.
+Lines starting ``agent:`` are what a caller would hear (model output goes
+through the same markup filter as on a call, ``bridge.agent.speakable``; a
+``dropped>`` line shows what it removed);
+``tool>`` lines show tool activity (a tool's result may lead to the next tool
+call in the same turn, up to ``tools.max_per_turn``; id arguments the model
+did not get from a tool or the caller are refused). ``/quit`` or end of input
+ends the chat; then, with ``agent.call_summary``, an ``outcome>`` line shows
+what a call's ``call_summary`` event would carry.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import secrets
 import sys
 
 from ai.text import clean_for_speech
+from bridge.agent import outcome as call_outcome
 from bridge.agent.hub import AiHub
+from bridge.agent.speakable import Speakable
 from bridge.core.config import Config
 from bridge.agent.dialog import Dialog
 from bridge.core.metrics import Metrics
@@ -80,17 +88,38 @@ async def run_chat(cfg: Config, caller: str = "", inp=None, out=None) -> int:
             if text in ("/quit", "/exit"):
                 break
             dialog.add_user(text)
+            if ctx is not None:
+                ctx.evidence.caller(text)          # ids the caller said may be used by tools
             heard = set(re.findall(r"[a-z']+", text.lower()))
             if any(set(p.split()) <= heard for p in a["goodbye_phrases"]):
                 say(f"agent: {a['goodbye_text']}")
                 break
             await _turn(hub, key, dialog, runner, ctx, text, a, say)
+        if a["call_summary"]:
+            o = await summary(hub, key, dialog, a)
+            say("outcome> " + json.dumps(o.as_dict(), separators=(",", ":")))
     finally:
         hub.release(key)
         if runner is not None:
             await runner.close()
         await hub.stop()
     return 0
+
+
+async def summary(hub: AiHub, key: str, dialog: Dialog, a: dict) -> call_outcome.CallOutcome:
+    """What a call's ``call_summary`` would say about this conversation."""
+    fut = asyncio.get_running_loop().create_future()
+    facts = call_outcome.facts_of(dialog.history, False, a["tool_fallback_text"])
+    call_outcome.summarize(hub, key + ":outcome", list(dialog.history), facts,
+                           lambda o: fut.done() or fut.set_result(o))
+    return await fut
+
+
+def speak(reply: str, fallback: str) -> tuple[str, list[str]]:
+    """The speakable part of a model reply (the fallback if it was all markup) and what was dropped."""
+    sp = Speakable(fallback)
+    text = sp.feed(reply)
+    return clean_for_speech(text + " " + sp.finish()), sp.dropped
 
 
 async def _turn(hub, key, dialog: Dialog, runner, ctx, text: str, a: dict, say) -> None:
@@ -105,7 +134,9 @@ async def _turn(hub, key, dialog: Dialog, runner, ctx, text: str, a: dict, say) 
             say(f"agent: {a['apology_text']}")
             return
         if choice is None or runner is None:
-            reply = clean_for_speech(reply)
+            reply, dropped = speak(reply, a["markup_fallback_text"])
+            if dropped:
+                say(f"dropped> {json.dumps(dropped)}")
             say(f"agent: {reply}")
             dialog.add_assistant(reply)
             return

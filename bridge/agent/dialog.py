@@ -54,4 +54,12 @@ class Dialog:
         if self.runner is None or not self.runner.specs or round_no >= self.tool_settings.get("max_per_turn", 2):
             return []
         specs = shortlist(text, list(self.runner.specs.values()), self.tool_settings.get("shortlist", 2))
-        return [{"name": s.name, "description": s.description, "parameters": s.model_parameters()} for s in specs]
+        return [{"name": s.name, "description": s.description, "parameters": _for_model(s.model_parameters())}
+                for s in specs]
+
+
+def _for_model(schema: dict) -> dict:
+    """A tool's parameter schema without the operator's annotations (``x-source`` ...)."""
+    props = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("x-")}
+             for k, v in schema.get("properties", {}).items()}
+    return {**schema, "properties": props}

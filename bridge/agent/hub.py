@@ -5,6 +5,10 @@ onto the loop and dispatched by request id. If the worker dies, every open
 request gets ``on_error`` and the worker is restarted with backoff; calls
 meanwhile hear the canned apology rendered at start. The messages both ways
 are the typed dataclasses of ``ai/messages.py``.
+
+The end-of-turn model (``[agent] turn_model``) runs in the inference process
+too, on its own thread: ``turn()`` asks it, and answers ``on_error`` at once
+when it did not load (the turn machine then keeps the fixed silence window).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ def worker_config(cfg: Config) -> dict:
         "llm_backend": m["llm_backend"], "llm_model_path": llm, "llm_context": m["llm_context"],
         "conversations": 4, "llm_url": m["llm_url"], "llm_model": m["llm_model"],
         "llm_api_key_env": m["llm_api_key_env"], "tts_model": tts, "tts_config": tts_cfg,
+        "turn_model": a.get("turn_model", "none"),
     }
 
 
@@ -71,6 +76,7 @@ class AiHub:
         self.canned: dict[str, list[bytes]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.up = False
+        self.turn_model = ""                  # the end-of-turn model the worker loaded ("" if none)
         self._restarts = 0
         self._stopping = False
 
@@ -94,9 +100,18 @@ class AiHub:
         info = await self.loop.run_in_executor(None, client.start, self.cfg.raw["models"]["load_timeout"])
         self.client = client
         self.up = True
+        self.turn_model = info.get("turn_model") or ""
         event(log, "models_loaded", seconds=round(time.monotonic() - started, 2), worker_pid=info.get("pid"),
               stt=self.wcfg["stt_model"], llm=self.wcfg["llm_model_path"] or self.wcfg["llm_url"],
-              tts=self.wcfg["tts_model"])
+              tts=self.wcfg["tts_model"], turn=self.turn_model or "none")
+        wanted = self.wcfg.get("turn_model", "none")
+        if wanted != "none" and "stt" in self.engines:
+            if self.turn_model:
+                log.info("end-of-turn model: %s (decisions in the inference process)", self.turn_model)
+            else:
+                log.warning("end-of-turn model %s did not load (%s): ending turns after the fixed %.2f s "
+                            "silence window", wanted, info.get("turn_error") or "unknown error",
+                            self.cfg.raw["agent"]["silence"])
 
     async def stop(self) -> None:
         self._stopping = True
@@ -148,6 +163,14 @@ class AiHub:
                           Request(call, "llm", on_token=on_token, on_done=on_done, on_error=on_error,
                                   on_tool=on_tool))
 
+    def turn(self, call: str, pcm16k: bytes, on_result, on_error) -> int | None:
+        """Ask the end-of-turn model; ``on_result(probability, seconds)`` or ``on_error(msg)``."""
+        if not self.turn_model:
+            on_error("no end-of-turn model loaded")
+            return None
+        return self._send(lambda rid: m.TurnRequest(rid, call, pcm16k),
+                          Request(call, "turn", on_result=on_result, on_error=on_error))
+
     def tts(self, call: str, text: str, on_result, on_done=None, on_error=None) -> int | None:
         return self._send(lambda rid: m.TtsRequest(rid, call, text),
                           Request(call, "tts", on_result=on_result, on_done=on_done, on_error=on_error))
@@ -195,6 +218,9 @@ class AiHub:
             elif isinstance(msg, m.SttResult):
                 del self.pending[rid]
                 req.on_result(msg.text, msg.no_speech, msg.logprob, msg.audio_seconds, msg.seconds)
+            elif isinstance(msg, m.TurnResult):
+                del self.pending[rid]
+                req.on_result(msg.probability, msg.seconds)
             elif isinstance(msg, m.LlmDone):
                 del self.pending[rid]
                 if req.on_done:

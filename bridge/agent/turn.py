@@ -10,7 +10,8 @@ inference process or the tool runner.
 
 Inputs: ``answered``; ``frame`` (uplink frame with its VAD verdict) and
 ``tick`` (every 20 ms), both with a ``Line`` snapshot of the downlink;
-``stt_result``/``interim_result``/``*_failed``; ``token``, ``reply_done``,
+``stt_result``/``interim_result``/``*_failed``; ``turn_score``/``turn_failed``
+(the end-of-turn model, see ``bridge.agent.endturn``); ``token``, ``reply_done``,
 ``reply_failed``, ``tool_chosen`` (model); ``speech_audio``/``speech_done``
 (TTS); ``tool_done`` and ``tool_result`` (tools); ``ended``.
 
@@ -27,121 +28,39 @@ States (``State``), changed only through ``_set`` which logs each transition:
 
 Timers are deadlines compared with ``now`` on ``tick``: reprompt and idle
 hang-up (``last_activity``), and the tool filler line (``Reply.filler_at``).
+
+The caller talking over the agent first *pauses* its audio (``hold``) and only
+a confirmed barge-in cancels the reply; a backchannel lets it go on
+(``bridge.agent.bargein``).
 """
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import re
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ai.text import SentenceCutter, clean_for_speech
-from bridge.agent.actions import (Action, AuditTool, CallTool, Cancel, ClearMark, Emit, Flush, Frame, HangUp, Line,
+from bridge.agent.actions import (Action, AuditTool, CallTool, Cancel, ClearMark, Emit, Frame, HangUp, Line,
                                   LogEvent, LogTool, LogTurn, MarkFrame, Metric, Release, RequestReply, RequestStt,
-                                  Send, Synthesize, ToolChoice, Transcript)
+                                  ScoreTurn, Send, Synthesize, ToolChoice, Transcript)
+from bridge.agent.bargein import BargeIn, Hold, OnsetCounter, RewindPlayout, Short
 from bridge.agent.dialog import Dialog
+from bridge.agent.endturn import TurnEnd, TurnEndConfig
+from bridge.agent.turnstate import (AT_REST, RELEASED, Decode, Reply, State, Timings, Transition,  # noqa: F401
+                                    Update, _Collect)
 from media.endpoint import EndpointConfig, Endpointer
-from media.playout import Playout
 
 log = logging.getLogger("trunkline.agent")
 
 PREROLL_FRAMES = 15          # 300 ms of audio kept from before speech was detected
+TURN_MODEL_BYTES = 8 * 16000 * 2     # the end-of-turn model looks at the last 8 s
 _NUMBERISH = re.compile(r"(\d|\b(zero|oh|one|two|three|four|five|six|seven|eight|nine)\b)[\s.,-]*$", re.I)
 FAILED_TOOL = ("unavailable", "quota", "error")
 
 
-class State(enum.Enum):
-    LISTENING = "listening"
-    DECODING = "decoding"
-    HOLDING = "holding"
-    REPLYING = "replying"
-    TOOL = "tool"
-    PLAYING = "playing"
-    HANGING_UP = "hanging_up"
-    ENDED = "ended"
-
-
-REPLY_STATES = frozenset({State.HOLDING, State.REPLYING, State.TOOL, State.PLAYING})
-RELEASED = frozenset({State.REPLYING, State.TOOL, State.PLAYING})     # the caller hears (or waits for) it
-AT_REST = frozenset({State.LISTENING, State.DECODING})                 # no reply: timers and updates may run
-
-
-@dataclass(frozen=True)
-class Transition:
-    at: float
-    old: State
-    new: State
-    why: str
-
-
-@dataclass
-class Timings:
-    """When a reply's stages started and first answered (the machine's ``now``s)."""
-    llm_at: float
-    first_token_at: float | None = None
-    tts_at: float | None = None
-    first_audio_at: float | None = None
-    measured: bool = False          # voice-to-voice observed
-
-    def llm_first_token(self) -> float:
-        return (self.first_token_at or self.llm_at) - self.llm_at
-
-
-@dataclass
-class Reply:
-    """One agent turn being produced."""
-    id: int
-    turn: int
-    user_text: str
-    last_voice: float               # rx time of the caller's last voiced frame
-    timings: Timings
-    stt_seconds: float = 0.0
-    llm_done: bool = False          # the current model round has finished (or there is none)
-    tts_pending: int = 0            # sentences sent to TTS and not finished
-    rounds: int = 0                 # model rounds that ended in a tool call
-    sentences: list[str] = field(default_factory=list)
-    first_text: dict[int, str] = field(default_factory=dict)    # seq -> sentence, until its first audio
-    held: list[tuple[str, list[bytes]]] = field(default_factory=list)   # audio kept back while HOLDING
-    cutter: SentenceCutter = field(default_factory=SentenceCutter)
-    pending_tool: ToolChoice | None = None      # chosen while HOLDING: runs only if the turn stands
-    filler_at: float | None = None              # when the filler line is due (a slow tool)
-
-    @property
-    def composed(self) -> bool:
-        return self.llm_done and self.tts_pending == 0
-
-
-@dataclass
-class Decode:
-    """A final-or-speculative STT request for the caller's utterance."""
-    id: int
-    frames: int
-    sent_at: float
-    result: Transcript | None = None
-    turn_over: bool = False         # the endpointer has ended the turn
-
-
-@dataclass(frozen=True)
-class Update:
-    """An async tool result waiting to be spoken."""
-    tool: str
-    result: dict
-    say: str | None
-
-
-class _Collect:
-    """Stands in for the downlink while the playout tops it up."""
-    def __init__(self):
-        self.frames: list[bytes] = []
-
-    def push(self, frame: bytes) -> None:
-        self.frames.append(frame)
-
-
-class TurnMachine:
+class TurnMachine(BargeIn):
     def __init__(self, cfg: dict, canned: Mapping[str, list[bytes]], tools: Any = None,
                  tool_settings: dict | None = None, call_id: str = "", now: float = 0.0):
         self.cfg = cfg
@@ -152,7 +71,11 @@ class TurnMachine:
         self.dialog = Dialog(cfg, self.tool_settings, tools)
         self.ep = Endpointer(EndpointConfig(min_speech=cfg["min_speech"], pause=cfg["pause"],
                                             silence=cfg["silence"], min_utterance=cfg["min_utterance"]))
-        self.playout = Playout(ahead=3)
+        self.playout = RewindPlayout(ahead=3)
+        self.turn_end = TurnEnd(TurnEndConfig.of(cfg))
+        self.onset = OnsetCounter(cfg.get("bargein_onset", 0.06))
+        self.hold: Hold | None = None           # the agent's audio paused for the caller's voice
+        self.short: Short | None = None         # a short utterance over the agent, being transcribed
         self.state = State.LISTENING
         self.transitions: deque[Transition] = deque(maxlen=500)
         self.reply: Reply | None = None
@@ -239,6 +162,7 @@ class TurnMachine:
 
     def ended(self, now: float) -> list[Action]:
         self.reply = None
+        self.hold = None
         self._set(State.ENDED, "call ended", now)
         self._act(Release())
         return self._take()
@@ -252,6 +176,8 @@ class TurnMachine:
         speaking = self.speaking() or self.state in RELEASED
         if voiced and speaking and f.level_dbfs < self.cfg["bargein_floor_dbfs"]:
             voiced = False                       # quiet voice while we talk: echo or noise
+        if self.onset.push(voiced, f.t) and speaking and self.hold is None:
+            self._pause_for_caller(self.onset.first or f.t, now)
         ep = self.ep
         was_in_speech = ep.in_speech
         ev = ep.push(voiced, f.t)
@@ -263,12 +189,16 @@ class TurnMachine:
             self.preroll.append(f.pcm16k)
             if len(self.preroll) > PREROLL_FRAMES:
                 del self.preroll[0]
+        if self.hold is not None:
+            ev = self._held(ev, voiced, f.t, now)
+        if voiced and ep.in_speech:
+            self.turn_end.reset()                # (again) talking: any end-of-turn question is stale
         if voiced and self.decode is not None and ep.in_speech and ep.last_voiced == f.t:
             self._caller_resumed(now)
         if ev == "start":
             self.last_activity = f.t
-            if speaking:
-                self._barge_in(ep.speech_started or f.t, now)
+            if speaking and self.hold is None:
+                self._pause_for_caller(ep.speech_started or f.t, now)
         elif ev == "pause":
             self._speculate(now)
         elif ev == "end":
@@ -278,6 +208,17 @@ class TurnMachine:
             self.decode = None
             if self.state is State.DECODING:
                 self._set(State.LISTENING, "noise", now)
+        if ev is None and not voiced and ep.in_speech and self.hold is None and \
+                self.state not in (State.HANGING_UP, State.ENDED) and \
+                self.turn_end.should_ask(f.t - (ep.last_voiced or f.t), ep.voiced_time, self.cfg["min_utterance"]):
+            d = self.turn_end.ask(next(self._ids), now)
+            self.ep.extend(self.turn_end.stretch())  # from now on the machine ends the turn (or turn_max_silence)
+            self._act(ScoreTurn(d.id, b"".join(self.utterance)[-TURN_MODEL_BYTES:]))
+        elif ev is None and not voiced and ep.in_speech and self.turn_end.decision is not None:
+            window = self._fixed_window()
+            if window is not None and f.t - (ep.last_voiced or f.t) >= window:
+                ep.reset()
+                self._end_of_turn(now, "digits" if self.turn_end.digits else "silence")
         if ep.in_speech and self.cfg["interim_every"] and self.decode is None and not self.interim_busy and \
                 self._stt_backlog == 0 and ep.last_voiced == f.t and \
                 f.t - max(self.last_interim, ep.speech_started or f.t) >= self.cfg["interim_every"]:
@@ -294,7 +235,8 @@ class TurnMachine:
         if self.state is State.ENDED:
             return []
         out = _Collect()
-        self._queued += self.playout.fill(out, self._queued)
+        if self.hold is None:                    # paused for the caller's voice: nothing goes out
+            self._queued += self.playout.fill(out, self._queued)
         if out.frames:
             self._act(Send(out.frames))
         r = self.reply
@@ -354,9 +296,10 @@ class TurnMachine:
         elif self.state is State.DECODING:
             self._set(State.LISTENING, "caller went on", now)
 
-    def _end_of_turn(self, now: float) -> None:
+    def _end_of_turn(self, now: float, how: str = "silence") -> None:
         self.last_activity = now
         self.reprompted = False
+        self.turn_end.ended(how)
         if self.state in (State.HANGING_UP, State.ENDED):
             self.utterance = []
             self.decode = None
@@ -374,6 +317,9 @@ class TurnMachine:
         self.utterance = []
 
     def stt_result(self, decode: int, t: Transcript, now: float) -> list[Action]:
+        if self.short is not None and self.short.id == decode:
+            self._short_result(t, now)
+            return self._take()
         d = self.decode
         if d is None or d.id != decode or self.state in (State.HANGING_UP, State.ENDED):
             return []
@@ -384,9 +330,55 @@ class TurnMachine:
             self._start_reply(t.text, True, t.seconds, now)
         elif not self.ep.in_speech:
             self._finalize(t, now)
+        self._commit_if_complete(now)
         return self._take()
 
+    # -- inputs: the end-of-turn model ------------------------------------------------------
+    def turn_score(self, decision: int, probability: float, seconds: float, now: float) -> list[Action]:
+        """The model's P(the caller's turn is complete) for question ``decision``."""
+        d = self.turn_end.current(decision)
+        if d is None or self.state in (State.HANGING_UP, State.ENDED):
+            return []
+        if self.turn_end.answer(d, probability, seconds, now):
+            self._commit_if_complete(now)
+        return self._take()                      # "not finished": the endpointer waits up to turn_max_silence
+
+    def _fixed_window(self) -> float | None:
+        """The quiet that ends this pause when the model cannot: it failed (the fixed window, longer after
+        digits), or said "complete" over a transcript ending in a digit (the digits window)."""
+        d, t = self.turn_end.decision, self.decode.result if self.decode is not None else None
+        digits = t is not None and bool(_NUMBERISH.search(t.text or ""))
+        self.turn_end.digits = digits
+        if d.error is not None or (self.turn_end.complete and digits):
+            return self.cfg["silence"] + (self.cfg["digits_extra"] if digits else 0.0)
+        return None
+
+    def turn_failed(self, decision: int, msg: str, now: float) -> list[Action]:
+        """No decision (no model, worker down): the fixed silence window ends this turn."""
+        d = self.turn_end.current(decision)
+        if d is not None:
+            d.error = msg[:200]
+        return []
+
+    def _commit_if_complete(self, now: float) -> None:
+        """End the turn now if the model said "complete" and the (speculative) transcript is in and
+        does not end in a digit; the reply could not start before the transcript anyway."""
+        if not self.turn_end.complete or not self.ep.in_speech or self.hold is not None or \
+                self.state in (State.HANGING_UP, State.ENDED):
+            return
+        d = self.decode
+        if d is None:                            # (turn_min_silence < pause) the transcript is needed
+            self._speculate(now)
+            return
+        if d.result is None or _NUMBERISH.search(d.result.text or ""):
+            return
+        self.ep.reset()
+        self._end_of_turn(now, "model")
+
     def stt_failed(self, decode: int, msg: str, now: float) -> list[Action]:
+        if self.short is not None and self.short.id == decode:
+            self._go_on()                        # a short utterance we could not read: the agent goes on
+            return []
         self._engine_error(msg, now)
         return self._take()
 
@@ -409,7 +401,8 @@ class TurnMachine:
         self.turn_no += 1
         if t.unclear:
             self._act(LogTurn(self.turn_no, "caller", t.text, {"unclear": True,
-                                                                "no_speech_prob": round(t.no_speech, 3)}),
+                                                                "no_speech_prob": round(t.no_speech, 3),
+                                                                **self.turn_end.fields()}),
                       Metric("reprompts", label="not_understood", count=True))
             self._cancel_reply()
             self._rest("not understood", now)
@@ -417,7 +410,7 @@ class TurnMachine:
             return
         text = t.text
         self._act(LogTurn(self.turn_no, "caller", text, {"stt_seconds": round(t.seconds, 3),
-                                                          "stt_wait": round(end_wait, 3)}))
+                                                          "stt_wait": round(end_wait, 3), **self.turn_end.fields()}))
         self.history.append({"role": "user", "content": text})
         words = set(re.findall(r"[a-z']+", text.lower()))
         if any(set(p.split()) <= words for p in self.cfg["goodbye_phrases"]):
@@ -630,22 +623,3 @@ class TurnMachine:
         self.decode = None
         self._rest("engine error", now)
         self._say_canned("apology_text")
-
-    def _barge_in(self, onset: float, now: float) -> None:
-        self._act(Flush())
-        heard = self.playout.flush(self._queued)
-        self._queued = 0
-        self._act(Metric("bargein_latency", max(0.0, now - onset)), Metric("interruptions", count=True))
-        r = self.reply
-        self._cancel_reply()
-        self._rest("barge-in", now)
-        self._act(ClearMark())
-        self._mark_out, self._mark_time = False, None
-        if r is not None or heard.text:
-            spoken = " ".join(r.sentences) if r is not None else heard.text
-            if heard.text:
-                self.history.append({"role": "assistant", "content": heard.text})
-            self._act(LogTurn(self.turn_no, "agent", spoken, {"heard": heard.text, "interrupted": True,
-                                                              "bargein_latency": round(now - onset, 3)}))
-        self._act(LogEvent("barge_in", {"call_id": self.call_id, "heard": heard.text,
-                                        "latency": round(now - onset, 3)}))

@@ -38,6 +38,8 @@ EVENT_TYPES = (
     "recording_started", "recording_paused", "recording_resumed", "recording_stopped",
     "stream_started", "stream_reconnecting", "stream_stopped", "stream_failed",
     "tool_called", "tool_result",
+    "intent_detected", "call_summary",
+    "call_failover",
 )
 
 
@@ -135,6 +137,7 @@ class EventBus:
         self.metrics = metrics
         self.writer = writer if writer is not None else InlineWriter(store, metrics)
         self.call_seq: dict[str, int] = defaultdict(int)
+        self.ended_seq: dict[str, int] = {}      # calls forgotten lately: events after the end go on counting
         self.on_stored: Callable[[int], None] | None = None     # on the loop, with the seq, after the commit
 
     def publish(self, etype: str, call_id: str | None, data: dict) -> None:
@@ -144,7 +147,10 @@ class EventBus:
         at = time.time()
         eid = new_id("evt")
         cseq = None
-        if call_id:
+        if call_id and call_id not in self.call_seq and call_id in self.ended_seq:
+            self.ended_seq[call_id] += 1                 # e.g. call_summary, after call_hangup
+            cseq = self.ended_seq[call_id]
+        elif call_id:
             self.call_seq[call_id] += 1
             cseq = self.call_seq[call_id]
         try:
@@ -166,4 +172,8 @@ class EventBus:
             self.on_stored(seq)
 
     def forget_call(self, call_id: str) -> None:
-        self.call_seq.pop(call_id, None)
+        n = self.call_seq.pop(call_id, None)
+        if n:
+            self.ended_seq[call_id] = n
+            while len(self.ended_seq) > 1000:
+                del self.ended_seq[next(iter(self.ended_seq))]

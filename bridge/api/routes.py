@@ -30,6 +30,7 @@ from bridge.api.services import Services
 from bridge.core.schema import SchemaError, obj, validate
 from bridge.core.states import CallState, SpeakingState, TranscribeState
 from bridge.api.speaking import Speaking, Transcriber
+from bridge.api.trunklimits import TrunkLimits
 from sip import commands as cmd
 from sip.uri import DestinationPolicy, check_destination
 
@@ -97,6 +98,7 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         self.guard = services.cfg.outbound    # the SSRF guard: webhook URLs are checked here first
         self.transcribes: dict[str, Transcriber] = {}
         self.speakings: dict[str, Speaking] = {}
+        self.trunk_limits = TrunkLimits(services.cfg.trunks, services.store)   # per-trunk cps / max_calls
 
     # -- plumbing ----------------------------------------------------------------------
     def auth(self, request: web.Request, scope: str) -> dict:
@@ -208,7 +210,9 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         return {"id": row["id"], "direction": row["direction"], "from": row["from_uri"], "to": row["to_uri"],
                 "trunk": row["trunk"], "app": row["app"], "state": live.state if live else row["state"],
                 "codec": row["codec"], "created": row["created"], "answered": row["answered"],
-                "ended": row["ended"], "result": row["result"], "reason": row["reason"], "quality": q}
+                "ended": row["ended"], "result": row["result"], "reason": row["reason"], "quality": q,
+                "outcome": row.get("outcome"),
+                "sip": row.get("sip")}        # carrier headers; the trunk address that answered / failed          # summary, disposition, intent (agent calls, once ended)
 
     async def list_calls(self, request):
         state = request.query.get("state")
@@ -243,10 +247,11 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         if app == "agent" and self.services.hub is None:
             raise ApiError(409, "no_speech_engines", f"app {app!r} needs the models (models.load)", "app")
         self._check_destination(body["to"], trunk)
-        try:
-            call_id = await self.services.make_call(body["to"], trunk, app)
-        except Exception as exc:  # noqa: BLE001 - engine refusals
-            raise ApiError(409 if "full" in str(exc) or "draining" in str(exc) else 400, "call_failed", str(exc))
+        with self.trunk_limits.placing(trunk):          # 429 over the trunk's cps, 409 over its max_calls
+            try:
+                call_id = await self.services.make_call(body["to"], trunk, app)
+            except Exception as exc:  # noqa: BLE001 - engine refusals
+                raise ApiError(409 if "full" in str(exc) or "draining" in str(exc) else 400, "call_failed", str(exc))
         return 201, {"id": call_id, "state": CallState.RINGING, "app": app}
 
     async def hangup(self, request, body):

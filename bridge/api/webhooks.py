@@ -63,7 +63,7 @@ def verify_signature(secret: str, header: str, body: bytes, tolerance: float = 3
 
 
 class WebhookDispatcher:
-    def __init__(self, store: Store, metrics, max_attempts: int = 6, base_delay: float = 1.0,
+    def __init__(self, store: Store, metrics, max_attempts: int = 16, base_delay: float = 1.0,
                  max_delay: float = 300.0, timeout: float = 5.0, concurrency: int = 8,
                  guard: Policy = DEFAULT_POLICY):
         self.store = store

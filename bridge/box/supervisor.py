@@ -7,6 +7,9 @@ public SIP address, restarts a cell that dies (backoff up to 1 s doubling to 30 
 (``bridge.core.backoff``), reset after a minute up), and on SIGTERM drains every cell before stopping
 Kamailio. It also serves the box's HTTP: one API, WebSocket, webhooks and
 /metrics for all cells (see ``bridge.box.api``).
+
+Cells are forked from a zygote (``bridge.box.zygote``) that the supervisor forks at start, so
+they share the imported code instead of each importing it again (exec is the fallback).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from bridge.box import kamailio
+from bridge.box.zygote import Zygote
 from bridge.core import backoff
 from bridge.core.config import Config
 from bridge.core.logs import event
@@ -117,8 +121,11 @@ class Supervisor:
             used |= {c.sip_port, c.http_port}
         self.run_dir = os.path.join(os.path.abspath(cfg.data_dir), "run")
         self.kamailio: subprocess.Popen | None = None
+        self.rtpengine: subprocess.Popen | None = None      # SRTP trunks only (bridge.box.kamailio.media_edge)
         self._front_fails, self._front_next, self._front_started = 0, 0.0, time.monotonic()
+        self._media_next = 0.0
         self.stopping = False
+        self.zygote: Zygote | None = None     # forks the cells (shared imported code); None: exec
 
     # -- cells -------------------------------------------------------------------------
     def _cell_cmd(self, c: CellProc) -> list[str]:
@@ -150,10 +157,17 @@ class Supervisor:
     def start_cell(self, c: CellProc) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
         c.log_path = os.path.join(self.run_dir, f"cell{c.index}.log")
-        out = open(c.log_path, "ab")
-        c.proc = subprocess.Popen(self._cell_cmd(c), env=self._cell_env(c), stdout=out, stderr=subprocess.STDOUT,
-                                  cwd=os.getcwd(), preexec_fn=_die_with_parent)
-        out.close()
+        if self.zygote is not None:
+            try:
+                c.proc = self.zygote.spawn(self._cell_cmd(c)[3:], self._cell_env(c), c.log_path, os.getcwd())
+            except OSError as exc:
+                log.error("cannot fork cell %d (%s): cells start with exec from now on", c.index, exc)
+                self.zygote = None
+        if self.zygote is None:
+            out = open(c.log_path, "ab")
+            c.proc = subprocess.Popen(self._cell_cmd(c), env=self._cell_env(c), stdout=out, stderr=subprocess.STDOUT,
+                                      cwd=os.getcwd(), preexec_fn=_die_with_parent)
+            out.close()
         c.started = time.monotonic()
         event(log, "cell_started", cell=c.index, pid=c.proc.pid, sip=f"{c.host}:{c.sip_port}",
               http=f"{c.host}:{c.http_port}", rtp=c.rtp, restarts=c.restarts)
@@ -175,23 +189,37 @@ class Supervisor:
         return False
 
     # -- kamailio ------------------------------------------------------------------------
-    def start_kamailio(self) -> None:
-        binary = shutil.which(self.cfg.raw["cells"]["kamailio"]) or self.cfg.raw["cells"]["kamailio"]
-        if not shutil.which(binary):
-            raise RuntimeError(f"kamailio not found ({binary}); install the Debian package 'kamailio'")
+    def render_front(self, media=None):
+        """The front's Kamailio config for this box: (text, TLS settings, the internal socket).
+        Cells may send only to a trunk's addresses (every one of a failover list) or allow-list."""
         h = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
         listen = [f"udp:{h}:{self.public_port}", f"tcp:{h}:{self.public_port}"]
         trusted = [a for t in self.cfg.trunks for a in t.allow]
         fh = self._front_ip()
         inner = f"udp:{f'[{fh}]' if ':' in fh else fh}:{self.front_port}"
+        tls = kamailio.Tls.from_sip(self.cfg.raw["sip"])
         text = kamailio.render(listen, self.run_dir, trusted, self.cfg.raw["sip"]["retry_after"],
                                ping=self.cfg.raw["cells"]["ping_interval"], pike=self.cfg.raw["cells"]["pike"],
                                children=self.cfg.raw["cells"]["children"],
-                               trunk_addresses=[t.address for t in self.cfg.trunks if t.address],
-                               cell_socket=inner, trunks=[(t.address, list(t.allow)) for t in self.cfg.trunks])
+                               trunk_addresses=[a for t in self.cfg.trunks for a in (t.addresses or [t.address]) if a],
+                               cell_socket=inner,
+                               trunks=[(list(t.addresses) or t.address, list(t.allow)) for t in self.cfg.trunks],
+                               tls=tls, transports=[self.cfg.transport(t.name) for t in self.cfg.trunks],
+                               srtp=[self.cfg.srtp_mode(t.name) for t in self.cfg.trunks], media=media)
+        return text, tls, inner
+
+    def start_kamailio(self) -> None:
+        binary = shutil.which(self.cfg.raw["cells"]["kamailio"]) or self.cfg.raw["cells"]["kamailio"]
+        if not shutil.which(binary):
+            raise RuntimeError(f"kamailio not found ({binary}); install the Debian package 'kamailio'")
+        media = kamailio.media_edge(self.cfg, self.public_host, self.front_port)
+        if media is not None and (self.rtpengine is None or self.rtpengine.poll() is not None):
+            self.rtpengine = kamailio.start_media(media, self.run_dir, _die_with_parent)
+        text, tls, inner = self.render_front(media)
+        h = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
         dlist = kamailio.dispatcher_list([(c.host, c.sip_port) for c in self.cells], self.cfg.raw["sip"]["capacity"],
                                          socket=inner)
-        path = kamailio.write(self.run_dir, text, dlist)
+        path = kamailio.write(self.run_dir, text, dlist, tls)
         check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError("generated kamailio config does not parse:\n" + check.stderr[-2000:])
@@ -231,6 +259,7 @@ class Supervisor:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> int:
+        self.zygote = Zygote.start()          # now, while this process has a single thread
         try:
             return await self._run()
         finally:
@@ -238,8 +267,12 @@ class Supervisor:
             for c in self.cells:
                 if c.alive():
                     c.proc.kill()
+            if self.zygote is not None:
+                self.zygote.close()
             if self.kamailio is not None and self.kamailio.poll() is None:
                 self.kamailio.kill()
+            if self.rtpengine is not None and self.rtpengine.poll() is None:
+                self.rtpengine.kill()
 
     async def _run(self) -> int:
         from bridge.box.api import start_box
@@ -310,6 +343,17 @@ class Supervisor:
                 c.restarts += 1
                 c.next_start = 0.0
                 self.start_cell(c)
+        if self.rtpengine is not None and self.rtpengine.poll() is not None and not self.stopping \
+                and now >= self._media_next:
+            # the SRTP media relay died: calls through it lost their audio; new ones need it back
+            log.error("rtpengine exited (%s); restarting it", self.rtpengine.returncode)
+            self._media_next = now + 5.0
+            try:
+                media = kamailio.media_edge(self.cfg, self.public_host, self.front_port)
+                if media is not None:
+                    self.rtpengine = kamailio.start_media(media, self.run_dir, _die_with_parent)
+            except (RuntimeError, OSError) as exc:
+                log.error("rtpengine did not restart: %s", exc)
         if self.kamailio is not None and self.kamailio.poll() is not None and not self.stopping:
             # restarted with backoff (a front that cannot bind must not be respawned twice a second),
             # the count forgiven once it has stayed up for a minute

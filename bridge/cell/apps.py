@@ -7,6 +7,7 @@ the app writes what the caller should hear into ``session.media.downlink``.
 from __future__ import annotations
 
 import functools
+import re
 
 from bridge.core.app import APPS, App  # noqa: F401 (re-exported)
 from media.frames import split_frames
@@ -79,6 +80,37 @@ class ApiApp(App):
 
 
 
+_CONTEXT_REF = re.compile(r"\{context\.([A-Za-z0-9_]+)\}")
+
+
+_PROMPT_SAFE = re.compile(r"[^A-Za-z0-9+._@:;=<>,\- ]")
+
+
+def prompt_value(value: str) -> str:
+    """A context value as it may appear in a prompt: header values come from the network (an
+    upstream party may set X- headers), so only the characters of ids, numbers and SIP URIs
+    are kept, at most 64 of them, and never a run of words long enough to read as an order."""
+    clean = _PROMPT_SAFE.sub("", value)[:64]
+    return clean if len(clean.split()) <= 3 else clean.split()[0]
+
+
+def fill_context(text: str, context: dict[str, str]) -> str:
+    """``{context.x_customer_id}`` in an operator's text replaced by the call's context value
+    (``prompt_value``); a name the call has no value for is left as it is (a later stage may fill it)."""
+    return _CONTEXT_REF.sub(lambda m: prompt_value(context[m.group(1)]) if m.group(1) in context
+                            else m.group(0), text)
+
+
+def agent_settings(agent_cfg: dict, session) -> dict:
+    """The agent's settings for this call: its system prompt with the call's context filled in
+    (carrier headers: ``{context.x_customer_id}``, ``{context.pai_number}``...). The greeting is
+    synthesized once at start, so it is not per call."""
+    context = getattr(session, "context", None) or {}
+    if not context or "{context." not in agent_cfg.get("system_prompt", ""):
+        return agent_cfg
+    return {**agent_cfg, "system_prompt": fill_context(agent_cfg["system_prompt"], context)}
+
+
 def make_app(name: str, session, cell) -> App:
     app_cfg = cell.cfg.raw["app"]
     if name == "echo":
@@ -87,7 +119,7 @@ def make_app(name: str, session, cell) -> App:
         return PlaybackApp(session, app_cfg["prompt"], app_cfg["loop"])
     if name == "agent":
         from bridge.agent.app import AgentApp
-        return AgentApp(session, cell.hub, cell.cfg.raw["agent"], cell.metrics, cell.turns,
+        return AgentApp(session, cell.hub, agent_settings(cell.cfg.raw["agent"], session), cell.metrics, cell.turns,
                         tools=cell.tools, tool_settings=cell.cfg.raw["tools"])
     if name == "api":
         return ApiApp(session)

@@ -146,7 +146,7 @@ class Cell:
             ev.CallRejected: self._ev_CallRejected, ev.CallHold: self._ev_CallHold, ev.Dtmf: self._ev_Dtmf,
             ev.TransferStatus: self._ev_TransferStatus, ev.Registration: self._ev_Registration,
             ev.EngineStopped: self._ev_EngineStopped, ev.CallEnded: self._ev_CallEnded,
-            ev.CallsSnapshot: self._ev_CallsSnapshot,
+            ev.CallsSnapshot: self._ev_CallsSnapshot, ev.CallAttemptFailed: self._ev_CallAttemptFailed,
         }
         self._rec_task: asyncio.Task | None = None
 
@@ -270,9 +270,11 @@ class Cell:
         route = e.app or self.app_for(e.to_uri)
         s.app_name = number_routes.app_name(route)
         event(calls_log, "call_offered", call_id=e.call_id, direction=e.direction,
-              **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk, app=s.app_name)
+              **{"from": e.from_uri}, to=e.to_uri, source=e.source, trunk=e.trunk, app=s.app_name,
+              sip_headers=sorted(s.sip_headers))           # names only: the values are caller data
         self._record(s)
-        s.emit("call_ringing", {"direction": e.direction, "from": e.from_uri, "to": e.to_uri, "app": s.app_name})
+        s.emit("call_ringing", {"direction": e.direction, "from": e.from_uri, "to": e.to_uri, "app": s.app_name,
+                                **({"sip_headers": s.sip_headers} if s.sip_headers else {})})
         try:
             # the api app runs without models too (media streams); its transcribes/speakings need them
             if s.app_name == "agent" and self.hub is None:
@@ -294,9 +296,10 @@ class Cell:
         s.answered_at = time.monotonic()
         s.codec = e.codec or self._codec_of(e.call_id)
         s.state = CallState.PROGRESSING
+        s.address = e.address
         event(calls_log, "call_answered", call_id=e.call_id, codec=s.codec)
         self._record(s)
-        s.emit("call_progressing", {"codec": s.codec})
+        s.emit("call_progressing", {"codec": s.codec, **({"address": e.address} if e.address else {})})
         self.recordings.on_answered(s)
         for sp in s.speakings.values():
             sp.activate()
@@ -311,6 +314,13 @@ class Cell:
         self.metrics.calls_total.labels("inbound", "rejected").inc()
         event(calls_log, "call_rejected", source=e.source, **{"from": e.from_uri}, to=e.to_uri,
               status=e.status, reason=e.reason)
+
+    def _ev_CallAttemptFailed(self, e: ev.CallAttemptFailed) -> None:
+        event(calls_log, "call_failover", call_id=e.call_id, address=e.address, status=e.status, next=e.next_address)
+        s = self.sessions.get(e.call_id)
+        if s is not None:
+            s.attempt_failed(e.address, e.status, e.reason, e.next_address)
+            self._record(s)
 
     def _ev_CallHold(self, e: ev.CallHold) -> None:
         event(calls_log, "call_hold" if e.held else "call_unhold", call_id=e.call_id)
@@ -421,7 +431,8 @@ class Cell:
     def _record(self, s: Session, **fields) -> None:
         row = {"id": s.call_id, "direction": s.direction, "from_uri": s.from_uri, "to_uri": s.to_uri,
                "trunk": s.trunk, "app": s.app_name, "state": s.state, "codec": s.codec,
-               "created": s.created, "answered": s.answered_wall, "cell": self.cell_id, **fields}
+               "created": s.created, "answered": s.answered_wall, "cell": self.cell_id, "sip": s.sip_record(),
+               **fields}
         staged = self.store.stage_call(row)          # the API sees it now; the writer commits it
         self.writer.sql(lambda st: st.upsert_call(staged), f"call {s.call_id}", staged,
                         lambda _: self.store.call_saved(staged))

@@ -6,6 +6,7 @@ import time
 
 from bridge.core import pii
 from sip import commands as cmd
+from sip.headers import CarrierHeaders
 
 log = logging.getLogger("trunkline.call")
 
@@ -35,6 +36,23 @@ class Session:
         self.speak_generation = 0
         self.tool_calls: list[dict] = []   # audit records of the tool calls made on this call
         self.taps: list = []          # audio consumers: recordings, media streams
+        # carrier headers of an inbound INVITE (name -> values) and what they give the call's context
+        self.sip_headers: dict[str, list[str]] = {k: list(v) for k, v in getattr(offered, "headers", {}).items()}
+        self.context: dict[str, str] = CarrierHeaders(self.sip_headers).context()
+        self.address = ""             # outbound through a trunk: the address that answered
+        self.failed_addresses: list[dict] = []     # outbound: the trunk addresses that failed, in order
+
+    def sip_record(self) -> dict | None:
+        """What the call record keeps of SIP beyond the parties (sealed at rest with them), or None."""
+        if not (self.sip_headers or self.address or self.failed_addresses):
+            return None
+        return {"headers": self.sip_headers, "address": self.address or None, "failed": self.failed_addresses}
+
+    def attempt_failed(self, address: str, status: int, reason: str, next_address: str) -> None:
+        """An outbound attempt at one trunk address failed: remember it, tell subscribers."""
+        self.failed_addresses.append({"address": address, "status": status, "reason": reason})
+        self.emit("call_failover", {"address": address, "status": status, "reason": reason,
+                                    "next_address": next_address or None})
 
     def add_tap(self, tap) -> None:
         """``tap.on_audio(inbound, outbound, now)`` gets every tick's frames of both legs:

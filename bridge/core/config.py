@@ -160,7 +160,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "capacity": _int(1, 3), "retry_after": _int(1, 3600), "answer_delay": _float(0, 60),
             "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6),
             "trusted_proxies": _cidrs, "outbound_proxy": _str, "allowed_destinations": _str_list,
-            "tcp": _auto_bool, "require_guard": _auto_bool, "trusted_proxy_port": _int(0, 65535)},
+            "tcp": _auto_bool, "require_guard": _auto_bool, "trusted_proxy_port": _int(0, 65535),
+            "tls_listen": _str, "tls_cert": _str, "tls_key": _str, "tls_ca": _str, "tls_verify": _bool,
+            "tls_require_client_cert": _bool, "tls_server_name": _str},
     "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
               "realtime_clock": _bool},
     "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300),
@@ -176,7 +178,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "pii": {"mask_cards": _bool, "patterns": _regex_list, "show_dtmf": _bool},
     "cells": {"host": _str, "sip_base": _int(0, 65535), "http_base": _int(0, 65535), "kamailio": _str,
               "ping_interval": _int(1, 60), "pike": _int(1, 100000), "children": _int(1, 64), "front_ip": _str,
-              "front_port": _int(0, 65535)},
+              "front_port": _int(0, 65535), "rtpengine": _str, "rtpengine_ports": _port_range,
+              "rtpengine_ng_port": _int(0, 65535)},
     "webhooks": {"max_attempts": _int(1, 50), "base_delay": _float(0.01, 3600), "max_delay": _float(0.1, 86400),
                  "timeout": _float(0.5, 60), "dispatch": _bool},
     "streams": {"buffer_frames": _int(5, 3000), "max_per_call": _int(1, 10), "reconnect_attempts": _int(0, 100),
@@ -191,9 +194,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
               "max_reply_tokens": _int(8, 1024), "temperature": _float(0, 2), "repeat_penalty": _float(1, 3),
               "history_turns": _int(1, 100), "silence": _float(0.2, 5), "pause": _float(0.1, 2),
               "min_speech": _float(0.04, 1), "min_utterance": _float(0.05, 5), "bargein_floor_dbfs": _float(-90, 0),
-              "vad_mode": _int(0, 3), "interim_every": _float(0, 30), "digits_extra": _float(0, 5),
-              "speculate": _bool, "tool_filler_text": _str, "tool_unavailable_text": _str,
-              "tool_fallback_text": _str},
+              "vad": _choice("silero", "webrtc"), "vad_mode": _int(0, 3), "interim_every": _float(0, 30), "digits_extra": _float(0, 5),
+              "speculate": _bool, "turn_model": _choice("smart-turn", "none"), "turn_min_silence": _float(0.1, 2),
+              "turn_max_silence": _float(0.2, 5), "turn_threshold": _float(0, 1), "bargein_onset": _float(0.02, 1),
+              "bargein_confirm": _float(0.02, 3), "tool_filler_text": _str, "tool_unavailable_text": _str,
+              "tool_fallback_text": _str, "markup_fallback_text": _str, "call_summary": _bool},
     "tools": {"file": _str, "secrets_file": _str, "max_per_call": _int(1, 100), "max_per_turn": _int(1, 5),
               "shortlist": _int(0, 50), "filler_after": _float(0, 10), "breaker_failures": _int(1, 100),
               "breaker_cooldown": _float(1, 3600), "callback_base_url": _str},
@@ -206,7 +211,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
 
 TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str,
                 "password": _str, "password_env": _str, "realm": _str, "register": _bool,
-                "expires": _int(60, 86400)}
+                "expires": _int(60, 86400), "transport": _choice("udp", "tcp", "tls"),
+                "srtp": _choice("off", "optional", "mandatory"),
+                "addresses": _str_list, "cps": _float(0, 1000), "max_calls": _int(0, 100000),
+                "failover_timeout": _float(0.5, 120)}
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",
@@ -215,7 +223,9 @@ DEFAULTS: dict[str, Any] = {
     "sip": {"listen": "0.0.0.0:5060", "public_address": "", "user_agent": "Trunkline",
             "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
             "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": "",
-            "allowed_destinations": [], "tcp": "auto", "require_guard": "auto", "trusted_proxy_port": 0},
+            "allowed_destinations": [], "tcp": "auto", "require_guard": "auto", "trusted_proxy_port": 0,
+            "tls_listen": "", "tls_cert": "", "tls_key": "", "tls_ca": "", "tls_verify": True,
+            "tls_require_client_cert": True, "tls_server_name": ""},
     "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
     "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0,
              "outbound_allow": [], "outbound_strict": False, "rate_limit": 50.0, "rate_burst": 200,
@@ -226,8 +236,9 @@ DEFAULTS: dict[str, Any] = {
                    "opus_bitrate": 32000, "flush_interval": 1.0, "dtmf_pause": True, "dtmf_resume_after": 5.0},
     "pii": {"mask_cards": True, "patterns": [], "show_dtmf": False},
     "cells": {"host": "127.0.0.1", "sip_base": 0, "http_base": 0, "kamailio": "kamailio", "ping_interval": 2,
-              "pike": 60, "children": 1, "front_ip": "", "front_port": 0},
-    "webhooks": {"max_attempts": 6, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0, "dispatch": True},
+              "pike": 60, "children": 1, "front_ip": "", "front_port": 0, "rtpengine": "rtpengine",
+              "rtpengine_ports": "20000-20999", "rtpengine_ng_port": 0},
+    "webhooks": {"max_attempts": 16, "base_delay": 1.0, "max_delay": 300.0, "timeout": 5.0, "dispatch": True},
     "streams": {"buffer_frames": 50, "max_per_call": 3, "reconnect_attempts": 5, "reconnect_base_delay": 0.5,
                 "reconnect_max_delay": 10.0, "connect_timeout": 10.0, "send_timeout": 5.0, "playback_seconds": 60.0},
     "numbers": {},
@@ -246,11 +257,15 @@ DEFAULTS: dict[str, Any] = {
         "apology_text": "Sorry, I'm having trouble right now. Please bear with me.",
         "max_reply_tokens": 60, "temperature": 0.3, "repeat_penalty": 1.3, "history_turns": 6,
         "silence": 0.6, "pause": 0.2, "min_speech": 0.12, "min_utterance": 0.25,
-        "bargein_floor_dbfs": -38.0, "vad_mode": 3, "interim_every": 1.0, "digits_extra": 0.8,
+        "bargein_floor_dbfs": -38.0, "vad": "silero", "vad_mode": 3, "interim_every": 1.0, "digits_extra": 0.8,
         "speculate": True,
+        "turn_model": "smart-turn", "turn_min_silence": 0.25, "turn_max_silence": 2.0, "turn_threshold": 0.5,
+        "bargein_onset": 0.06, "bargein_confirm": 0.8,
         "tool_filler_text": "One moment, let me check.",
         "tool_unavailable_text": "Sorry, I can't do that right now.",
         "tool_fallback_text": "I'll have someone call you back.",
+        "markup_fallback_text": "Could you tell me a little more about what you need?",
+        "call_summary": True,
     },
     "tools": {"file": "", "secrets_file": "", "max_per_call": 8, "max_per_turn": 2, "shortlist": 2,
               "filler_after": 1.0, "breaker_failures": 5, "breaker_cooldown": 30.0, "callback_base_url": ""},
@@ -271,6 +286,18 @@ class Config:
     raw: dict
     trunks: list[Trunk]
     toolbox: ToolBox | None = None
+    transports: dict[str, str] | None = None     # trunk name -> "udp" | "tcp" | "tls" (the front's side)
+    srtp: dict[str, str] | None = None           # trunk name -> "off" | "optional" | "mandatory" (rtpengine)
+
+    def transport(self, trunk: str) -> str:
+        return (self.transports or {}).get(trunk, "udp")
+
+    def runs_front(self) -> bool:
+        """TLS (or a TCP trunk) is the front's job: such a deployment always runs it."""
+        return bool(self.raw["sip"]["tls_listen"]) or "tcp" in (self.transports or {}).values()
+
+    def srtp_mode(self, trunk: str) -> str:
+        return (self.srtp or {}).get(trunk, "off")
 
     def get(self, section: str, key: str) -> Any:
         return self.raw[key] if section == "" else self.raw[section][key]
@@ -322,19 +349,28 @@ def _trunk(i: int, t: Any) -> Trunk:
             raise ConfigError(f"{where}.{k}: {exc}") from None
     if not out.get("name"):
         raise ConfigError(f"{where}.name: required")
+    out.pop("transport", None)                   # the front's concern (Config.transports)
+    if out.pop("srtp", "off") != "off" and t.get("transport") != "tls":
+        raise ConfigError(f"{where}.srtp: SRTP keys (SDES) travel in the SIP messages: "
+                          "it needs transport = \"tls\"")
     env = out.pop("password_env", "")
     if env:
         if env not in os.environ:
             raise ConfigError(f"{where}.password_env: environment variable {env} is not set")
         out["password"] = os.environ[env]
+    if out.get("addresses"):            # ordered failover list; ``address`` (if given) must be its first
+        if out.get("address") and out["address"] != out["addresses"][0]:
+            raise ConfigError(f"{where}.addresses: must start with address ({out['address']!r}) when both are set")
+        out["address"] = out["addresses"][0]
     if not out.get("allow") and out.get("address"):
-        # A trunk with an IP-literal address and no allow-list trusts that address.
-        host = out["address"].removeprefix("sip:").split(";")[0].split("@")[-1]
-        host = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        try:
-            out["allow"] = [str(ipaddress.ip_network(host))]
-        except ValueError:
-            pass
+        # A trunk with IP-literal addresses and no allow-list trusts those addresses.
+        for address in out.get("addresses") or [out["address"]]:
+            host = address.removeprefix("sip:").split(";")[0].split("@")[-1]
+            host = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+            try:
+                out.setdefault("allow", []).append(str(ipaddress.ip_network(host)))
+            except ValueError:
+                pass
     if out.get("register") and not (out.get("address") and out.get("username")):
         raise ConfigError(f"{where}.register: needs address and username")
     if (out.get("username") or out.get("password")) and out.get("realm", "").strip() in ("", "*"):
@@ -486,6 +522,8 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         if c.upper() not in CODEC_IDS:
             raise ConfigError(f"sip.codecs: unknown codec {c!r} (known: {', '.join(CODEC_IDS)})")
     trunks = [_trunk(i, t) for i, t in enumerate(raw["trunks"])]
+    transports = {t.name: raw["trunks"][i].get("transport", "udp") for i, t in enumerate(trunks)}
+    srtp = {t.name: raw["trunks"][i].get("srtp", "off") for i, t in enumerate(trunks)}
     if raw["sip"]["trusted_proxies"]:
         # A SIP front (Kamailio) checks the trunks' source addresses; the cell trusts the front.
         trunks.append(Trunk(name="proxy", allow=list(raw["sip"]["trusted_proxies"])))
@@ -507,6 +545,11 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         except TypeError as exc:
             raise ConfigError(f"http.ops_listen: {exc}") from None
     _check_tls(raw["http"])
+    from bridge.core.siptls import check as _check_sip_tls
+    try:
+        _check_sip_tls(raw["sip"], transports)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if raw["app"]["name"] == "playback" and not raw["app"]["prompt"]:
         raise ConfigError("app.prompt: required for the playback app")
     from bridge.core.keys import KeyRingError, configured_keyring
@@ -528,4 +571,4 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         raise ConfigError(str(exc)) from None
     _check_tool_urls(raw, toolbox)
     _check_number_urls(raw)
-    return Config(raw, trunks, toolbox)
+    return Config(raw, trunks, toolbox, transports, srtp)

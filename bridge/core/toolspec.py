@@ -33,9 +33,11 @@ SECRET = re.compile(r"\$\{(env|secret):([A-Za-z_][A-Za-z0-9_.-]*)\}")
 PLACEHOLDER = re.compile(r"\{([a-z_]+(?:\.[A-Za-z0-9_]+|\[[0-9]+\])*)\}")
 CONTEXT = {"call.id", "call.from", "call.to", "call.from_uri", "call.to_uri", "tool_call.id", "args_hash",
            "callback_url"}
+CALL_CONTEXT = re.compile(r"context\.[A-Za-z0-9_]+")     # a per-call context value (SIP headers: x_customer_id)
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 ERROR_KINDS = ("connect", "timeout", "server_error", "rate_limited", "bad_response", "rejected")
 MAX_TIMEOUT = 10.0
+ID_SOURCES = ("tool", "caller", "tool|caller", "caller|tool", "model")   # a parameter's "x-source" (agent provenance)
 
 
 class ToolConfigError(ValueError):
@@ -135,7 +137,7 @@ def _placeholders(where: str, template: str, args: set[str]) -> None:
         if name.startswith("args."):
             if name.split(".")[1].split("[")[0] not in args:
                 raise ToolConfigError(f"{where}: {{{name}}} is not a parameter of this tool")
-        elif name not in CONTEXT and not name.startswith("result"):
+        elif name not in CONTEXT and not name.startswith("result") and not CALL_CONTEXT.fullmatch(name):
             raise ToolConfigError(f"{where}: unknown placeholder {{{name}}} "
                                   f"(use args.NAME or one of {', '.join(sorted(CONTEXT))})")
 
@@ -153,6 +155,8 @@ def _check_schema(where: str, schema: Any) -> dict:
             raise ToolConfigError(f"{w}.type: expected string, integer, number or boolean, got {t!r}")
         if "format" in sub and sub["format"] not in FORMATS:
             raise ToolConfigError(f"{w}.format: unknown format {sub['format']!r} (known: {', '.join(FORMATS)})")
+        if sub.get("x-source", "model") not in ID_SOURCES:
+            raise ToolConfigError(f"{w}.x-source: expected one of {', '.join(ID_SOURCES)}, got {sub['x-source']!r}")
         if "enum" in sub and (not isinstance(sub["enum"], list) or not sub["enum"]):
             raise ToolConfigError(f"{w}.enum: expected a non-empty list")
         if "pattern" in sub:
@@ -212,8 +216,9 @@ def parse_tool(i: int, t: Any, secrets: dict[str, str], environ: dict[str, str])
     for k, v in bind.items():
         if k not in args:
             raise ToolConfigError(f"{w}.bind.{k}: not a parameter of this tool")
-        if v not in CONTEXT:
-            raise ToolConfigError(f"{w}.bind.{k}: expected one of {', '.join(sorted(CONTEXT))}, got {v!r}")
+        if v not in CONTEXT and not CALL_CONTEXT.fullmatch(v):
+            raise ToolConfigError(f"{w}.bind.{k}: expected one of {', '.join(sorted(CONTEXT))} or "
+                                  f"context.NAME, got {v!r}")
     timeout = _num(f"{w}.timeout", t.get("timeout", 5.0), 0.1, MAX_TIMEOUT)
     idem = _text(f"{w}.idempotency_key", t.get("idempotency_key", ""))
     if idem:

@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS erasures (
 """
 
 CALL_COLUMNS = ("id", "direction", "from_uri", "to_uri", "trunk", "app", "state", "codec", "created",
-                "answered", "ended", "result", "reason", "cell", "quality")
+                "answered", "ended", "result", "reason", "cell", "quality", "sip")
 
 
 def _statements(script: str) -> list[str]:
@@ -130,6 +130,10 @@ class Store:
                 self.db.execute("ALTER TABLE calls ADD COLUMN cell TEXT")
             if "caller_ref" not in cols:                          # databases from before sealed records
                 self.db.execute("ALTER TABLE calls ADD COLUMN caller_ref TEXT")
+            if "outcome" not in cols:                             # databases from before call outcomes
+                self.db.execute("ALTER TABLE calls ADD COLUMN outcome TEXT")
+            if "sip" not in cols:              # carrier headers, trunk addresses (sealed JSON, like the parties)
+                self.db.execute("ALTER TABLE calls ADD COLUMN sip TEXT")
             self.db.execute("CREATE INDEX IF NOT EXISTS calls_caller ON calls(caller_ref)")
             self.db.execute("COMMIT")
         except BaseException:
@@ -195,7 +199,9 @@ class Store:
         vals = [call.get(c) for c in CALL_COLUMNS] + [ref]
         vals[CALL_COLUMNS.index("quality")] = json.dumps(call["quality"]) if call.get("quality") is not None \
             else None
-        for c in ("from_uri", "to_uri"):
+        i = CALL_COLUMNS.index("sip")
+        vals[i] = json.dumps(vals[i]) if vals[i] else None
+        for c in ("from_uri", "to_uri", "sip"):
             i = CALL_COLUMNS.index(c)
             vals[i] = self.vault.seal(vals[i], call["id"], self.db)
         slowdisk.stall()
@@ -218,7 +224,20 @@ class Store:
         row.pop("caller_ref", None)
         for c in ("from_uri", "to_uri"):
             row[c] = self.vault.open(row[c])
+        sip = self.vault.open(row.get("sip"))
+        try:
+            row["sip"] = json.loads(sip) if sip else None
+        except (TypeError, ValueError):       # sealed with a key no longer in the ring
+            row["sip"] = None
+        if row.get("outcome") is not None:       # summary, disposition, intent (sealed JSON)
+            row["outcome"] = self.vault.open_json(row["outcome"])
         return row
+
+    def set_call_outcome(self, call_id: str, outcome: dict) -> None:
+        """What came of an ended call (what the caller wanted, in words: sealed like the transcript)."""
+        slowdisk.stall()
+        self.db.execute("UPDATE calls SET outcome = ? WHERE id = ?",
+                        (self.vault.seal(json.dumps(outcome), call_id, self.db), call_id))
 
     def call_saved(self, row: dict) -> None:
         """The writer committed ``row`` (unless a newer one is staged, reads go to the table again)."""
@@ -251,6 +270,18 @@ class Store:
             rows = [r for r in rows if r["id"] not in self.unsaved_calls] + staged
             rows.sort(key=lambda r: r["created"] or 0, reverse=True)
         return rows[:limit]
+
+    def outbound_load(self, trunk: str, since: float) -> tuple[int, list[float]]:
+        """Outbound calls through ``trunk`` (every cell of a box: they share this file, plus rows this
+        process has staged): how many are live, and the creation times of those made since ``since``."""
+        rows = {r["id"]: r for r in self._all(
+            "SELECT id, ended, created FROM calls WHERE trunk = ? AND direction = 'outbound' "
+            "AND (ended IS NULL OR created >= ?)", trunk, since)}
+        for r in list(self.unsaved_calls.values()):
+            if r.get("trunk") == trunk and r.get("direction") == "outbound":
+                rows[r["id"]] = r
+        active = sum(1 for r in rows.values() if r["ended"] is None)
+        return active, sorted(r["created"] for r in rows.values() if (r["created"] or 0) >= since)
 
     def close_open_calls(self, reason: str, cell: str) -> int:
         """A cell's calls left open by a crash are closed when it starts again."""

@@ -5,6 +5,11 @@ of real speech RTP from SIPp's own g711a.pcap per call), all up at once; every
 call's frame timing and MOS come from the cells' own call records; CPU is every
 process of the box (supervisor, cells, Kamailio) over the steady part.
 CPS: SIPp's built-in `uac` (no media, 0.1 s calls) at a fixed rate for 10 s.
+Idle: what a cell costs with no call (CPU % of a core from utime+stime of all its
+threads, PSS from /proc/<pid>/smaps_rollup), alone and in a box; and the CPU of
+echo calls at an 8 kHz vs a 16 kHz bridge (`media.clock_rate`).
+
+    python tests/bench/box.py [idle]
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support import BoxProcess, sipp  # noqa: E402
+from support import Api, BoxProcess, CellProcess, create_key, next_ports, sipp  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -59,6 +64,92 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
+def _pss_mb(pid: int) -> float:
+    try:
+        m = re.search(r"^Pss:\s+(\d+)", open(f"/proc/{pid}/smaps_rollup").read(), re.M)
+        return int(m.group(1)) / 1024 if m else 0.0
+    except OSError:
+        return 0.0
+
+
+def _cell_pids(box) -> list[int]:
+    """The cells' pids, as the box API lists them (forked cells share the supervisor's command line)."""
+    api = Api(box, create_key(box.data, "read", "bench"))
+    return [c["pid"] for c in api.get("/v1/cells")[1]["cells"]]
+
+
+def idle(cells: int, seconds: float = 60.0, settle: float = 5.0) -> dict:
+    """CPU % of a core and PSS of each idle echo cell: one `trunkline serve`, or a box of ``cells``."""
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        conf = '[models]\nload = "never"\n'
+        box = (CellProcess(tmp, conf, ("--app", "echo")) if cells == 1 else BoxProcess(tmp, cells, conf))
+        box.start(wait=False)
+        box.wait_healthy(timeout=120 + 3 * cells)
+        try:
+            time.sleep(settle)
+            pids = [box.proc.pid] if cells == 1 else _cell_pids(box)
+            c0, w0 = {p: _cpu([p]) for p in pids}, time.monotonic()
+            time.sleep(seconds)
+            c1, w1 = {p: _cpu([p]) for p in pids}, time.monotonic()
+            pss = [_pss_mb(p) for p in pids]
+        finally:
+            box.stop()
+    cpu = [100 * (c1[p] - c0[p]) / (w1 - w0) for p in pids]
+    return {"cells": cells, "seconds": seconds, "cell_cpu_pct_mean": round(sum(cpu) / len(cpu), 2),
+            "cell_cpu_pct_max": round(max(cpu), 2), "cell_pss_mb_mean": round(sum(pss) / len(pss), 1),
+            "cell_pss_mb_max": round(max(pss), 1)}
+
+
+def echo_rate(rate: int, calls: int = 3, seconds: float = 10.0) -> dict:
+    """CPU per echo call (SIPp `bench_pcap.xml`: PCMA, real speech) on one cell whose bridge runs at ``rate``."""
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        (tmp / "pcap").symlink_to("/usr/share/sip-tester")
+        cell = CellProcess(tmp, f'[models]\nload = "never"\n[media]\nclock_rate = {rate}\n', ("--app", "echo"))
+        cell.start()
+        try:
+            proc = sipp("bench_pcap.xml", cell.sip, tmp, "-l", str(calls), "-r", str(calls),
+                        "-mp", str(next_ports()["sip"]), local_port=cell.ports["sipp"], calls=calls,
+                        background=True, timeout=60)
+            cell.wait_event("call_answered", calls, timeout=20)
+            time.sleep(2)
+            c0, w0 = _cpu([cell.proc.pid]), time.monotonic()
+            time.sleep(seconds)
+            c1, w1 = _cpu([cell.proc.pid]), time.monotonic()
+            out, _ = proc.communicate(timeout=90)
+            ok, failed = _stats(out.decode(errors="replace"))
+            ended = cell.wait_event("call_ended", calls, timeout=30)
+        finally:
+            cell.stop()
+    cpu = 100 * (c1 - c0) / (w1 - w0)
+    return {"clock_rate": rate, "calls": calls, "answered": ok, "failed": failed, "cell_cpu_pct": round(cpu, 2),
+            "cpu_pct_per_call": round(cpu / max(1, ok), 2),
+            "frame_rate_min": min(e["frame_rate"] for e in ended),
+            "mos_min": min((e["mos"] or 0) for e in ended)}
+
+
+def idle_main(out_path: str | None = None, seconds: float = 60.0, box_cells: int = 4) -> dict:
+    res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "idle": [], "echo_rate": []}
+    print(f"idle echo cells ({seconds:.0f} s): CPU % of a core (utime+stime) and PSS per cell")
+    print(f"{'cells':>5} {'CPU% mean':>9} {'CPU% max':>8} {'PSS MB mean':>11} {'PSS MB max':>10}")
+    for n in (1, box_cells):
+        r = idle(n, seconds)
+        res["idle"].append(r)
+        print(f"{r['cells']:>5} {r['cell_cpu_pct_mean']:>9} {r['cell_cpu_pct_max']:>8} {r['cell_pss_mb_mean']:>11} "
+              f"{r['cell_pss_mb_max']:>10}")
+    print(f"\n{'bridge Hz':>9} {'calls':>5} {'ok':>3} {'cell CPU%':>9} {'CPU%/call':>9} {'fps min':>7} {'MOS min':>7}")
+    for rate in (8000, 16000):
+        r = echo_rate(rate)
+        res["echo_rate"].append(r)
+        print(f"{r['clock_rate']:>9} {r['calls']:>5} {r['answered']:>3} {r['cell_cpu_pct']:>9} "
+              f"{r['cpu_pct_per_call']:>9} {r['frame_rate_min']:>7} {r['mos_min']:>7}")
+    if out_path:
+        Path(out_path).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"saved {out_path}")
+    return res
+
+
 def _stats(out: str) -> tuple[int, int]:
     ok = int(re.search(r"Successful call\s+\|\s+\d+\s+\|\s+(\d+)", out).group(1))
     failed = int(re.search(r"Failed call\s+\|\s+\d+\s+\|\s+(\d+)", out).group(1))
@@ -82,8 +173,7 @@ def concurrent(cells: int, calls: int) -> dict:
             c0, w0 = _cpu(pids), time.monotonic()
             time.sleep(8)
             c1, w1 = _cpu(pids), time.monotonic()
-            cell_rss = [_rss_mb(p) for p in pids if b"bridge.cli" in open(f"/proc/{p}/cmdline", "rb").read()
-                        and p != box.proc.pid]
+            cell_rss = [_rss_mb(p) for p in _cell_pids(box)]
             out, _ = proc.communicate(timeout=180)
             ok, failed = _stats(out.decode(errors="replace"))
             ended = []
@@ -125,6 +215,7 @@ def cps(cells: int, rate: int, seconds: int = 10) -> dict:
 
 def main(out_path: str, sizes=((10, 30), (20, 60), (34, 100)), rates=(20, 50, 80), cps_cells=10) -> dict:
     res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "concurrent": [], "cps": []}
+    res.update({k: v for k, v in idle_main().items() if k != "when"})
     print("box: cells behind Kamailio, echo app, PCMA calls with real speech RTP")
     print(f"{'cells':>5} {'calls':>5} {'ok':>4} {'fail':>4} {'on time+MOS':>11} {'fps min':>7} {'p99 ms':>6} "
           f"{'gaps':>4} {'MOS min':>7} {'box CPU%':>8} {'CPU%/call':>9} {'RSS/cell MB':>11}")
@@ -146,4 +237,7 @@ def main(out_path: str, sizes=((10, 30), (20, 60), (34, 100)), rates=(20, 50, 80
 
 
 if __name__ == "__main__":
-    main(str(Path(__file__).resolve().parent / "results" / "box.json"))
+    if sys.argv[1:] == ["idle"]:
+        idle_main(str(Path(__file__).resolve().parent / "results" / "idle.json"))
+    else:
+        main(str(Path(__file__).resolve().parent / "results" / "box.json"))

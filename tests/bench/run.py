@@ -1,7 +1,9 @@
 """`make bench`: capacity and timing figures, printed and saved under results/:
 one cell (cell.json), the voice agent (agent.json), many cells behind Kamailio
 (box.json), the agent's tool choice (tools.json), media streams per encoding
-(streams.json). `--only cell|agent|box|tools|streams` runs one part.
+(streams.json), the built-in agent against a Pipecat bot on the same models
+(pipecat.json), TLS handshakes at the front (tls.json).
+`--only cell|agent|box|tools|streams|pipecat|tls` runs one part.
 
 Everything runs on 127.0.0.1 with real peers: a `trunkline serve` cell, SIPp
 for signalling and a Python RTP endpoint per call that streams G.711 at 50
@@ -131,7 +133,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "cell.json"))
-    ap.add_argument("--only", choices=["cell", "agent", "box", "tools", "streams"], help="run one part only")
+    ap.add_argument("--only", choices=["cell", "agent", "box", "idle", "tools", "streams", "pipecat", "tls"],
+                    help="run one part only (idle: the idle-cell and bridge-rate figures, also part of box)")
     args = ap.parse_args()
     if args.only in (None, "cell"):
         run_cell(args)
@@ -145,9 +148,18 @@ def main() -> int:
         import box
         box.main(str(HERE / "results" / "box.json"), sizes=((10, 30), (34, 100), (50, 150), (67, 200)),
                  rates=(50, 100, 150))
+    if args.only == "idle":
+        import box
+        box.idle_main(str(HERE / "results" / "idle.json"))
     if args.only in (None, "streams"):
         import streams
         streams.main(str(HERE / "results" / "streams.json"), calls=min(3, args.calls), seconds=15.0)
+    if args.only in (None, "pipecat"):
+        import pipecat_vs_agent
+        pipecat_vs_agent.main(str(HERE / "results" / "pipecat.json"), calls=sorted({1, min(3, args.calls)}))
+    if args.only in (None, "tls"):
+        import tls
+        tls.main(str(HERE / "results" / "tls.json"))
     return 0
 
 

@@ -319,7 +319,6 @@ class Soak:
         long_limit = max(1, round(0.5 * slots))         # ~19 s calls
         short_limit = max(1, round(0.8 * slots) - long_limit)
         cfg = ('[models]\nload = "never"\n[sip]\nrtp_timeout = 0\n[http]\noutbound_allow = ["127.0.0.1/32"]\n'
-               '[webhooks]\nbase_delay = 0.5\nmax_delay = 5\nmax_attempts = 50\n'
                f'[recordings]\nenabled = true\nkey_file = "{keys}"\ncurrent_key = "k1"\n')
         box = BoxProcess(tmp, self.cells, cfg)
         hook = WebhookReceiver()
@@ -567,7 +566,7 @@ class Soak:
         sipp_ok = sum(c["successful"] for c in calls.values())
         if answered_rows < sipp_ok:
             problems.append(f"{sipp_ok} calls answered at the caller, {answered_rows} answered calls in the store")
-        deadline = time.time() + 30
+        deadline = time.time() + 45                     # the last retry waits up to webhooks.max_delay
         while time.time() < deadline and not ended <= set(hook.got):
             time.sleep(0.5)
         missing_hook = ended - set(hook.got)

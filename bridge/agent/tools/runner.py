@@ -5,7 +5,9 @@ it never raises for anything the model, the network or the API does:
 
 1. the arguments are checked (types, ranges, enums, formats such as E.164)
    after the bound ones are filled from the call — a bad call goes back to
-   the model as an error, the API never sees it;
+   the model as an error, the API never sees it; so does an id argument
+   whose value no tool result and no caller words of this call vouch for
+   (``provenance``: the model may not make ids up);
 2. quotas (per phone call, per tool per call, per tool per minute) and the
    tool's circuit breaker are consulted;
 3. the request is sent with a per-attempt timeout, retried with exponential
@@ -35,6 +37,7 @@ from bridge.core.netguard import DEFAULT as DEFAULT_POLICY, Policy
 from bridge.core.schema import SchemaError, validate
 from bridge.agent.tools.breaker import CLOSED, STATE_NAMES, Breaker, RateWindow, backoff, retry_after
 from bridge.agent.tools.mapping import map_result
+from bridge.agent.tools.provenance import Evidence, unvouched
 from bridge.core.toolspec import PLACEHOLDER, ToolBox, ToolSpec
 from bridge.agent.tools.template import MissingValue, UnsafeValue, args_hash, lookup, render, render_url
 from sip.uri import user_part
@@ -54,6 +57,8 @@ class CallContext:
     to_uri: str = ""
     used: dict[str, int] = field(default_factory=dict)
     total: int = 0
+    evidence: Evidence = field(default_factory=Evidence)   # what tool results and the caller have shown
+    context: dict = field(default_factory=dict)    # the call's context ({context.NAME}): SIP headers, ...
 
     def values(self) -> dict:
         return {"id": self.call_id, "from": user_part(self.from_uri), "to": user_part(self.to_uri),
@@ -179,6 +184,8 @@ class ToolRunner:
             o.audit = self._audit(ctx, o, {}, None)
             return o
         o = await self._call(ctx, spec, args, tool_call_id)
+        if o.status in ("ok", "accepted") and o.result:
+            ctx.evidence.tool_result(o.result)        # ids the next tool call may use
         o.seconds = round(self.clock() - started, 3)
         o.audit = self._audit(ctx, o, o.audit.get("args", {}), o.audit.get("request"))
         self._count(o)
@@ -194,13 +201,28 @@ class ToolRunner:
         if not isinstance(args, dict):
             return self._invalid(spec, tcid, "the arguments must be a JSON object", {})
         call_values = ctx.values()
+        context = getattr(ctx, "context", None) or {}
+        # a bound argument is never the model's: what it sent for one is dropped, and a bound
+        # context value the call does not have makes the call invalid (never a model's guess)
+        args = {k: v for k, v in args.items() if k not in spec.bind}
+        missing = [src for src in spec.bind.values()
+                   if src.startswith("context.") and src.split(".", 1)[1] not in context]
+        if missing:
+            return self._invalid(spec, tcid, f"this call has no {missing[0]}", args)
         args = {**args, **{k: call_values[src.split(".", 1)[1]] for k, src in spec.bind.items()
-                           if src.startswith("call.")}}
+                           if src.startswith("call.")},
+                **{k: context[src.split(".", 1)[1]] for k, src in spec.bind.items()
+                   if src.startswith("context.")}}
         try:
             validate(args, spec.parameters)
         except SchemaError as exc:
             field_name = exc.field.removeprefix("body.") if exc.field != "body" else "arguments"
             return self._invalid(spec, tcid, f"invalid argument {field_name}: {exc.message}", args)
+        # Carrier headers (the call's context) vouch for nothing: X- headers often pass through from
+        # upstream parties, so a header value must never stand in for a tool's result or the caller.
+        refusal = unvouched(spec.parameters, spec.bind, args, ctx.evidence)
+        if refusal is not None:
+            return Outcome(spec.name, tcid, "invalid", refusal, kind="unverified_id", audit={"args": args})
         now = self.clock()
         s = self.settings
         if ctx.total >= s["max_per_call"] or ctx.used.get(spec.name, 0) >= spec.per_call:
@@ -215,7 +237,8 @@ class ToolRunner:
                            kind="breaker_open", audit={"args": args})
         ctx.total += 1
         ctx.used[spec.name] = ctx.used.get(spec.name, 0) + 1
-        values = {"args": args, "call": call_values, "tool_call": {"id": tcid}, "args_hash": args_hash(args),
+        values = {"args": args, "call": call_values, "context": ctx.context, "tool_call": {"id": tcid},
+                  "args_hash": args_hash(args),
                   "callback_url": self.callback_url(ctx.call_id, tcid)}
         try:
             req = self._request(spec, values, args)

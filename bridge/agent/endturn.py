@@ -1,0 +1,109 @@
+"""When the caller's turn is over, from the audio: the end-of-turn model's decisions, sans I/O.
+
+The endpointer (``media.endpoint``) says when the caller went quiet; this
+part of the turn machine decides what the quiet means. After
+``turn_min_silence`` of quiet (~0.25 s) the machine asks the end-of-turn
+model (Smart Turn, run by the inference process) about the utterance so far,
+and the endpointer's window is stretched to ``turn_max_silence`` (~2 s): from
+then on the machine ends the pause itself:
+
+- ``p >= turn_threshold`` ("complete"): the turn ends as soon as the
+  speculative transcript is in (the reply cannot start before it anyway),
+  unless that transcript ends in a digit - someone reading a number pauses
+  between groups - then after ``silence + digits_extra`` of quiet;
+- ``p < turn_threshold`` ("incomplete"), or no answer yet: up to
+  ``turn_max_silence``, so slowly read digit groups are not cut off;
+- the model failed (or did not load): today's fixed ``silence`` window;
+  with ``turn_model = "none"`` the machine never asks.
+
+Each pause of the caller gets at most one question; voice again starts over.
+``TurnEnd.fields()`` is what goes into the caller's turn record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Decision:
+    """One question to the model, for one pause of the caller."""
+    id: int
+    asked_at: float
+    probability: float | None = None
+    seconds: float | None = None         # the model's own time per decision
+    answered_at: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TurnEndConfig:
+    enabled: bool
+    min_silence: float
+    max_silence: float
+    threshold: float
+    silence: float                       # the fixed window (fallback)
+
+    @classmethod
+    def of(cls, cfg: dict) -> TurnEndConfig:
+        return cls(cfg.get("turn_model", "none") != "none", cfg.get("turn_min_silence", 0.25),
+                   cfg.get("turn_max_silence", 2.0), cfg.get("turn_threshold", 0.5), cfg["silence"])
+
+
+class TurnEnd:
+    def __init__(self, cfg: TurnEndConfig):
+        self.cfg = cfg
+        self.decision: Decision | None = None
+        self.digits = False                       # this pause's transcript ends in a digit
+        self.last: dict = {}                      # the fields of the turn that just ended
+
+    def reset(self) -> None:
+        """The caller spoke again (or a new turn begins): the question is stale."""
+        self.decision = None
+
+    def should_ask(self, quiet: float, voiced_time: float, min_utterance: float) -> bool:
+        return self.cfg.enabled and self.decision is None and quiet >= self.cfg.min_silence and \
+            voiced_time >= min_utterance
+
+    def ask(self, id: int, now: float) -> Decision:
+        self.decision = Decision(id, now)
+        return self.decision
+
+    def current(self, id: int) -> Decision | None:
+        d = self.decision
+        return d if d is not None and d.id == id and d.probability is None and d.error is None else None
+
+    def answer(self, d: Decision, probability: float, seconds: float, now: float) -> bool:
+        """Record the answer; True when it is a confident "complete"."""
+        d.probability, d.seconds, d.answered_at = probability, seconds, now
+        return probability >= self.cfg.threshold
+
+    def stretch(self) -> float:
+        """Extra silence (over the fixed window) the endpointer allows once the model is asked."""
+        return max(0.0, self.cfg.max_silence - self.cfg.silence)
+
+    @property
+    def complete(self) -> bool:
+        d = self.decision
+        return d is not None and d.probability is not None and d.probability >= self.cfg.threshold
+
+    def ended(self, how: str) -> None:
+        """The turn is over (``how``: "model", "silence", "max", "digits", "forced"): keep its record."""
+        if not self.cfg.enabled:
+            self.last = {}
+        else:
+            d = self.decision
+            if how == "silence" and d is not None and d.error is None:
+                how = "max"                      # the stretched window ran out
+            self.last = {"end": how,
+                         "turn_p": None if d is None or d.probability is None else round(d.probability, 3),
+                         "turn_model_ms": None if d is None or d.seconds is None else round(d.seconds * 1000, 1),
+                         "turn_wait_ms": None if d is None or d.answered_at is None
+                         else round((d.answered_at - d.asked_at) * 1000, 1)}
+            if d is not None and d.error:
+                self.last["turn_error"] = d.error
+        self.decision = None
+        self.digits = False
+
+    def fields(self) -> dict:
+        out, self.last = self.last, {}
+        return out
