@@ -17,6 +17,7 @@ PROMPT = ('[agent]\nsystem_prompt = "You are the receptionist of Acme Dental. We
           '9 to 5. Answer in one short sentence."\nmax_reply_tokens = 30\n')
 
 
+@pytest.mark.slow       # (default-suite time: test_data_at_rest and the other agent calls here cover a real agent call)
 def test_conversation_two_turns_and_durable_transcript(cell_factory, tmp_path):
     cell = cell_factory(PROMPT, args=("--app", "agent"))
     caller = Caller(cell, tmp_path)
