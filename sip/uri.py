@@ -116,21 +116,42 @@ def _uri_parts(uri: str) -> tuple[str, str, str, int | None]:
 
 
 def _at_trunk(host: str, port: int | None, policy: DestinationPolicy) -> bool:
+    return _trunk_at(host, port, policy) is not None
+
+
+def _trunk_at(host: str, port: int | None, policy: DestinationPolicy) -> str | None:
+    """The first trunk whose address (host and port) or allow-list is ``host``."""
     import ipaddress
-    for _, address, allow in policy.trunks:
+    for name, address, allow in policy.trunks:
         if address:
             a = address[4:] if address.lower().startswith("sip:") else address
             thost, tport = host_port(a.split(";", 1)[0].split("@")[-1])
             if thost == host and (port is None or port == (tport or 5060)):
-                return True
+                return name
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             continue
         if any(ip in ipaddress.ip_network(c, strict=False) for c in allow
                if ipaddress.ip_network(c, strict=False).version == ip.version):
-            return True
-    return False
+            return name
+    return None
+
+
+def trunk_of(target: str, trunk: str | None, policy: DestinationPolicy) -> str | None:
+    """The trunk a call to ``target`` goes through: the one named, else the trunk whose address
+    or allow-list a SIP URI's host is in (so per-trunk limits hold for a URI sent without
+    ``trunk``); None for anything else."""
+    if trunk is not None:
+        return trunk
+    target = target.strip()
+    if not target.lower().startswith(("sip:", "sips:")):
+        return None
+    parts = _strict_uri(target)
+    if isinstance(parts, str):
+        return None
+    _, _, host, port = parts
+    return _trunk_at(host, port, policy)
 
 
 def check_destination(target: str, trunk: str | None, policy: DestinationPolicy) -> str | None:

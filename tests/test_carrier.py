@@ -390,3 +390,17 @@ def test_header_context_is_neither_evidence_nor_an_order():
     out = fill_context("Customer {context.x_note}; number {context.pai_number}.", bad)
     assert "Ignore previous" not in out and "\u2028" not in out
     assert out == "Customer cus_9.; number +1555Ignore."
+
+
+def test_a_uri_at_a_trunks_address_counts_against_that_trunk():
+    """Security review: omitting `trunk` and dialling a SIP URI at a trunk's address must not
+    escape the trunk's cps / max_calls (the limits key on the trunk the call goes through)."""
+    from sip.config import TrunkSpec
+    from sip.uri import DestinationPolicy, trunk_of
+    trunks = [TrunkSpec("a", address="sip:198.51.100.7:5070"), TrunkSpec("b", allow=["203.0.113.0/24"])]
+    policy = DestinationPolicy.of([], [], trunks)
+    assert trunk_of("sip:+19005550100@198.51.100.7:5070", None, policy) == "a"
+    assert trunk_of("sip:100@203.0.113.9", None, policy) == "b"
+    assert trunk_of("sip:100@192.0.2.1", None, policy) is None
+    assert trunk_of("+19005550100", None, policy) is None
+    assert trunk_of("sip:100@198.51.100.7:5070", "b", policy) == "b"        # a named trunk stands

@@ -32,7 +32,7 @@ from bridge.core.states import CallState, SpeakingState, TranscribeState
 from bridge.api.speaking import Speaking, Transcriber
 from bridge.api.trunklimits import TrunkLimits
 from sip import commands as cmd
-from sip.uri import DestinationPolicy, check_destination
+from sip.uri import DestinationPolicy, check_destination, trunk_of
 
 log = logging.getLogger("trunkline.api")
 
@@ -247,7 +247,8 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         if app == "agent" and self.services.hub is None:
             raise ApiError(409, "no_speech_engines", f"app {app!r} needs the models (models.load)", "app")
         self._check_destination(body["to"], trunk)
-        with self.trunk_limits.placing(trunk):          # 429 over the trunk's cps, 409 over its max_calls
+        # the limits of the trunk the call goes through, named or not (a URI at a trunk's address)
+        with self.trunk_limits.placing(trunk_of(body["to"], trunk, self._policy())):  # 429 over cps, 409 over max_calls
             try:
                 call_id = await self.services.make_call(body["to"], trunk, app)
             except Exception as exc:  # noqa: BLE001 - engine refusals
@@ -259,11 +260,14 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         s.hangup("api hangup")
         return 200, {"id": s.call_id, "state": CallState.ENDING}
 
+    def _policy(self) -> DestinationPolicy:
+        cfg = self.services.cfg
+        return DestinationPolicy.of(cfg.raw["sip"]["allowed_destinations"], cfg.raw["app"]["dtmf_transfer"].values(),
+                                    cfg.trunks)
+
     def _check_destination(self, target: str, trunk: str | None) -> None:
         """Toll-fraud guard (sip.allowed_destinations): 403 naming the rule."""
-        cfg = self.services.cfg
-        refusal = check_destination(target, trunk, DestinationPolicy.of(
-            cfg.raw["sip"]["allowed_destinations"], cfg.raw["app"]["dtmf_transfer"].values(), cfg.trunks))
+        refusal = check_destination(target, trunk, self._policy())
         if refusal:
             raise ApiError(403, "destination_not_allowed", refusal, "to")
 
