@@ -117,12 +117,15 @@ def test_inference_crash_mid_call_apologises_and_recovers(cell_factory, tmp_path
         os.kill(worker_pid, signal.SIGKILL)                  # the models' process dies mid-call
         end = caller.speak("What are your opening hours?")
         apology = caller.wait_reply(end)
-        assert "trouble" in transcribe(apology).lower()          # the canned apology
+        heard = transcribe(apology).lower()
+        assert "trouble" in heard                                # the canned apology (agent.apology_text)
         new = cell.wait_event("models_loaded", 2, timeout=60)[1]["worker_pid"]
         assert new != worker_pid
         end = caller.speak("What are your opening hours?")
         reply = caller.wait_reply(end)
-        assert "trouble" not in transcribe(reply).lower()        # a model's answer again
+        # a model's answer again, not the canned line (the small model may say "sorry for your trouble")
+        again = transcribe(reply).lower()
+        assert "having trouble right now" not in again and "with me" not in again
         assert cell.alive()
         caller.goodbye()
     finally:
