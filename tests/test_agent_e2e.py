@@ -108,14 +108,17 @@ def test_model_that_fails_to_load_stops_the_cell_at_start(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.sample
-def test_inference_crash_mid_call_apologises_and_recovers(cell_factory, tmp_path):
+@pytest.mark.slow       # flaky this round: now and then the question after the restart still gets the
+def test_inference_crash_mid_call_apologises_and_recovers(cell_factory, tmp_path):     # canned apology (open)
     cell = cell_factory(PROMPT, args=("--app", "agent"))
     worker_pid = cell.wait_event("models_loaded")[0]["worker_pid"]
     caller = Caller(cell, tmp_path, seconds=90)
     try:
         caller.wait_reply(time.monotonic())
-        os.kill(worker_pid, signal.SIGKILL)                  # the models' process dies mid-call
+        # the models' process dies mid-call, as the caller's question is being answered (killed before
+        # the question, a fast respawn could already answer it, and there would be nothing to apologise for)
         end = caller.speak("What are your opening hours?")
+        os.kill(worker_pid, signal.SIGKILL)
         apology = caller.wait_reply(end)
         heard = transcribe(apology).lower()
         assert "trouble" in heard                                # the canned apology (agent.apology_text)
@@ -125,7 +128,7 @@ def test_inference_crash_mid_call_apologises_and_recovers(cell_factory, tmp_path
         reply = caller.wait_reply(end)
         # a model's answer again, not the canned line (the small model may say "sorry for your trouble")
         again = transcribe(reply).lower()
-        assert "having trouble right now" not in again and "with me" not in again
+        assert not any(w in again for w in ("trouble right now", "bear with me", "bare with me"))
         assert cell.alive()
         caller.goodbye()
     finally:
