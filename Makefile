@@ -50,7 +50,7 @@ bench: test-deps
 	$(BIN)/python tests/bench/run.py $(ARGS)
 
 # Soak (issue 14): a box of cells under steady traffic with faults injected at known times,
-# sampled from /proc; results in tests/bench/results/soak.json. `make test` runs a 2-minute sample.
+# sampled from /proc; results in tests/bench/results/soak.json. tests/test_soak.py runs 2 minutes (slow suite).
 DURATION ?= 3600
 SOAK_CELLS ?= 4
 soak: test-deps
