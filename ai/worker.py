@@ -133,9 +133,11 @@ class Worker:
         return self.cancelled.get(call, 0.0) > queued_at
 
     # -- engine loops -------------------------------------------------------
-    def stt_loop(self) -> None:
+    def _serve(self, engine: str, answer) -> None:
+        """One engine's loop: take its queued requests in order, skip cancelled calls' work, send
+        ``answer(request)`` back, or an ``EngineError`` naming the engine if it raises."""
         while not self.stopping:
-            got = self.q["stt"].get(0.5)
+            got = self.q[engine].get(0.5)
             if got is None:
                 continue
             call, job = got
@@ -143,25 +145,23 @@ class Worker:
             if self._is_cancelled(call, job.queued_at):
                 continue
             try:
-                r = self.stt.transcribe(req.pcm)
-                self.send(m.SttResult(req.rid, r.text, r.no_speech_prob, r.avg_logprob, r.audio_seconds, r.seconds))
+                self.send(answer(req))
             except Exception as exc:  # noqa: BLE001
-                self.send(m.EngineError(req.rid, "stt", f"{type(exc).__name__}: {exc}"))
+                self.send(m.EngineError(req.rid, engine, f"{type(exc).__name__}: {exc}"))
+
+    def _transcribe(self, req) -> m.FromWorker:
+        r = self.stt.transcribe(req.pcm)
+        return m.SttResult(req.rid, r.text, r.no_speech_prob, r.avg_logprob, r.audio_seconds, r.seconds)
+
+    def _score_turn(self, req) -> m.FromWorker:
+        p, secs = self.turn.predict(req.pcm)
+        return m.TurnResult(req.rid, p, secs)
+
+    def stt_loop(self) -> None:
+        self._serve("stt", self._transcribe)
 
     def turn_loop(self) -> None:
-        while not self.stopping:
-            got = self.q["turn"].get(0.5)
-            if got is None:
-                continue
-            call, job = got
-            req = job.request
-            if self._is_cancelled(call, job.queued_at):
-                continue
-            try:
-                p, secs = self.turn.predict(req.pcm)
-                self.send(m.TurnResult(req.rid, p, secs))
-            except Exception as exc:  # noqa: BLE001
-                self.send(m.EngineError(req.rid, "turn", f"{type(exc).__name__}: {exc}"))
+        self._serve("turn", self._score_turn)
 
     def tts_loop(self) -> None:
         while not self.stopping:

@@ -389,26 +389,48 @@ def test_a_confident_complete_ends_the_turn_after_a_short_silence():
 def test_incomplete_waits_up_to_turn_max_silence_and_groups_of_digits_stay_one_turn():
     c = model_call(speculate=True, turn_max_silence=2.0)
     groups = [SPEECH[10:40], SPEECH[40:70], SPEECH[70:97]]
+    read = ["4 1 5", "4 1 5 8 6 7", "4 1 5, 8 6 7, 2 3 9 0."]
+    scores = [0.98, 0.2, 0.9]          # the model hears "four one five," as complete (seen on real calls)
+    pauses = [1.7, 1.2]                # quiet after a partial number called "complete", then "incomplete"
     for i, g in enumerate(groups):
         c.feed(g)
         q, _ = pause_until_asked(c)
         decode = c.stt()[-1].decode
-        c.do(c.m.stt_result(decode, A.Transcript(f"My number is {'4 1 5 8 6 7'[:2 * i + 1]}", 0.01, -0.2, 1.0, 0.3),
-                            c.now))
-        last = i == len(groups) - 1
-        c.do(c.m.turn_score(q.decision, 0.9 if last else 0.2, 0.05, c.now))
-        if not last:
-            c.quiet(50)                           # a 1.2 s pause between groups: still the same turn
-            assert not c.turns("caller") and c.m.ep.in_speech
-    assert not c.turns("caller")                  # complete, but it ends in a digit: the digits window
+        c.do(c.m.stt_result(decode, A.Transcript(f"My number is {read[i]}", 0.01, -0.2, 1.0, 0.3), c.now))
+        c.do(c.m.turn_score(q.decision, scores[i], 0.05, c.now))
+        if i < len(pauses):
+            c.quiet(round((pauses[i] - (c.now - c.voiced_at[-1])) / 0.02))   # a slow reader's pause
+            assert not c.turns("caller") and c.m.ep.in_speech, i
+    assert not c.turns("caller")                  # complete, ten digits: the digits window
     c.quiet(round((1.36 - (c.now - c.voiced_at[-1])) / 0.02))
     assert not c.turns("caller")
     c.quiet(3)
     (caller,) = c.turns("caller")
     assert caller.extra["end"] == "digits" and caller.text.startswith("My number is 4 1 5")
-    assert 1.4 <= c.m.transitions[-1].at - c.voiced_at[-1] <= 1.42
+    assert 1.4 <= c.m.transitions[-1].at - c.voiced_at[-1] <= 1.421
     (final,) = [r for r in c.stt() if r.decode == c.stt()[-1].decode]
     assert len(final.pcm16k) >= len(b"".join(SPEECH[10:97]))          # one utterance: all three groups
+
+
+def test_a_partial_number_called_complete_waits_turn_max_silence():
+    c = model_call(speculate=True, turn_max_silence=2.0)
+    c.feed(SPEECH)
+    q, _ = pause_until_asked(c)
+    c.do(c.m.stt_result(c.stt()[-1].decode, A.Transcript("My number is 415.", 0.01, -0.2, 1.0, 0.3), c.now))
+    c.do(c.m.turn_score(q.decision, 0.98, 0.05, c.now))
+    c.quiet(round((1.96 - (c.now - c.voiced_at[-1])) / 0.02))
+    assert not c.turns("caller")                  # no reader pauses longer between groups
+    c.quiet(4)
+    (caller,) = c.turns("caller")
+    assert caller.text == "My number is 415." and 2.0 <= c.m.transitions[-1].at - c.voiced_at[-1] <= 2.04
+
+
+def test_digit_tail_counts_the_digits_a_transcript_ends_with():
+    from bridge.agent.endturn import digit_tail
+    assert digit_tail("My number is 415.") == 3
+    assert digit_tail("My number is four one five, eight six seven,") == 6
+    assert digit_tail("It's 415-867-2390") == 10
+    assert digit_tail("I have 2 kids.") == 0 and digit_tail("") == 0 and digit_tail(None) == 0
 
 
 def test_an_incomplete_turn_ends_at_turn_max_silence():

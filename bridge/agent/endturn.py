@@ -9,8 +9,11 @@ then on the machine ends the pause itself:
 
 - ``p >= turn_threshold`` ("complete"): the turn ends as soon as the
   speculative transcript is in (the reply cannot start before it anyway),
-  unless that transcript ends in a digit - someone reading a number pauses
-  between groups - then after ``silence + digits_extra`` of quiet;
+  unless that transcript ends in digits - someone reading a number pauses
+  between groups, and the model (which hears only the audio) calls "four one
+  five," complete - then after ``silence + digits_extra`` of quiet once the
+  digits make a whole number (``WHOLE_NUMBER``: a local phone number or
+  longer), or after ``turn_max_silence`` while they are fewer;
 - ``p < turn_threshold`` ("incomplete"), or no answer yet: up to
   ``turn_max_silence``, so slowly read digit groups are not cut off;
 - the model failed (or did not load): today's fixed ``silence`` window;
@@ -21,7 +24,26 @@ Each pause of the caller gets at most one question; voice again starts over.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+DIGIT_WORDS = frozenset(("zero", "oh", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+WHOLE_NUMBER = 7        # digits read out that can be a whole number: a local phone number (10 with area code)
+_TOKENS = re.compile(r"[A-Za-z]+|\d+")
+
+
+def digit_tail(text: str | None) -> int:
+    """How many digits the transcript ends with, in figures or words, across the groups a
+    reader makes ("My number is 415, eight six seven" -> 6); 0 if it ends in a word."""
+    n = 0
+    for tok in reversed(_TOKENS.findall(text or "")):
+        if tok.isdigit():
+            n += len(tok)
+        elif tok.lower() in DIGIT_WORDS:
+            n += 1
+        else:
+            break
+    return n
 
 
 @dataclass
@@ -42,11 +64,13 @@ class TurnEndConfig:
     max_silence: float
     threshold: float
     silence: float                       # the fixed window (fallback)
+    digits_extra: float = 0.0            # added to it when the transcript ends in a whole number
 
     @classmethod
     def of(cls, cfg: dict) -> TurnEndConfig:
         return cls(cfg.get("turn_model", "none") != "none", cfg.get("turn_min_silence", 0.25),
-                   cfg.get("turn_max_silence", 2.0), cfg.get("turn_threshold", 0.5), cfg["silence"])
+                   cfg.get("turn_max_silence", 2.0), cfg.get("turn_threshold", 0.5), cfg["silence"],
+                   cfg.get("digits_extra", 0.0))
 
 
 class TurnEnd:
@@ -76,6 +100,19 @@ class TurnEnd:
         """Record the answer; True when it is a confident "complete"."""
         d.probability, d.seconds, d.answered_at = probability, seconds, now
         return probability >= self.cfg.threshold
+
+    def window(self, text: str | None) -> float | None:
+        """The quiet that ends this pause when the model cannot: it failed (the fixed window,
+        longer after digits), or said "complete" over a transcript (``text``, None while it is
+        not in) ending in digits (the digits window); None: the stretched window decides."""
+        d, tail = self.decision, digit_tail(text)
+        self.digits = tail > 0
+        if d is None or not (d.error is not None or (self.complete and tail)):
+            return None
+        if not tail:
+            return self.cfg.silence
+        short = self.cfg.silence + self.cfg.digits_extra
+        return short if tail >= WHOLE_NUMBER else max(short, self.cfg.max_silence)
 
     def stretch(self) -> float:
         """Extra silence (over the fixed window) the endpointer allows once the model is asked."""

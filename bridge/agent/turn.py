@@ -42,12 +42,13 @@ from collections import deque
 from typing import Any, Mapping
 
 from ai.text import SentenceCutter, clean_for_speech
-from bridge.agent.actions import (Action, AuditTool, CallTool, Cancel, ClearMark, Emit, Frame, HangUp, Line,
-                                  LogEvent, LogTool, LogTurn, MarkFrame, Metric, Release, RequestReply, RequestStt,
-                                  ScoreTurn, Send, Synthesize, ToolChoice, Transcript)
+from bridge.agent.actions import (Action, Cancel, ClearMark, Emit, Frame, HangUp, Line, LogEvent, LogTurn,
+                                  MarkFrame, Metric, Release, RequestReply, RequestStt, ScoreTurn, Send, Synthesize,
+                                  Transcript)
 from bridge.agent.bargein import BargeIn, Hold, OnsetCounter, RewindPlayout, Short
 from bridge.agent.dialog import Dialog
-from bridge.agent.endturn import TurnEnd, TurnEndConfig
+from bridge.agent.endturn import TurnEnd, TurnEndConfig, digit_tail
+from bridge.agent.toolturns import ToolTurns
 from bridge.agent.turnstate import (AT_REST, RELEASED, Decode, Reply, State, Timings, Transition,  # noqa: F401
                                     Update, _Collect)
 from media.endpoint import EndpointConfig, Endpointer
@@ -56,11 +57,9 @@ log = logging.getLogger("trunkline.agent")
 
 PREROLL_FRAMES = 15          # 300 ms of audio kept from before speech was detected
 TURN_MODEL_BYTES = 8 * 16000 * 2     # the end-of-turn model looks at the last 8 s
-_NUMBERISH = re.compile(r"(\d|\b(zero|oh|one|two|three|four|five|six|seven|eight|nine)\b)[\s.,-]*$", re.I)
-FAILED_TOOL = ("unavailable", "quota", "error")
 
 
-class TurnMachine(BargeIn):
+class TurnMachine(BargeIn, ToolTurns):
     def __init__(self, cfg: dict, canned: Mapping[str, list[bytes]], tools: Any = None,
                  tool_settings: dict | None = None, call_id: str = "", now: float = 0.0):
         self.cfg = cfg
@@ -324,7 +323,7 @@ class TurnMachine(BargeIn):
         if d is None or d.id != decode or self.state in (State.HANGING_UP, State.ENDED):
             return []
         d.result = t
-        if _NUMBERISH.search(t.text or ""):
+        if digit_tail(t.text):
             self.ep.extend(self.cfg["digits_extra"])      # reading digits one by one: wait longer
         if self.ep.in_speech and self.cfg["speculate"] and self.state is State.LISTENING and not t.unclear:
             self._start_reply(t.text, True, t.seconds, now)
@@ -344,14 +343,9 @@ class TurnMachine(BargeIn):
         return self._take()                      # "not finished": the endpointer waits up to turn_max_silence
 
     def _fixed_window(self) -> float | None:
-        """The quiet that ends this pause when the model cannot: it failed (the fixed window, longer after
-        digits), or said "complete" over a transcript ending in a digit (the digits window)."""
-        d, t = self.turn_end.decision, self.decode.result if self.decode is not None else None
-        digits = t is not None and bool(_NUMBERISH.search(t.text or ""))
-        self.turn_end.digits = digits
-        if d.error is not None or (self.turn_end.complete and digits):
-            return self.cfg["silence"] + (self.cfg["digits_extra"] if digits else 0.0)
-        return None
+        """The quiet that ends this pause when the model cannot (``TurnEnd.window``)."""
+        t = self.decode.result if self.decode is not None else None
+        return self.turn_end.window(t.text if t is not None else None)
 
     def turn_failed(self, decision: int, msg: str, now: float) -> list[Action]:
         """No decision (no model, worker down): the fixed silence window ends this turn."""
@@ -370,7 +364,7 @@ class TurnMachine(BargeIn):
         if d is None:                            # (turn_min_silence < pause) the transcript is needed
             self._speculate(now)
             return
-        if d.result is None or _NUMBERISH.search(d.result.text or ""):
+        if d.result is None or digit_tail(d.result.text):
             return
         self.ep.reset()
         self._end_of_turn(now, "model")
@@ -536,70 +530,6 @@ class TurnMachine(BargeIn):
         r.tts_pending -= 1
         self._composed(r, now)
         return self._take()
-
-    # -- inputs: tools ------------------------------------------------------------------------
-    def tool_chosen(self, reply: int, choice: ToolChoice, now: float) -> list[Action]:
-        r = self._current(reply)
-        if r is None or self.tools is None:
-            return []
-        if self.state is State.HOLDING:
-            r.pending_tool = choice            # run it only if the caller really finished
-        else:
-            self._run_tool(r, choice, now)
-        return self._take()
-
-    def _run_tool(self, r: Reply, choice: ToolChoice, now: float) -> None:
-        r.rounds += 1
-        spec = self.tools.specs.get(choice.tool)
-        after = self.tool_settings.get("filler_after", 1.0)
-        if spec is not None and spec.filler and after:
-            r.filler_at = now + after
-        self._set(State.TOOL, f"tool {choice.tool}", now)
-        self._act(CallTool(r.id, choice))
-
-    def tool_done(self, reply: int, choice: ToolChoice, o: Any, now: float) -> list[Action]:
-        """A tool call came back (``o``: the runner's ``Outcome``)."""
-        self.dialog.add_tool(o, choice.arguments)
-        self._act(AuditTool(o.audit),
-                  Emit("tool_called", {k: o.audit.get(k) for k in (
-                      "tool_call_id", "tool", "status", "kind", "http_status", "attempts", "seconds", "args",
-                      "result")}),
-                  LogTool(self.turn_no, o.tool, o.status, o.kind, o.seconds))
-        r = self._current(reply)
-        if r is None or self.state is not State.TOOL:      # barged in meanwhile: the result is in the history
-            return self._take()
-        r.filler_at = None
-        if o.status in FAILED_TOOL:
-            r.llm_done = True
-            for key in ("tool_unavailable_text", "tool_fallback_text"):
-                self._say_canned(key)
-                r.sentences.append(self.cfg[key])
-            self._set(State.PLAYING if r.composed else State.REPLYING, f"tool {o.status}", now)
-        elif o.say:
-            self._set(State.REPLYING, "tool answered", now)
-            self._say_line(r, o.say, now)
-            self._composed(r, now)
-        else:
-            self._set(State.REPLYING, "tool answered", now)
-            self._model_round(r, [])
-        return self._take()
-
-    def tool_result(self, tool: str, result: dict, say: str | None, now: float) -> list[Action]:
-        """An async tool result for this call: into the history now, spoken when the line is free."""
-        self.dialog.add_update(tool, result)
-        self.updates.append(Update(tool, result, say))
-        return []
-
-    def _speak_update(self, u: Update, now: float) -> None:
-        r = Reply(next(self._ids), self.turn_no, "", now, Timings(now))
-        self.playout.take_heard()
-        self.reply = r
-        self._set(State.REPLYING, f"update from {u.tool}", now)
-        if u.say:
-            self._say_line(r, u.say, now)
-            self._composed(r, now)
-        else:
-            self._model_round(r, [])
 
     # -- endings --------------------------------------------------------------------------------
     def _reply_finished(self, r: Reply, now: float) -> None:
