@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         from bridge.cell.apps import load_prompt
         from media.wav import WavError
         try:
-            load_prompt(cfg.raw["app"]["prompt"], cfg.raw["media"]["clock_rate"])
+            load_prompt(cfg.raw["app"]["prompt"], cfg.clock_rate)
         except WavError as exc:
             print(f"trunkline: config error: app.prompt: {exc}", file=sys.stderr)
             return 2

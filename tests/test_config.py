@@ -27,7 +27,7 @@ def test_precedence_file_env_flags(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('[sip]\ncapacity = 4\n', "sip.capacity: expected an integer 1..3, got 4"),
     ('[media]\nrtp_ports = "9000"\n', "media.rtp_ports: expected LOW-HIGH"),
-    ('[media]\nclock_rate = 44100\n', "media.clock_rate: expected one of"),
+    ('[media]\nclock_rate = 44100\n', "media.clock_rate: expected auto, 8000 or 16000"),
     ('[sip]\ncodecs = ["PCMU", "AMR"]\n', "sip.codecs: unknown codec 'AMR'"),
     ('[nope]\nx = 1\n', "nope: unknown key"),
     ('[[trunks]]\nallow = ["10.0.0.0/8"]\n', "trunks[0].name: required"),
@@ -64,3 +64,17 @@ def test_source_filter():
     assert f.allows("192.0.2.7:5060") and f.allows("[2001:db8::1]:5060") and f.allows("::ffff:192.0.2.9")
     assert not f.allows("198.51.100.1:5060") and not f.allows("garbage") and not f.allows("[::1]:5060")
     assert split_hostport("[::1]:5080") == ("::1", 5080) and split_hostport("h") == ("h", None)
+
+
+def test_clock_rate_auto_picks_8khz_unless_a_wideband_codec_meets_an_app_that_uses_the_audio(tmp_path):
+    def rate(text: str, app: str | None = None) -> int:
+        p = tmp_path / "c.toml"
+        p.write_text(text)
+        return load(str(p), {"app.name": app} if app else None).clock_rate
+    assert rate("") == 8000                                           # the default echo app: media only
+    assert rate("", "agent") == 16000                                 # G722 is enabled by default
+    assert rate('[sip]\ncodecs = ["PCMU", "PCMA"]\n', "agent") == 8000  # G.711 only: 8 kHz on the wire
+    assert rate('[media]\nclock_rate = 16000\n') == 16000
+    assert rate('[media]\nclock_rate = "8000"\n', "agent") == 8000
+    with pytest.raises(ConfigError):
+        rate('[media]\nclock_rate = 44100\n')

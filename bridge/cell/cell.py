@@ -69,7 +69,7 @@ def engine_config(cfg: Config) -> EngineConfig:
     return EngineConfig(
         host=host.strip("[]"), port=int(port), public_address=sip["public_address"],
         user_agent=sip["user_agent"], rtp_low=int(lo), rtp_high=int(hi),
-        clock_rate=media["clock_rate"], codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
+        clock_rate=cfg.clock_rate, codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
         capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
         rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
         tcp=_sip_tcp(sip, host.strip("[]")),
@@ -164,7 +164,7 @@ class Cell:
             await self.tools.start()
         if self.cfg.needs_models():
             from bridge.agent.hub import AiHub
-            self.hub = AiHub(self.cfg, self.metrics, self.cfg.raw["media"]["clock_rate"])
+            self.hub = AiHub(self.cfg, self.metrics, self.cfg.clock_rate)
             self.services.hub = self.hub
             try:
                 await self.hub.start()

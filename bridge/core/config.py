@@ -83,6 +83,20 @@ def _str(v: Any) -> str:
     return v
 
 
+MEDIA_ONLY_APPS = ("echo", "playback")      # apps that do nothing with the audio but move it
+WIDEBAND_CODECS = ("G722",)
+
+
+def _clock_rate(v: Any) -> str | int:
+    if v == "auto":
+        return v
+    if isinstance(v, str) and v.isdigit():
+        v = int(v)
+    if isinstance(v, bool) or v not in (8000, 16000):
+        raise TypeError(f"expected auto, 8000 or 16000, got {v!r}")
+    return v
+
+
 def _choice(*options):
     def check(v: Any):
         if isinstance(v, str) and all(isinstance(o, int) for o in options) and v.isdigit():
@@ -163,7 +177,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "tcp": _auto_bool, "require_guard": _auto_bool, "trusted_proxy_port": _int(0, 65535),
             "tls_listen": _str, "tls_cert": _str, "tls_key": _str, "tls_ca": _str, "tls_verify": _bool,
             "tls_require_client_cert": _bool, "tls_server_name": _str},
-    "media": {"rtp_ports": _port_range, "clock_rate": _choice(8000, 16000),
+    "media": {"rtp_ports": _port_range, "clock_rate": _clock_rate,
               "realtime_clock": _bool},
     "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300),
              "outbound_allow": _outbound_allow, "outbound_strict": _bool,
@@ -226,7 +240,7 @@ DEFAULTS: dict[str, Any] = {
             "allowed_destinations": [], "tcp": "auto", "require_guard": "auto", "trusted_proxy_port": 0,
             "tls_listen": "", "tls_cert": "", "tls_key": "", "tls_ca": "", "tls_verify": True,
             "tls_require_client_cert": True, "tls_server_name": ""},
-    "media": {"rtp_ports": "10000-10999", "clock_rate": 16000, "realtime_clock": True},
+    "media": {"rtp_ports": "10000-10999", "clock_rate": "auto", "realtime_clock": True},
     "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0,
              "outbound_allow": [], "outbound_strict": False, "rate_limit": 50.0, "rate_burst": 200,
              "tls_cert": "", "tls_key": ""},
@@ -309,6 +323,17 @@ class Config:
     @property
     def app(self) -> str:
         return self.raw["app"]["name"]
+
+    @property
+    def clock_rate(self) -> int:
+        """The conference bridge's rate (``media.clock_rate``; "auto": 8 kHz for a media-only cell
+        or when no wideband codec is enabled - G.711 audio is 8 kHz on the wire, so the bridge
+        would only resample it up and down again - else 16 kHz)."""
+        rate = self.raw["media"]["clock_rate"]
+        if rate != "auto":
+            return rate
+        wideband = any(c.upper() in WIDEBAND_CODECS for c in self.raw["sip"]["codecs"])
+        return 16000 if wideband and self.app not in MEDIA_ONLY_APPS else 8000
 
     @property
     def outbound(self):
