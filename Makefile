@@ -9,7 +9,7 @@ ARGS ?=
 
 # Debian packages: what the bridge needs to run, and what the tests add.
 RUN_DEBS := libopus0 ca-certificates cmake build-essential kamailio kamailio-tls-modules rtpengine-daemon
-TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious strace iproute2 tcpdump
+TEST_DEBS := $(RUN_DEBS) sip-tester chromium sipvicious strace iproute2 tcpdump iptables
 
 .PHONY: soak run test test-all bench fuzz deps test-deps clean
 

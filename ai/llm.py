@@ -11,6 +11,12 @@ JSON Schemas, so what comes out always parses and names a real tool.
 ``Llama`` object, so ``LlamaChat`` keeps a small pool of them, one per live
 conversation: each turn re-uses the cached prefix (system prompt and history)
 and only evaluates what is new.
+
+The history the agent sends is bounded in turns (``[agent] history_turns``),
+not in tokens: long utterances, a long system prompt or tool results could
+still outgrow ``llm_context``, and llama.cpp refuses such a prompt outright.
+``fit_context`` drops the oldest history (never the system prompt or the
+newest message) until the prompt and the reply fit the window.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 
 @dataclass
@@ -67,6 +73,35 @@ def choice_schema(tools: list) -> dict:
     return {"anyOf": alts}
 
 
+# Tokens a chat template adds around one message (role markers, separators; ChatML uses 5)
+# and around the whole prompt (BOS, the generation prompt): generous, so the estimate errs long.
+MESSAGE_OVERHEAD = 8
+PROMPT_OVERHEAD = 16
+
+
+def fit_context(messages: list[dict], budget: int, count: Callable[[str], int]) -> list[dict]:
+    """``messages`` with the oldest history dropped until their estimated tokens fit ``budget``.
+
+    ``count(text)`` is the model's token count of a text. The leading system message and
+    everything from the caller's last message on are always kept (if even they do not fit, the
+    model's own check reports it); the kept history never starts with a tool result whose call
+    was dropped."""
+    cost = [count(m.get("content") or "") + MESSAGE_OVERHEAD for m in messages]
+    total = sum(cost) + PROMPT_OVERHEAD
+    if total <= budget:
+        return messages
+    head = 1 if messages and messages[0].get("role") == "system" else 0
+    keep = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
+    start = head
+    while total > budget and start < keep:
+        total -= cost[start]
+        start += 1
+        while start < keep and messages[start].get("role") == "tool":
+            total -= cost[start]
+            start += 1
+    return messages[:head] + messages[start:]
+
+
 def plain_messages(messages: list[dict], tools: list) -> list[dict]:
     """OpenAI-shaped history as plain chat turns (tool calls and results as text)."""
     out = []
@@ -91,9 +126,12 @@ class LlamaChat:
         from llama_cpp import Llama
         self._make = lambda: Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
+        self.n_ctx = n_ctx
         self.pool: OrderedDict[str, object] = OrderedDict()
         self.spare = [self._make() for _ in range(conversations)]
         self._grammars: dict[str, object] = {}
+        self.trimmed = 0                    # prompts that had to drop history to fit n_ctx
+        self._counts: dict[str, int] = {}   # tokens of a message text (one vocabulary for the pool)
 
     def _llama(self, key: str):
         if key in self.pool:
@@ -113,6 +151,21 @@ class LlamaChat:
             llm.reset()
             self.spare.append(llm)
 
+    def _fit(self, llm, messages: list[dict], max_tokens: int) -> list[dict]:
+        """``messages`` trimmed so that the prompt and ``max_tokens`` of reply fit the context."""
+        def count(text: str) -> int:
+            n = self._counts.get(text)
+            if n is None:
+                if len(self._counts) >= 4096:
+                    self._counts.clear()
+                n = self._counts[text] = len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+            return n
+        budget = self.n_ctx - min(max_tokens, self.n_ctx // 2)
+        fitted = fit_context(messages, budget, count)
+        if len(fitted) < len(messages):
+            self.trimmed += 1
+        return fitted
+
     def _grammar(self, tools: list):
         from llama_cpp import LlamaGrammar
         schema = json.dumps(choice_schema(tools), sort_keys=True)
@@ -124,7 +177,7 @@ class LlamaChat:
     def choose(self, key: str, messages: list[dict], p: GenParams) -> dict | None:
         """One grammar-constrained pass: which tool (and arguments), or None."""
         llm = self._llama(key)
-        msgs = plain_messages(messages, p.tools) + [{"role": "system", "content": DECIDE}]
+        msgs = self._fit(llm, plain_messages(messages, p.tools) + [{"role": "system", "content": DECIDE}], 160)
         out = llm.create_chat_completion(msgs, max_tokens=160, temperature=0.0, repeat_penalty=1.0,
                                          grammar=self._grammar(p.tools))
         text = out["choices"][0]["message"].get("content") or ""
@@ -143,8 +196,9 @@ class LlamaChat:
                 yield choice
                 return
         llm = self._llama(key)
+        msgs = self._fit(llm, plain_messages(messages, p.tools), p.max_tokens)
         for chunk in llm.create_chat_completion(
-                plain_messages(messages, p.tools), stream=True, max_tokens=p.max_tokens,
+                msgs, stream=True, max_tokens=p.max_tokens,
                 temperature=p.temperature, top_p=p.top_p, repeat_penalty=p.repeat_penalty, stop=list(p.stop)):
             delta = chunk["choices"][0]["delta"].get("content")
             if delta:

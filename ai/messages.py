@@ -27,11 +27,15 @@ from typing import Any, Union
 # -- hub -> worker ------------------------------------------------------------------
 @dataclass(frozen=True)
 class SttRequest:
-    """Transcribe 16 kHz mono PCM; an ``interim`` request still waiting is replaced by a newer one."""
+    """Transcribe 16 kHz mono PCM; an ``interim`` request still waiting is replaced by a newer one.
+    ``model`` / ``language``: the call's language (a whisper directory, loaded on first use; "" is the
+    worker's own model and language)."""
     rid: int
     call: str
     pcm: bytes = field(repr=False)
     interim: bool = False
+    model: str = ""
+    language: str = ""
     engine = "stt"
 
 
@@ -47,10 +51,13 @@ class LlmRequest:
 
 @dataclass(frozen=True)
 class TtsRequest:
-    """Synthesize ``text``; the audio comes back as ``Pcm`` chunks then ``TtsDone``."""
+    """Synthesize ``text``; the audio comes back as ``Pcm`` chunks then ``TtsDone``. ``voice`` /
+    ``voice_config``: the call's Piper voice (loaded on first use; "" is the worker's own)."""
     rid: int
     call: str
     text: str
+    voice: str = ""
+    voice_config: str = ""
     engine = "tts"
 
 

@@ -33,12 +33,12 @@ class WhisperSTT:
         self.language = language
         self.beam_size = beam_size
 
-    def transcribe(self, pcm16k: bytes, prompt: str | None = None) -> Transcript:
-        """Decode mono s16le 16 kHz audio."""
+    def transcribe(self, pcm16k: bytes, prompt: str | None = None, language: str | None = None) -> Transcript:
+        """Decode mono s16le 16 kHz audio (in ``language``, else the one it was made with)."""
         start = time.perf_counter()
         audio = np.frombuffer(pcm16k, dtype="<i2").astype(np.float32) / 32768.0
         segments, _info = self.model.transcribe(
-            audio, language=self.language, beam_size=self.beam_size, vad_filter=False,
+            audio, language=language or self.language, beam_size=self.beam_size, vad_filter=False,
             condition_on_previous_text=False, without_timestamps=True, initial_prompt=prompt,
             temperature=0.0)
         texts, nsp, lp = [], [], []

@@ -18,7 +18,9 @@ of different calls are interleaved token by token in its thread.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 import threading
 import time
 import traceback
@@ -116,10 +118,66 @@ def load_turn_model(cfg: dict):
         return None, f"{type(exc).__name__}: {exc}"
 
 
+MAX_EXTRA = 3         # other languages' whisper models / Piper voices kept loaded (each)
+
+
+class Extra:
+    """Models a call's language or voice asks for beyond the worker's own: loaded on first use
+    (in the engine's thread, which waits for it once), then kept, the least recently used first
+    out past ``MAX_EXTRA``. One that fails to load is remembered: its calls get the default
+    engine, and one log line says so."""
+
+    def __init__(self, kind: str, load):
+        self.kind = kind
+        self.load = load
+        self.engines: OrderedDict[tuple, object] = OrderedDict()
+        self.failed: dict[tuple, str] = {}
+
+    def get(self, key: tuple):
+        if key in self.failed:
+            return None
+        if key in self.engines:
+            self.engines.move_to_end(key)
+            return self.engines[key]
+        started = time.perf_counter()
+        try:
+            engine = self.load(*key)
+        except Exception as exc:  # noqa: BLE001 - the call falls back to the default model
+            self.failed[key] = f"{type(exc).__name__}: {exc}"
+            _log("language_model_failed", kind=self.kind, model=key[0], error=self.failed[key],
+                 fallback="default")
+            return None
+        _log("language_model_loaded", kind=self.kind, model=key[0],
+             seconds=round(time.perf_counter() - started, 2))
+        self.engines[key] = engine
+        while len(self.engines) > MAX_EXTRA:
+            self.engines.popitem(last=False)
+        return engine
+
+    def loaded(self) -> list[str]:
+        return [k[0] for k in self.engines]
+
+
+def _log(name: str, **fields) -> None:
+    """A JSON line on stderr (the cell's log)."""
+    print(json.dumps({"event": name, "logger": "trunkline.ai.worker", **fields}), file=sys.stderr, flush=True)
+
+
 class Worker:
-    def __init__(self, conn, stt, llm, tts, turn=None):
+    def __init__(self, conn, stt, llm, tts, turn=None, cfg: dict | None = None):
         self.conn = conn
         self.stt, self.llm, self.tts, self.turn = stt, llm, tts, turn
+        cfg = cfg or {}
+
+        def load_stt(model):
+            from ai.stt import WhisperSTT
+            return WhisperSTT(model, threads=cfg.get("threads", 1), compute_type=cfg.get("stt_compute_type", "int8"),
+                              language=None)
+
+        def load_tts(voice, config):
+            from ai.tts import PiperTTS
+            return PiperTTS(voice, config, threads=cfg.get("tts_threads", 1))
+        self.extra = {"stt": Extra("stt", load_stt), "tts": Extra("tts", load_tts)}
         self.send_lock = threading.Lock()
         self.q = {"stt": FairQueue(), "llm": FairQueue(), "tts": FairQueue(), "turn": FairQueue()}
         self.cancelled: dict[str, float] = {}        # call -> time of the last cancel
@@ -149,8 +207,21 @@ class Worker:
             except Exception as exc:  # noqa: BLE001
                 self.send(m.EngineError(req.rid, engine, f"{type(exc).__name__}: {exc}"))
 
+    def stt_for(self, req: m.SttRequest):
+        """The request's whisper model and language (the worker's own when it names none or failed)."""
+        engine = self.extra["stt"].get((req.model,)) if req.model else None
+        if engine is None and req.model:
+            return self.stt, None                 # fallen back: the default model in its own language
+        return engine or self.stt, req.language.split("-")[0] or None
+
+    def tts_for(self, req: m.TtsRequest):
+        """The request's Piper voice (the worker's own when it names none or failed)."""
+        engine = self.extra["tts"].get((req.voice, req.voice_config or req.voice + ".json")) if req.voice else None
+        return engine or self.tts
+
     def _transcribe(self, req) -> m.FromWorker:
-        r = self.stt.transcribe(req.pcm)
+        engine, language = self.stt_for(req)
+        r = engine.transcribe(req.pcm, language=language) if language else engine.transcribe(req.pcm)
         return m.SttResult(req.rid, r.text, r.no_speech_prob, r.avg_logprob, r.audio_seconds, r.seconds)
 
     def _score_turn(self, req) -> m.FromWorker:
@@ -172,10 +243,11 @@ class Worker:
             rid = job.request.rid
             start = time.perf_counter()
             try:
-                for pcm in self.tts.synthesize(job.request.text):
+                engine = self.tts_for(job.request)
+                for pcm in engine.synthesize(job.request.text):
                     if self._is_cancelled(call, job.queued_at):
                         break
-                    self.send(m.Pcm(rid, pcm, self.tts.rate))
+                    self.send(m.Pcm(rid, pcm, engine.rate))
                 self.send(m.TtsDone(rid, time.perf_counter() - start))
             except Exception as exc:  # noqa: BLE001
                 self.send(m.EngineError(rid, "tts", f"{type(exc).__name__}: {exc}"))
@@ -304,11 +376,9 @@ def main(conn, cfg: dict) -> None:
     turn, turn_error = load_turn_model(cfg)
     conn.send(m.Ready({"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0,
                        "turn_model": turn.name if turn is not None else "", "turn_error": turn_error}))
-    Worker(conn, *engines, turn=turn).run()
+    Worker(conn, *engines, turn=turn, cfg=cfg).run()
 
 
 if __name__ == "__main__":
-    import json
-    import sys
     from multiprocessing.connection import Connection
     main(Connection(int(sys.argv[1])), json.loads(sys.argv[2]))

@@ -30,7 +30,9 @@ class TrunkSpec:
 class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 5060
-    public_address: str = ""
+    public_address: str = ""          # SIP: Via/Contact/From host (sip.public_address)
+    media_public_address: str = ""    # SDP c=/o= (sip.media_public_address; "": public_address)
+    rtp_host: str = ""                # the address RTP binds ("": host; a cell behind the front: the box's)
     user_agent: str = "Trunkline"
     rtp_low: int = 10000
     rtp_high: int = 10999

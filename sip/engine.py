@@ -344,15 +344,20 @@ class Engine:
         tc = pj.TransportConfig()
         tc.port = c.rtp_low
         tc.portRange = max(0, c.rtp_high - c.rtp_low)
-        tc.boundAddress = c.host
-        if c.public_address:
-            tc.publicAddress = c.public_address
+        tc.boundAddress = c.rtp_host or c.host
+        # SDP c=/o=; the far end's RTP is latched anyway (pjmedia switches to a new source after
+        # PJMEDIA_RTP_NAT_PROBATION_CNT packets from it: symmetric RTP behind the carrier's NAT)
+        public = c.media_public_address or c.public_address
+        if public:
+            tc.publicAddress = public
         return tc
 
     def _add_account(self, name: str | None, trunk: TrunkSpec | None) -> None:
         c = self.cfg
         ac = pj.AccountConfig()
-        host = c.public_address or c.host
+        # the identity (From of calls on a trunk without a username): behind the front a cell has no
+        # SIP public address of its own (its Via/Contact name its socket), its media one stands in
+        host = c.public_address or c.media_public_address or c.host
         hostport = f"[{host}]" if ":" in host else host
         ac.idUri = f"sip:trunkline@{hostport}:{c.port}"
         ac.mediaConfig.transportConfig = self._rtp_transport()
@@ -409,7 +414,7 @@ class Engine:
                 if self.legs or self._published_active:     # an idle engine does not wake the loop
                     self._publish_snapshot(now)
             if self._dead:
-                self._dead.clear()   # pjsua is done with these: drop our last reference
+                self._release_dead()
 
     def _drain_commands(self) -> bool:
         while True:
@@ -767,6 +772,7 @@ class Engine:
         self.legs[call_index] = leg
 
     def _drop_leg(self, leg: _Leg, call_index: int) -> None:
+        self._dead.append(leg.call)         # its slot is another call's now: never destroyed while it is
         self._disconnect(leg)
         if leg.port is not None:
             self.pool.give(leg.port)
@@ -778,6 +784,31 @@ class Engine:
         if leg.admitted:
             self._emit(ev.CallEnded(leg.call_id, leg.direction, 0, leg.end_reason or "lost", leg.answered,
                                     0.0, leg.quality, None))
+
+    def _slot_taken(self, call: _Call) -> bool:
+        """Whether ``call``'s pjsua slot now holds another call (pjsua reused it after ``call`` ended)."""
+        idx = call.getId()
+        if idx == pj.PJSUA_INVALID_ID:
+            return False
+        leg = self.legs.get(idx)
+        other = self._abandoned.get(idx)
+        return (call.isActive() or (leg is not None and leg.call is not call)
+                or (other is not None and other is not call))
+
+    def _release_dead(self) -> None:
+        """Drop our last reference to ended calls, but only to those whose pjsua slot is free.
+
+        pjsua2's ``Call`` destructor acts on the slot *index* it was created for: it clears that
+        slot's user data and hangs up whatever call is active there. pjsua hands a freed slot to
+        the next call at once (4 slots, 3 calls a cell), so destroying an ended call's wrapper
+        after its slot was reused (an INVITE read in the same ``libHandleEvents`` as the BYE)
+        hung up the new call (603 before it was answered, a BYE just after) and cut it off from
+        its callbacks: the engine never saw it end, and ending that stale leg when its slot came
+        round again did the same to the next call. A wrapper whose slot is taken waits here until
+        the slot is free again (the call in it ended), then goes."""
+        keep = [c for c in self._dead if self._slot_taken(c)]
+        self._dead.clear()
+        self._dead.extend(keep)
 
     def _take_port(self, leg: _Leg) -> FramePort:
         """A free pooled port; one no live leg holds is reclaimed first if none is free (and said)."""

@@ -25,7 +25,9 @@ def read_quality(call: pj.Call, med_idx: int, prev: Quality | None = None) -> Qu
     q.rx_lost, q.rx_discarded = rx.loss, rx.discard
     q.rx_jitter_ms = rx.jitterUsec.mean / 1000.0 if rx.jitterUsec.n else 0.0
     q.tx_jitter_ms = tx.jitterUsec.mean / 1000.0 if tx.jitterUsec.n else 0.0
-    q.jb_delay_ms = float(st.jbuf.avgDelayMsec)
+    jb = st.jbuf
+    q.jb_delay_ms = float(jb.avgDelayMsec)
+    q.jb_lost, q.jb_discarded, q.jb_empty = int(jb.lost), int(jb.discard), int(jb.empty)
     rtt = st.rtcp.rttUsec
     q.rtt_ms = rtt.mean / 1000.0 if rtt.n else None
     return q

@@ -228,3 +228,5 @@ def test_outbound_calls_leave_through_the_front(box, tmp_path):
     invite = msgs[msgs.index("INVITE sip:5551234@"):]
     top_via = next(l for l in invite.splitlines() if l.startswith("Via:"))
     assert f"127.0.0.1:{b.ports['sip']}" in top_via            # the trunk sees the front, not a cell
+    head = invite.split("\n\n", 1)[0]
+    assert not [l for l in head.splitlines() if l.startswith("Route:")], head    # no internal socket named

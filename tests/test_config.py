@@ -78,3 +78,14 @@ def test_clock_rate_auto_picks_8khz_unless_a_wideband_codec_meets_an_app_that_us
     assert rate('[media]\nclock_rate = "8000"\n', "agent") == 8000
     with pytest.raises(ConfigError):
         rate('[media]\nclock_rate = 44100\n')
+
+
+def test_public_addresses_are_an_ip_or_a_host_name_and_nothing_more(tmp_path):
+    p = tmp_path / "c.toml"
+    for good in ("203.0.113.7", "2001:db8::7", "sip.example.com", ""):
+        p.write_text(f'[sip]\npublic_address = "{good}"\nmedia_public_address = "{good}"\n')
+        assert load(str(p)).raw["sip"]["public_address"] == good
+    for bad in ("203.0.113.7:5060", "a.example.com\\nlisten=udp:1.2.3.4:5", "{{CELL_IP}}", "x y", "999.1.1.1"):
+        p.write_text(f'[sip]\npublic_address = "{bad}"\n')
+        with pytest.raises(ConfigError, match="sip.public_address"):
+            load(str(p))

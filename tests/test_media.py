@@ -55,6 +55,13 @@ def test_quality_mos_from_stream_stats():
     assert lossy.mos < good.mos - 0.4
     d = lossy.as_dict()
     assert d["loss_ratio"] == 0.05 and d["mos"] == round(lossy.mos, 3)
+    # 30 ms of jitter, no network loss: the jitter buffer threw 15 % away as too late; the caller
+    # heard concealment for those, and the MOS says so (it did not: it read RTCP loss only)
+    late = Quality(codec="PCMU", rx_packets=1000, rx_lost=0, jb_delay_ms=40, rtt_ms=20, jb_discarded=150)
+    assert late.loss_ratio == 0 and late.late_ratio == pytest.approx(0.15)
+    assert late.mos < lossy.mos and late.as_dict()["late_ratio"] == 0.15
+    both = Quality(codec="PCMU", rx_packets=950, rx_lost=50, jb_delay_ms=40, jb_discarded=50)
+    assert both.heard_loss_ratio == pytest.approx(0.1)
 
 
 # ---- frames and queues -----------------------------------------------------

@@ -39,7 +39,7 @@ def _setup(tmp_path, cell_factory, extra: str = ""):
     keys = tmp_path / "recording.keys"
     keys.write_text(new_key_line("old") + "\n" + new_key_line("k2026") + "\n")
     keys.chmod(0o600)
-    config = (f'[models]\nload = "never"\n[app]\nloop = true\n'
+    config = (f'[models]\nload = "never"\n[media]\nclock_rate = 16000\n[app]\nloop = true\n'
               f'[recordings]\nkey_file = "{keys}"\ncurrent_key = "k2026"\nnumbers = {{"service" = true}}\n'
               f'flush_interval = 0.5\n{extra}')
     cell = cell_factory(config, args=("--app", "playback", "--prompt", str(prompt)))
@@ -225,7 +225,8 @@ def test_retention_deletes_the_file_and_the_row(cell_factory, tmp_path):
 def test_a_keypad_digit_pauses_the_recording_and_is_masked(cell_factory, tmp_path):
     """SIPp's built-in A-law call sends RFC 4733 digit 1; recordings on by default, key from the environment."""
     key_line = new_key_line("env1")
-    cell = cell_factory('[models]\nload = "never"\n[recordings]\nenabled = true\nformat = "wav"\n'
+    cell = cell_factory('[models]\nload = "never"\n[media]\nclock_rate = 16000\n'
+                        '[recordings]\nenabled = true\nformat = "wav"\n'
                         'dtmf_resume_after = 1.0\n', env={"TRUNKLINE_RECORDING_KEYS": key_line})
     rec_key = create_key(cell.data, "recordings")
     (tmp_path / "pcap").symlink_to("/usr/share/sip-tester")

@@ -12,7 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
 
-@pytest.mark.slow      # not in `make test` until short calls stop failing outside the fault windows (issue 14)
+# slow: ~3.5 min on 2 cores. Short calls no longer fail outside the fault windows (issue 14: an ended
+# pjsua2 Call destroyed after its slot was reused hung up the next call, tests/test_slot_reuse.py;
+# the front's failover, tests/test_front_failover.py); `sample` would put it back in `make test`.
+@pytest.mark.slow
 def test_two_minute_soak_with_faults(tmp_path):
     import soak
     out = tmp_path / "soak.json"

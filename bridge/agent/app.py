@@ -23,6 +23,7 @@ from bridge.agent import outcome as call_outcome
 from bridge.agent.actions import (Action, AuditTool, CallTool, Cancel, ClearMark, Emit, Flush, Frame, HangUp, Line,
                                   LogEvent, LogTool, LogTurn, MarkFrame, Metric, Release, RequestReply, RequestStt,
                                   ScoreTurn, Send, Synthesize, ToolChoice, Transcript)
+from bridge.agent.profile import ProfiledCall
 from bridge.agent.speakable import Speakable
 from bridge.agent.tools.runner import CallContext, Outcome
 from bridge.agent.turn import Reply, State, TurnMachine
@@ -34,7 +35,7 @@ from media.resample import Resampler
 log = logging.getLogger("trunkline.agent")
 
 
-class AgentApp(App):
+class AgentApp(ProfiledCall, App):       # ProfiledCall: the call's profile, context and language
     name = "agent"
 
     def __init__(self, session, hub, cfg: dict, metrics, turns, tools=None, tool_settings: dict | None = None,
@@ -75,6 +76,8 @@ class AgentApp(App):
 
     # -- App hooks ----------------------------------------------------------------------
     def on_answered(self) -> None:
+        if self.hold_answer():           # the call's own greeting is still being rendered
+            return
         self._run(self.machine.answered(self.clock()))
 
     def on_frames(self, frames, now):
@@ -170,10 +173,10 @@ class AgentApp(App):
         match a:
             case RequestStt(decode=d, pcm16k=pcm, interim=True):
                 hub.stt(key, pcm, True, lambda *res: self._run(m.interim_result(d, Transcript(*res), self.clock())),
-                        on_error=lambda msg: self._run(m.interim_failed(d, self.clock())))
+                        on_error=lambda msg: self._run(m.interim_failed(d, self.clock())), **self.stt_args)
             case RequestStt(decode=d, pcm16k=pcm):
                 hub.stt(key, pcm, False, lambda *res: self._run(m.stt_result(d, Transcript(*res), self.clock())),
-                        on_error=lambda msg: self._run(m.stt_failed(d, msg, self.clock())))
+                        on_error=lambda msg: self._run(m.stt_failed(d, msg, self.clock())), **self.stt_args)
             case RequestReply(reply=None):                 # warm-up: nobody listens to the answer
                 hub.llm(key, a.messages, a.params, on_token=lambda tok: None, on_done=lambda *_: None,
                         on_error=lambda msg: None)
@@ -221,7 +224,7 @@ class AgentApp(App):
             self._run(m.speech_done(a.reply, self.clock()))
 
         self.hub.tts(self.call_key, a.text, on_pcm, on_done=on_done,
-                     on_error=lambda msg: self._run(m.reply_failed(a.reply, msg, self.clock())))
+                     on_error=lambda msg: self._run(m.reply_failed(a.reply, msg, self.clock())), **self.tts_args)
 
     # -- tools -----------------------------------------------------------------------------
     def _call_tool(self, a: CallTool) -> None:

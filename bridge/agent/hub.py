@@ -74,6 +74,7 @@ class AiHub:
         self.client: InferenceClient | None = None
         self.pending: dict[int, Request] = {}
         self.canned: dict[str, list[bytes]] = {}
+        self.rendered: dict[tuple[str, str, str], list[bytes]] = {}   # (text, voice, config) -> frames
         self.loop: asyncio.AbstractEventLoop | None = None
         self.up = False
         self.turn_model = ""                  # the end-of-turn model the worker loaded ("" if none)
@@ -88,7 +89,8 @@ class AiHub:
             return
         a = self.cfg.raw["agent"]
         keys = ["greeting", "reprompt_text", "goodbye_text", "not_understood_text", "apology_text"]
-        if self.cfg.toolbox is not None and self.cfg.toolbox.tools:
+        transfer = self.cfg.raw.get("transfer", {}).get("destinations")      # the built-in transfer tool
+        if (self.cfg.toolbox is not None and self.cfg.toolbox.tools) or transfer:
             keys += ["tool_filler_text", "tool_unavailable_text", "tool_fallback_text"]
         phrases = {k: a[k] for k in keys if a[k]}
         for key, text in phrases.items():
@@ -118,15 +120,26 @@ class AiHub:
         if self.client is not None:
             await self.loop.run_in_executor(None, self.client.stop)
 
-    async def render(self, text: str) -> list[bytes]:
-        """Synthesize ``text`` to call-rate frames (used for canned phrases)."""
+    async def render(self, text: str, voice: str = "", voice_config: str = "") -> list[bytes]:
+        """Synthesize ``text`` to call-rate frames (used for canned phrases), in ``voice`` if given."""
         fut = self.loop.create_future()
         chunks: list[tuple[bytes, int]] = []
         self.tts("_canned", text, lambda pcm, rate: chunks.append((pcm, rate)),
                  on_done=lambda *_: fut.done() or fut.set_result(None),
-                 on_error=lambda msg: fut.done() or fut.set_exception(EngineLoadError(f"TTS failed: {msg}")))
+                 on_error=lambda msg: fut.done() or fut.set_exception(EngineLoadError(f"TTS failed: {msg}")),
+                 voice=voice, voice_config=voice_config)
         await asyncio.wait_for(fut, 60)
         return self.to_frames(b"".join(p for p, _ in chunks), chunks[0][1] if chunks else self.rate)
+
+    async def render_cached(self, text: str, voice: str = "", voice_config: str = "") -> list[bytes]:
+        """``render`` kept for the next call (a profile's phrases, in its voice; at most 200 kept)."""
+        key = (text, voice, voice_config)
+        if key not in self.rendered:
+            frames = await self.render(text, voice, voice_config)
+            if len(self.rendered) >= 200:
+                self.rendered.pop(next(iter(self.rendered)))
+            self.rendered[key] = frames
+        return self.rendered[key]
 
     def to_frames(self, pcm: bytes, rate: int) -> list[bytes]:
         return split_frames(normalize(resample(pcm, rate, self.rate)), self.rate)
@@ -149,8 +162,10 @@ class AiHub:
             return None
         return rid
 
-    def stt(self, call: str, pcm16k: bytes, interim: bool, on_result, on_error=None) -> int | None:
-        return self._send(lambda rid: m.SttRequest(rid, call, pcm16k, interim),
+    def stt(self, call: str, pcm16k: bytes, interim: bool, on_result, on_error=None, model: str = "",
+            language: str = "") -> int | None:
+        """``model``/``language``: the call's language (``bridge.core.profiles.Routing``), "" the defaults."""
+        return self._send(lambda rid: m.SttRequest(rid, call, pcm16k, interim, model, language),
                           Request(call, "stt", on_result=on_result, on_error=on_error))
 
     def stt_backlog(self) -> int:
@@ -171,8 +186,9 @@ class AiHub:
         return self._send(lambda rid: m.TurnRequest(rid, call, pcm16k),
                           Request(call, "turn", on_result=on_result, on_error=on_error))
 
-    def tts(self, call: str, text: str, on_result, on_done=None, on_error=None) -> int | None:
-        return self._send(lambda rid: m.TtsRequest(rid, call, text),
+    def tts(self, call: str, text: str, on_result, on_done=None, on_error=None, voice: str = "",
+            voice_config: str = "") -> int | None:
+        return self._send(lambda rid: m.TtsRequest(rid, call, text, voice, voice_config),
                           Request(call, "tts", on_result=on_result, on_done=on_done, on_error=on_error))
 
     def cancel(self, call: str) -> None:

@@ -40,6 +40,7 @@ EVENT_TYPES = (
     "tool_called", "tool_result",
     "intent_detected", "call_summary",
     "call_failover",
+    "call_transferred", "transfer_failed",
 )
 
 

@@ -29,7 +29,15 @@ NUMBER_ROUTE = obj(["app"], app={"type": "string", "enum": [*APPS, "stream"]},
                    protocol={"type": "string", "enum": list(STREAM_PROTOCOLS)},
                    parameters={"type": "object"}, account_sid={"type": "string", "maxLength": 64},
                    encoding={"type": "string", "enum": list(STREAM_ENCODINGS)},
-                   api_base={"type": "string", "pattern": r"^https?://", "maxLength": 2048})
+                   api_base={"type": "string", "pattern": r"^https?://", "maxLength": 2048},
+                   # app "agent": a profile ([profiles.NAME]) and/or its fields inline (bridge/core/profiles.py)
+                   profile={"type": "string", "maxLength": 64}, system_prompt={"type": "string", "maxLength": 8192},
+                   greeting={"type": "string", "maxLength": 8192}, voice={"type": "string", "maxLength": 1024},
+                   language={"type": "string", "maxLength": 16},
+                   tools={"type": "array", "items": {"type": "string"}, "maxItems": 100},
+                   transfer={"type": "array", "items": {"type": "string"}, "maxItems": 100})
+
+CONFIG_ONLY = ("system_prompt", "greeting", "voice", "tools", "transfer")   # profile fields the API cannot set
 
 log = logging.getLogger("trunkline.api")
 
@@ -65,6 +73,8 @@ class MediaApi(TwilioApi):
     # -- number routes straight to a bot (bridge/core/numbers.py) ----------------------------------------
     def number_route(self, body: dict) -> tuple[str, dict]:
         """A PUT /v1/numbers body checked: (what the store keeps, what the API answers)."""
+        if body["app"] == "agent" and set(body) - {"app"}:
+            return self.agent_number_route(body)
         if body["app"] != "stream":
             extra = sorted(set(body) - {"app"})
             if extra:
@@ -81,6 +91,32 @@ class MediaApi(TwilioApi):
         except ValueError as exc:
             field = str(exc).partition(":")[0]
             raise ApiError(400, "invalid_field", str(exc), field if field in body else None) from None
+        return number_routes.encode(route), route.as_dict()
+
+    def agent_number_route(self, body: dict) -> tuple[str, dict]:
+        """An agent route with a profile: its fields checked as the config's are (400 naming the field)."""
+        from bridge.core.config import ConfigError, check_profile
+        cfg = self.services.cfg
+        inline = sorted(k for k in CONFIG_ONLY if k in body)
+        if inline:
+            # a prompt, a greeting, a voice file or a tool list is the operator's, in the config file:
+            # through the API a control key could load any file as a voice (and learn which exist),
+            # queue minutes of synthesis per call, or reprogram what the agent asks callers
+            raise ApiError(400, "invalid_field", f"{inline[0]}: set in a [profiles.NAME] table of the config file; "
+                           "a number route names the profile (and a configured language)", inline[0])
+        try:
+            route = number_routes.agent_route(body)
+        except ValueError as exc:
+            field = str(exc).partition(":")[0]
+            raise ApiError(400, "invalid_field", str(exc), field if field in body else None) from None
+        if route.profile and route.profile not in cfg.raw["profiles"]:
+            raise ApiError(400, "invalid_field", f"no profile {route.profile!r} (configured: "
+                           f"{', '.join(sorted(cfg.raw['profiles'])) or 'none'})", "profile")
+        try:
+            check_profile("route", route.fields, cfg.raw, set(cfg.toolbox.tools) if cfg.toolbox else set())
+        except ConfigError as exc:
+            field = str(exc).partition(":")[0].removeprefix("route.").partition(".")[0]
+            raise ApiError(400, "invalid_field", str(exc).removeprefix("route."), field) from None
         return number_routes.encode(route), route.as_dict()
 
     @staticmethod

@@ -21,6 +21,7 @@ from bridge.core.app import APPS
 from bridge.api.events import EVENT_TYPES, from_row, valid_topic
 from bridge.api.base import (DIRECTION, TEXT, URI_OR_NUMBER, ApiError, RateLimiter, Route, error_response,
                              parse_json, retry_after)
+from bridge.core import callcontext
 from bridge.core.netguard import OutboundRefused
 from bridge.api.media import MEDIA_ROUTES, NUMBER_ROUTE, MediaApi
 from bridge.api.privacy import PRIVACY_ROUTES, PrivacyApi
@@ -40,8 +41,12 @@ MAX_SAY_QUEUED = 20           # texts a speaking session holds before say answer
 
 ROUTES = [
     Route("GET", "/v1/calls", "list_calls", "read", "List calls (active first, then recent)"),
-    Route("POST", "/v1/calls", "create_call", "control", "Place an outbound call through a trunk",
-          obj(["to"], to=URI_OR_NUMBER, trunk={"type": "string"}, app={"type": "string", "enum": list(APPS)}), 201),
+    Route("POST", "/v1/calls", "create_call", "control",
+          "Place an outbound call through a trunk; context: flat name -> string/number values the agent's "
+          "prompts and tools read as {context.NAME}; profile, language: the agent's",
+          obj(["to"], to=URI_OR_NUMBER, trunk={"type": "string"}, app={"type": "string", "enum": list(APPS)},
+              context={"type": "object"}, profile={"type": "string", "maxLength": 64},
+              language={"type": "string", "maxLength": 16}), 201),
     Route("GET", "/v1/calls/{call_id}", "get_call", "read", "One call: state, parties, codec, live quality"),
     Route("GET", "/v1/calls/{call_id}/transcript", "get_transcript", "read", "Transcript of a call"),
     Route("POST", "/v1/calls/{call_id}/hangup", "hangup", "control", "Hang up a call", obj()),
@@ -212,6 +217,7 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
                 "codec": row["codec"], "created": row["created"], "answered": row["answered"],
                 "ended": row["ended"], "result": row["result"], "reason": row["reason"], "quality": q,
                 "outcome": row.get("outcome"),
+                "context": (getattr(live, "context", None) if live is not None else (row.get("sip") or {}).get("context")) or None,
                 "sip": row.get("sip")}        # carrier headers; the trunk address that answered / failed          # summary, disposition, intent (agent calls, once ended)
 
     async def list_calls(self, request):
@@ -244,6 +250,7 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         if trunk is not None and trunk not in {t.name for t in self.services.cfg.trunks}:
             raise ApiError(400, "invalid_field", f"unknown trunk {trunk!r}", "trunk")
         app = body.get("app", "api")
+        context, profile, language = self._call_agent(body, app)
         if app == "agent" and self.services.hub is None:
             raise ApiError(409, "no_speech_engines", f"app {app!r} needs the models (models.load)", "app")
         self._check_destination(body["to"], trunk)
@@ -253,7 +260,31 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
                 call_id = await self.services.make_call(body["to"], trunk, app)
             except Exception as exc:  # noqa: BLE001 - engine refusals
                 raise ApiError(409 if "full" in str(exc) or "draining" in str(exc) else 400, "call_failed", str(exc))
-        return 201, {"id": call_id, "state": CallState.RINGING, "app": app}
+        s = self.services.calls.get(call_id)       # offered before the engine answered the command
+        if s is not None:
+            s.set_context(context)
+            s.profile, s.language = profile, language
+        out = {"id": call_id, "state": CallState.RINGING, "app": app}
+        return 201, {**out, "context": context} if context else out
+
+    def _call_agent(self, body: dict, app: str) -> tuple[dict, str, str]:
+        """POST /v1/calls's context, profile and language, checked (400 naming the field)."""
+        try:
+            context = callcontext.check(body.get("context", {}))
+        except callcontext.ContextError as exc:
+            raise ApiError(400, "invalid_field", exc.message, exc.field) from None
+        raw = self.services.cfg.raw
+        profile, language = body.get("profile", ""), body.get("language", "")
+        if (profile or language) and app != "agent":
+            raise ApiError(400, "invalid_field", "profile and language are the agent's (app: agent)",
+                           "profile" if profile else "language")
+        if profile and profile not in raw["profiles"]:
+            raise ApiError(400, "invalid_field", f"no profile {profile!r} (configured: "
+                           f"{', '.join(sorted(raw['profiles'])) or 'none'})", "profile")
+        if language and language not in raw["languages"] and language != raw["agent"]["language"]:
+            raise ApiError(400, "invalid_field", f"language {language!r} is not configured ([languages.{language}])",
+                           "language")
+        return context, profile, language
 
     async def hangup(self, request, body):
         s = self.session(request.match_info["call_id"])

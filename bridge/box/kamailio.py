@@ -144,8 +144,9 @@ class MediaEdge:
 def media_edge(cfg, public_host: str, front_port: int) -> MediaEdge | None:
     """rtpengine's settings when some trunk has ``srtp`` on (else None): it binds the public
     SIP address (the host's primary address when that is a wildcard), advertises
-    ``sip.public_address`` when set, takes ``cells.rtpengine_ports`` and is controlled on
-    127.0.0.1:``cells.rtpengine_ng_port`` (default: the front's internal port + 1)."""
+    ``sip.media_public_address`` (else ``sip.public_address``) when set, takes
+    ``cells.rtpengine_ports`` and is controlled on 127.0.0.1:``cells.rtpengine_ng_port``
+    (default: the front's internal port + 1)."""
     if all(cfg.srtp_mode(t.name) == "off" for t in cfg.trunks):
         return None
     c = cfg.raw["cells"]
@@ -156,7 +157,9 @@ def media_edge(cfg, public_host: str, front_port: int) -> MediaEdge | None:
             s.connect(("192.0.2.1", 9))          # no packet is sent: picks the outgoing address
             host = s.getsockname()[0]
     lo, _, hi = c["rtpengine_ports"].partition("-")
-    return MediaEdge(c["rtpengine"], host, cfg.raw["sip"]["public_address"], c["rtpengine_ng_port"] or front_port + 1,
+    sip = cfg.raw["sip"]
+    return MediaEdge(c["rtpengine"], host, sip["media_public_address"] or sip["public_address"],
+                     c["rtpengine_ng_port"] or front_port + 1,
                      (int(lo), int(hi)))
 
 
@@ -256,12 +259,28 @@ def _socket_parts(sock: str) -> tuple[str, str, int]:
     return proto.lower(), host.strip("[]"), int(port)
 
 
+def listen_lines(public: list[str], cell_socket: str, advertise: str = "") -> str:
+    """``listen=`` lines: the public sockets (``proto:ip:port``), each with ``advertise
+    PUBLIC:port`` when the box is behind NAT (``sip.public_address``: Kamailio then puts the
+    public address in its Via and Record-Route toward trunks), and the internal cell socket,
+    which never advertises (cells reach it on its own address). Kamailio counts an
+    advertised address as ``myself`` (its Record-Route is consumed, OPTIONS to it answered)."""
+    adv = advertise.strip().strip("[]")
+    if any(ch.isspace() or ch in '"#;,' for ch in adv):
+        raise ValueError(f"unsupported character in sip.public_address {advertise!r}")
+    adv = f"[{adv}]" if ":" in adv else adv
+
+    def line(sock: str) -> str:
+        return f"listen={sock}" + (f" advertise {adv}:{sock.rpartition(':')[2]}" if adv else "")
+    return "\n".join([*(line(x) for x in public), f"listen={cell_socket}"])
+
+
 def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int, ping: int = 2,
            pike: int = 60, children: int = 2, debug: int = 1, fr_timer: int = 2000,
            trunk_addresses: list[str] | None = None, tcp_lifetime: int = 20,
            tcp_trusted_lifetime: int = 3600, tcp_max: int = 2048, cell_socket: str | None = None,
            trunks: Trunks | None = None, tls: Tls | None = None, transports: list[str] | None = None,
-           srtp: list[str] | None = None, media: MediaEdge | None = None) -> str:
+           srtp: list[str] | None = None, media: MediaEdge | None = None, advertise: str = "") -> str:
     """The front's config. ``listen``: the public sockets; ``trusted``: trunk source CIDRs
     (everything else is dropped); ``trunk_addresses``: where cells may send requests (with
     ``trusted``); ``trunks``: the same per trunk, (address, allow), so that a trunk acts
@@ -269,7 +288,8 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
     toward cells (default: the first public UDP address, port + 1000); ``tls``: SIP over TLS
     at the edge (its socket is added to ``listen``; write ``tls_cfg(tls)`` next to the config);
     ``transports``: per trunk (same order as ``trunks``) "udp", "tcp" or "tls"; ``srtp``: per
-    trunk "off", "optional" or "mandatory", which needs ``media`` (rtpengine)."""
+    trunk "off", "optional" or "mandatory", which needs ``media`` (rtpengine); ``advertise``:
+    ``sip.public_address``, named instead of the public sockets' own address (see ``listen_lines``)."""
     tpl = TEMPLATE.read_text()
     public_udp = next((x for x in listen if x.lower().startswith("udp:")), listen[0])
     public_tcp = next((x for x in listen if x.lower().startswith("tcp:")), public_udp)
@@ -306,7 +326,7 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
         "RTPENGINE_MODULE": media_module, "SRTPMODE": srtp_lines(groups, modes + ["off"] * (len(groups) - len(modes))),
         "SRTP_IN": SRTP_FLAGS["in"],
         "SRTP_MANDATORY": SRTP_FLAGS["mandatory"], "SRTP_OPTIONAL": SRTP_FLAGS["optional"],
-        "LISTEN": "\n".join(f"listen={x}" for x in [*listen, cell_socket]), "RUN_DIR": run_dir,
+        "LISTEN": listen_lines(listen, cell_socket, advertise), "RUN_DIR": run_dir,
         "TLS_MODULE": tls_module, "TOTLS": to_tls,
         "TRUNKTRANSPORT": trunk_transport_lines(groups, transports + ["udp"] * (len(groups) - len(transports))),
         "MODULES": modules_dir(), "CELL_SOCKET": _quoted(cell_socket), "CELL_IP": _quoted(cell_ip),

@@ -51,6 +51,14 @@ def _reap_front(config_path: str) -> None:
                 pass
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the supervisor dies, however it dies."""
     try:
@@ -147,7 +155,24 @@ class Supervisor:
                 "TRUNKLINE_SIP_OUTBOUND_PROXY": f"sip:{h}:{self.front_port}",
                 "TRUNKLINE_WEBHOOKS_DISPATCH": "false",
                 "TRUNKLINE_HTTP_OPS_LISTEN": "",
-                "TRUNKLINE_HTTP_TLS_CERT": "", "TRUNKLINE_HTTP_TLS_KEY": ""}   # the box terminates HTTPS
+                "TRUNKLINE_HTTP_TLS_CERT": "", "TRUNKLINE_HTTP_TLS_KEY": "",   # the box terminates HTTPS
+                **self._nat_env()}
+
+    def _nat_env(self) -> dict:
+        """Behind NAT (``sip.public_address`` / ``media_public_address``): the front advertises the
+        public SIP address; a cell's Via/Contact name its own socket (trunks reach the dialog through
+        the front's Record-Route), its SDP names the public media address and its RTP binds the
+        box's public-side address (``sip.listen``'s host), where the router forwards the RTP range."""
+        sip = self.cfg.raw["sip"]
+        media = sip["media_public_address"] or sip["public_address"]
+        if not media:
+            # No public address: the trunk's RTP still reaches the cells on the box's public side.
+            # (Before, they bound and announced ``cells.host``, loopback, on any box.)
+            if _is_loopback(self.public_host):
+                return {}
+            return {"TRUNKLINE_CELL_RTP_HOST": self.public_host}
+        return {"TRUNKLINE_SIP_PUBLIC_ADDRESS": "", "TRUNKLINE_SIP_MEDIA_PUBLIC_ADDRESS": media,
+                "TRUNKLINE_CELL_RTP_HOST": self.public_host}
 
     def _front_ip(self) -> str:
         """The address of the front's internal socket: Kamailio sends to cells from it and
@@ -205,7 +230,8 @@ class Supervisor:
                                cell_socket=inner,
                                trunks=[(list(t.addresses) or t.address, list(t.allow)) for t in self.cfg.trunks],
                                tls=tls, transports=[self.cfg.transport(t.name) for t in self.cfg.trunks],
-                               srtp=[self.cfg.srtp_mode(t.name) for t in self.cfg.trunks], media=media)
+                               srtp=[self.cfg.srtp_mode(t.name) for t in self.cfg.trunks], media=media,
+                               advertise=self.cfg.raw["sip"]["public_address"])
         return text, tls, inner
 
     def start_kamailio(self) -> None:

@@ -119,8 +119,20 @@ def make_app(name: str, session, cell) -> App:
         return PlaybackApp(session, app_cfg["prompt"], app_cfg["loop"])
     if name == "agent":
         from bridge.agent.app import AgentApp
-        return AgentApp(session, cell.hub, agent_settings(cell.cfg.raw["agent"], session), cell.metrics, cell.turns,
-                        tools=cell.tools, tool_settings=cell.cfg.raw["tools"])
+        tools = cell.tools
+        transfer = cell.cfg.raw.get("transfer") or {}
+        if transfer.get("destinations"):          # the built-in transfer tool, next to the business's tools
+            from bridge.agent.tools.transfer import AgentTools, TransferTool
+            from bridge.cell.handoff import Handoff
+            from bridge.core.handoff import parse
+            handoff = Handoff(session, transfer, cell.hub)
+            tools = AgentTools(cell.tools, TransferTool(parse(transfer["destinations"]), transfer, handoff.request))
+        app = AgentApp(session, cell.hub, agent_settings(cell.cfg.raw["agent"], session), cell.metrics, cell.turns,
+                       tools=tools, tool_settings=cell.cfg.raw["tools"])
+        return app
+    if name == "handoff":                     # the call to a person an attended transfer placed
+        from bridge.cell.handoff import LegApp
+        return LegApp(session)
     if name == "api":
         return ApiApp(session)
     raise ValueError(f"app {name!r} is not available in this build")

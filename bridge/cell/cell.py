@@ -42,6 +42,7 @@ from sip import commands as cmd
 from sip import events as ev
 from sip.engine import Engine, EngineConfig
 from sip.uri import user_part
+from bridge.core.handoff import targets as handoff_targets
 
 log = logging.getLogger("trunkline.cell")
 calls_log = logging.getLogger("trunkline.call")
@@ -68,6 +69,7 @@ def engine_config(cfg: Config) -> EngineConfig:
     lo, _, hi = media["rtp_ports"].partition("-")
     return EngineConfig(
         host=host.strip("[]"), port=int(port), public_address=sip["public_address"],
+        media_public_address=sip["media_public_address"], rtp_host=os.environ.get("TRUNKLINE_CELL_RTP_HOST", ""),
         user_agent=sip["user_agent"], rtp_low=int(lo), rtp_high=int(hi),
         clock_rate=cfg.clock_rate, codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
         capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
@@ -76,7 +78,8 @@ def engine_config(cfg: Config) -> EngineConfig:
         require_guard=sip["require_guard"] == "on" or (sip["require_guard"] == "auto" and not _loopback(host.strip("[]"))),
         proxy_port=sip["trusted_proxy_port"],
         allowed_destinations=tuple(sip["allowed_destinations"]),
-        fixed_destinations=tuple(cfg.raw["app"]["dtmf_transfer"].values()),
+        fixed_destinations=(tuple(cfg.raw["app"]["dtmf_transfer"].values())       # operator-configured targets
+                            + handoff_targets(cfg.raw.get("transfer", {}))),
         # with several cells only cell 0 keeps the trunk registrations
         trunks=[replace(t, register=t.register and os.environ.get("TRUNKLINE_CELL", "0") == "0",
                         proxy=sip["outbound_proxy"]) for t in cfg.trunks],
@@ -350,6 +353,10 @@ class Cell:
 
     def _ev_TransferStatus(self, e: ev.TransferStatus) -> None:
         event(calls_log, "transfer_status", call_id=e.call_id, status=e.status, reason=e.reason, final=e.final)
+        s = self.sessions.get(e.call_id)
+        hook = getattr(s.app, "on_transfer_status", None) if s is not None else None
+        if hook is not None:                     # an agent's blind handoff (bridge/cell/handoff.py)
+            hook(e.status, e.reason, e.final)
 
     def _ev_Registration(self, e: ev.Registration) -> None:
         event(log, "registration", trunk=e.trunk, status=e.status, reason=e.reason, registered=e.registered)
@@ -366,6 +373,9 @@ class Cell:
             self._flush_timing(s)
             if s.app is not None:
                 try:
+                    hook = getattr(s.app, "on_call_ended", None)    # a handoff leg wants the SIP status
+                    if hook is not None:
+                        hook(e.status, e.reason)
                     s.app.on_end()
                 except Exception:  # noqa: BLE001
                     log.exception("app cleanup failed on call %s", e.call_id)
@@ -385,6 +395,7 @@ class Cell:
                 self.metrics.mos.observe(q.mos)
                 self.metrics.jitter.observe(q.rx_jitter_ms / 1000)
                 self.metrics.loss.observe(q.loss_ratio)
+                self.metrics.late.observe(q.late_ratio)
         timing = e.timing
         rec = {
             "call_id": e.call_id, "direction": e.direction, "result": result, "reason": e.reason,
@@ -392,7 +403,7 @@ class Cell:
             "from": s.from_uri if s else "", "to": s.to_uri if s else "", "trunk": s.trunk if s else None,
             "source": s.source if s else "", "dtmf": s.dtmf if s else "",
             "codec": q.codec, "mos": round(q.mos, 2) if q.rx_packets else None,
-            "jitter_ms": round(q.rx_jitter_ms, 2), "loss": round(q.loss_ratio, 4),
+            "jitter_ms": round(q.rx_jitter_ms, 2), "loss": round(q.loss_ratio, 4), "late": round(q.late_ratio, 4),
             "rtt_ms": q.rtt_ms, "rx_packets": q.rx_packets, "tx_packets": q.tx_packets,
             "frames": timing.frames if timing else 0,
             "frame_rate": round(timing.rate, 2) if timing else 0.0,

@@ -39,14 +39,24 @@ class Session:
         # carrier headers of an inbound INVITE (name -> values) and what they give the call's context
         self.sip_headers: dict[str, list[str]] = {k: list(v) for k, v in getattr(offered, "headers", {}).items()}
         self.context: dict[str, str] = CarrierHeaders(self.sip_headers).context()
+        self.api_context: dict[str, str] = {}      # POST /v1/calls {context} (kept in the call record)
+        self.profile = ""             # POST /v1/calls {profile, language}: the agent's profile and language
+        self.language = ""
         self.address = ""             # outbound through a trunk: the address that answered
         self.failed_addresses: list[dict] = []     # outbound: the trunk addresses that failed, in order
 
+    def set_context(self, values: dict[str, str]) -> None:
+        """Context given with the call (``POST /v1/calls {context}``, checked there), over the headers'."""
+        self.api_context = dict(values)
+        self.context.update(values)
+
     def sip_record(self) -> dict | None:
-        """What the call record keeps of SIP beyond the parties (sealed at rest with them), or None."""
-        if not (self.sip_headers or self.address or self.failed_addresses):
+        """What the call record keeps of SIP beyond the parties, and the context the API gave the call
+        (sealed at rest with them; the headers' context is theirs), or None."""
+        if not (self.sip_headers or self.address or self.failed_addresses or self.api_context):
             return None
-        return {"headers": self.sip_headers, "address": self.address or None, "failed": self.failed_addresses}
+        return {"headers": self.sip_headers, "address": self.address or None, "failed": self.failed_addresses,
+                **({"context": dict(self.api_context)} if self.api_context else {})}
 
     def attempt_failed(self, address: str, status: int, reason: str, next_address: str) -> None:
         """An outbound attempt at one trunk address failed: remember it, tell subscribers."""

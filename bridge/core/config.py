@@ -9,11 +9,12 @@ from __future__ import annotations
 import copy
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.core import numbers
+from bridge.core import numbers, profiles
 from bridge.core.toolspec import ToolBox, ToolConfigError, load_toolbox
 from sip.config import TrunkSpec as Trunk   # one trunk type, from file to engine
 
@@ -80,6 +81,27 @@ def _auto_bool(v: Any) -> str:
 def _str(v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError(f"expected a string, got {v!r}")
+    return v
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _address(v: Any) -> str:
+    """An address others reach us at (``sip.public_address``): an IP or a host name, no port; it
+    goes into Via/Contact/SDP and the front's ``advertise``, so nothing else may ride along."""
+    if not isinstance(v, str):
+        raise TypeError(f"expected an IP address or a host name, got {v!r}")
+    if v == "":
+        return v
+    import ipaddress
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(v) or v.replace(".", "").isdigit():
+        raise TypeError(f"expected an IP address or a host name without a port, got {v!r}")
     return v
 
 
@@ -167,10 +189,15 @@ def _regex_list(v: Any) -> list[str]:
     return v
 
 
+def _transfer_destinations(v: Any) -> dict:
+    from bridge.core.handoff import destinations
+    return destinations(v)
+
+
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"data_dir": _str, "log_level": _choice("debug", "info", "warning", "error"),
          "drain_timeout": _float(0, 86400)},
-    "sip": {"listen": _hostport, "public_address": _str, "user_agent": _str,
+    "sip": {"listen": _hostport, "public_address": _address, "media_public_address": _address, "user_agent": _str,
             "capacity": _int(1, 3), "retry_after": _int(1, 3600), "answer_delay": _float(0, 60),
             "rtp_timeout": _float(0, 3600), "codecs": _str_list, "log_level": _int(0, 6),
             "trusted_proxies": _cidrs, "outbound_proxy": _str, "allowed_destinations": _str_list,
@@ -216,6 +243,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "tools": {"file": _str, "secrets_file": _str, "max_per_call": _int(1, 100), "max_per_turn": _int(1, 5),
               "shortlist": _int(0, 50), "filler_after": _float(0, 10), "breaker_failures": _int(1, 100),
               "breaker_cooldown": _float(1, 3600), "callback_base_url": _str},
+    "transfer": {"destinations": _transfer_destinations, "ring_timeout": _float(1, 300), "whisper": _bool,
+                 "whisper_text": _str, "say_text": _str, "no_answer_text": _str},
     "models": {"stt": _str, "stt_compute_type": _choice("int8", "int8_float32", "float32"),
                "llm_backend": _choice("llama", "openai"), "llm": _str, "llm_context": _int(256, 32768),
                "llm_url": _str, "llm_model": _str, "llm_api_key_env": _str, "tts": _str, "tts_config": _str,
@@ -234,7 +263,7 @@ DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",
     "log_level": "info",
     "drain_timeout": 60.0,
-    "sip": {"listen": "0.0.0.0:5060", "public_address": "", "user_agent": "Trunkline",
+    "sip": {"listen": "0.0.0.0:5060", "public_address": "", "media_public_address": "", "user_agent": "Trunkline",
             "capacity": 3, "retry_after": 5, "answer_delay": 0.0, "rtp_timeout": 30.0,
             "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": "",
             "allowed_destinations": [], "tcp": "auto", "require_guard": "auto", "trusted_proxy_port": 0,
@@ -256,6 +285,8 @@ DEFAULTS: dict[str, Any] = {
     "streams": {"buffer_frames": 50, "max_per_call": 3, "reconnect_attempts": 5, "reconnect_base_delay": 0.5,
                 "reconnect_max_delay": 10.0, "connect_timeout": 10.0, "send_timeout": 5.0, "playback_seconds": 60.0},
     "numbers": {},
+    "profiles": {},             # [profiles.NAME]: per-number agent settings (bridge/core/profiles.py)
+    "languages": {},            # [languages.xx]: stt_model, tts_voice per language
     "app": {"name": "echo", "prompt": "", "loop": False, "dtmf_transfer": {}, "max_duration": 3600.0},
     "agent": {
         "system_prompt": ("You are a helpful receptionist answering the phone. Answer in one or two short, "
@@ -284,6 +315,11 @@ DEFAULTS: dict[str, Any] = {
     "tools": {"file": "", "secrets_file": "", "max_per_call": 8, "max_per_turn": 2, "shortlist": 2,
               "filler_after": 1.0, "breaker_failures": 5, "breaker_cooldown": 30.0, "callback_base_url": ""},
     "tool": [],
+    "transfer": {"destinations": {}, "ring_timeout": 20.0, "whisper": True,
+                 "whisper_text": "A caller from the voice agent. {summary}",
+                 "say_text": "Let me put you through to {description}. Please hold.",
+                 "no_answer_text": "Sorry, nobody is available to take your call right now. "
+                                   "Is there anything else I can help you with?"},
     "models": {"stt": "", "stt_compute_type": "int8", "llm_backend": "llama", "llm": "", "llm_context": 2048,
                "llm_url": "", "llm_model": "", "llm_api_key_env": "OPENAI_API_KEY", "tts": "", "tts_config": "",
                "threads": 2, "tts_threads": 1, "load_timeout": 180.0,
@@ -345,7 +381,7 @@ class Config:
         load = self.raw["models"]["load"]
         if load != "auto":
             return load == "always"
-        return bool({self.app, *(v for v in self.raw["numbers"].values() if isinstance(v, str))}
+        return bool({self.app, *(v if isinstance(v, str) else v.get("app") for v in self.raw["numbers"].values())}
                     & {"agent", "api"})
 
 
@@ -464,12 +500,56 @@ def _check_number_urls(raw: dict) -> None:
     from bridge.core.netguard import OutboundRefused, Policy
     policy = Policy.from_config(raw["http"])
     for number, route in raw["numbers"].items():
-        if isinstance(route, dict):
+        if isinstance(route, dict) and route.get("app") == "stream":
             try:
                 policy.check_url(route["url"], ("ws", "wss"))
             except OutboundRefused as exc:
                 raise ConfigError(f"numbers.{number}: url: {exc.reason} address refused "
                                   "(allow it with http.outbound_allow)") from None
+
+
+def check_profile(where: str, p: "profiles.Profile", raw: dict, tool_names: set[str] | None) -> None:
+    """A profile's references: its language configured, its voice's files there, its tools
+    among the configured ones (``tool_names``: None when the caller does not check them)."""
+    langs = raw["languages"]
+    if p.language and p.language not in langs and p.language != raw["agent"]["language"]:
+        raise ConfigError(f"{where}.language: {p.language!r} is not configured (add [languages.{p.language}] "
+                          "with stt_model and tts_voice, or use the [agent] language "
+                          f"{raw['agent']['language']!r})")
+    if p.voice:
+        try:
+            profiles.check_voice(p.voice)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+    known = (raw.get("transfer") or {}).get("destinations") or {}
+    unknown = [d for d in p.transfer if d not in known]
+    if unknown:
+        raise ConfigError(f"{where}.transfer: {unknown[0]!r} is not a transfer destination "
+                          f"(configured: {', '.join(sorted(known)) or 'none'})")
+    if p.tools is not None and tool_names is not None:
+        unknown = [t for t in p.tools if t not in tool_names]
+        if unknown:
+            raise ConfigError(f"{where}.tools: {unknown[0]!r} is not a configured tool "
+                              f"(configured: {', '.join(sorted(tool_names)) or 'none'})")
+
+
+def _check_profiles(raw: dict, toolbox) -> None:
+    """Languages' model files exist; profiles and agent number routes refer to what is configured."""
+    for code, table in raw["languages"].items():
+        try:
+            profiles.check_language_files(profiles.parse_language(code, table))
+        except ValueError as exc:
+            raise ConfigError(f"languages.{code}.{exc}") from None
+    tool_names = set(toolbox.tools) if toolbox is not None else set()
+    for name, table in raw["profiles"].items():
+        check_profile(f"profiles.{name}", profiles.parse_profile(table), raw, tool_names)
+    for number, route in raw["numbers"].items():
+        if isinstance(route, dict) and route.get("app") == "agent":
+            r = numbers.agent_route(route)
+            if r.profile and r.profile not in raw["profiles"]:
+                raise ConfigError(f"numbers.{number}.profile: no [profiles.{r.profile}] "
+                                  f"(configured: {', '.join(sorted(raw['profiles'])) or 'none'})")
+            check_profile(f"numbers.{number}", r.fields, raw, tool_names)
 
 
 def _merge_file(raw: dict, data: dict) -> None:
@@ -484,6 +564,20 @@ def _merge_file(raw: dict, data: dict) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"numbers.{number}: {exc}") from None
             raw["numbers"] = value
+        elif key in ("profiles", "languages"):
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(f"{key}: expected tables ([{key}.NAME])")
+            for name, table in value.items():
+                try:
+                    if key == "profiles":
+                        if not profiles.PROFILE_NAME.match(name):
+                            raise ValueError("a profile name is letters, digits, _ . -")
+                        raw[key][name] = profiles.parse_profile(table).as_dict()
+                    else:
+                        profiles.parse_language(name, table)
+                        raw[key][name] = dict(table)
+                except ValueError as exc:
+                    raise ConfigError(f"{key}.{name}: {exc}") from None
         elif key == "trunks":
             if not isinstance(value, list):
                 raise ConfigError("trunks: expected an array of tables ([[trunks]])")
@@ -499,9 +593,9 @@ def _merge_file(raw: dict, data: dict) -> None:
             raw[key] = _check("", key, value)
 
 
-# TRUNKLINE_* variables that are not settings: the cell index a supervisor gives each
-# cell process, and where the tests find ../shared.
-NOT_SETTINGS = {"TRUNKLINE_CELL", "TRUNKLINE_SHARED", "TRUNKLINE_RECORDING_KEYS"}
+# TRUNKLINE_* variables that are not settings: the cell index (and, behind NAT, the address
+# its RTP binds) a supervisor gives each cell process, and where the tests find ../shared.
+NOT_SETTINGS = {"TRUNKLINE_CELL", "TRUNKLINE_CELL_RTP_HOST", "TRUNKLINE_SHARED", "TRUNKLINE_RECORDING_KEYS"}
 
 
 def _env_overrides(raw: dict, environ: dict[str, str]) -> None:
@@ -596,4 +690,8 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         raise ConfigError(str(exc)) from None
     _check_tool_urls(raw, toolbox)
     _check_number_urls(raw)
+    _check_profiles(raw, toolbox)
+    for name, dest in raw["transfer"]["destinations"].items():      # attended handoffs dial through a trunk
+        if dest.get("trunk") and dest["trunk"] not in names:
+            raise ConfigError(f"transfer.destinations.{name}.trunk: no trunk called {dest['trunk']!r}")
     return Config(raw, trunks, toolbox, transports, srtp)

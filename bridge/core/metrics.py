@@ -27,6 +27,9 @@ class Metrics:
                                 buckets=JITTER_BUCKETS, registry=r)
         self.loss = Histogram("trunkline_rtp_loss_ratio", "RTP packet loss ratio per call (received)",
                               buckets=LOSS_BUCKETS, registry=r)
+        self.late = Histogram("trunkline_rtp_late_ratio",
+                              "Received RTP packets never played per call: too late for the jitter buffer",
+                              buckets=LOSS_BUCKETS, registry=r)
         self.frame_interval = Histogram("trunkline_media_frame_interval_seconds",
                                         "Interval between 20 ms frames delivered by the media clock",
                                         buckets=FRAME_BUCKETS, registry=r)

@@ -3,8 +3,10 @@
 A route is an app name (``echo``, ``playback``, ``agent``, ``api``) or a bot:
 ``{app = "stream", url = "wss://bot.example/ws", protocol = "twilio", parameters = {...}}``
 (the call is answered and its audio goes both ways over a media stream to
-``url``; the call ends with the stream). The store keeps a route as text: an
-app name as is, a bot route as its JSON.
+``url``; the call ends with the stream), or the agent with a profile:
+``{app = "agent", profile = "sales"}`` and/or the profile's fields inline
+(``bridge.core.profiles``). The store keeps a route as text: an app name as is,
+a table route as its JSON.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.core.app import APPS
+from bridge.core.profiles import PROFILE_NAME, Profile, parse_profile
 
 PROTOCOLS = ("trunkline", "twilio")
 ENCODINGS = ("mulaw", "pcm16", "opus")
@@ -40,6 +43,30 @@ class BotRoute:
         if self.api_base:
             out["api_base"] = self.api_base
         return out
+
+
+@dataclass(frozen=True)
+class AgentRoute:
+    """A number answered by the agent with a profile: a named one, fields inline, or both
+    (the inline fields win)."""
+    profile: str = ""
+    fields: Profile = field(default_factory=Profile)
+
+    def as_dict(self) -> dict:
+        return {"app": "agent", **({"profile": self.profile} if self.profile else {}), **self.fields.as_dict()}
+
+
+def agent_route(value: dict) -> AgentRoute:
+    """An agent route from a TOML table or a JSON body; ``ValueError`` says what is wrong."""
+    if value.get("app") != "agent":
+        raise ValueError("app: a profile route needs app = \"agent\"")
+    name = value.get("profile", "")
+    if not isinstance(name, str) or name and not PROFILE_NAME.match(name):
+        raise ValueError("profile: expected a profile name (letters, digits, _ . -)")
+    fields = parse_profile(value, extra=("app", "profile"))
+    if not name and not fields.as_dict():
+        raise ValueError("profile: an agent table route needs a profile name or profile fields")
+    return AgentRoute(name, fields)
 
 
 def _text(value: Any, name: str, limit: int = 2048) -> str:
@@ -81,27 +108,27 @@ def bot_route(value: dict) -> BotRoute:
     return BotRoute(url, protocol, dict(params), account_sid, encoding, api_base)
 
 
-def check_route(value: Any) -> str | BotRoute:
-    """An app name or a bot route; ``ValueError`` otherwise."""
+def check_route(value: Any) -> str | BotRoute | AgentRoute:
+    """An app name, a bot route or an agent (profile) route; ``ValueError`` otherwise."""
     if isinstance(value, str):
         if value not in APPS:
             raise ValueError(f"expected one of {', '.join(APPS)} or a stream table")
         return value
     if isinstance(value, dict):
-        return bot_route(value)
+        return agent_route(value) if value.get("app") == "agent" else bot_route(value)
     raise ValueError(f"expected one of {', '.join(APPS)} or a stream table")
 
 
-def encode(route: str | BotRoute) -> str:
+def encode(route: str | BotRoute | AgentRoute) -> str:
     """A route as the store keeps it."""
     return route if isinstance(route, str) else json.dumps(route.as_dict(), sort_keys=True)
 
 
-def decode(text: str) -> str | BotRoute:
+def decode(text: str) -> str | BotRoute | AgentRoute:
     """A stored route back (an unreadable one answers as the app name it was stored as)."""
     if text.startswith("{"):
         try:
-            return bot_route(json.loads(text))
+            return check_route(json.loads(text))
         except (ValueError, TypeError):
             return text
     return text
@@ -110,9 +137,10 @@ def decode(text: str) -> str | BotRoute:
 def view(text: str) -> str | dict:
     """A stored route as the API shows it: an app name, or the bot route's table."""
     route = decode(text)
-    return route.as_dict() if isinstance(route, BotRoute) else route
+    return route.as_dict() if isinstance(route, (BotRoute, AgentRoute)) else route
 
 
 def app_name(text: str) -> str:
-    """The app a stored route runs: its name, or ``stream`` for a bot."""
-    return "stream" if isinstance(decode(text), BotRoute) else text
+    """The app a stored route runs: its name, ``stream`` for a bot, ``agent`` for a profile."""
+    route = decode(text)
+    return "stream" if isinstance(route, BotRoute) else "agent" if isinstance(route, AgentRoute) else text

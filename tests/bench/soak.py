@@ -337,7 +337,10 @@ class Soak:
             sock = EventSocket(f"ws://127.0.0.1:{box.ports['http']}/v1/ws", key, period=20.0).start()
             t0 = time.time()
             self.faults = schedule(self.duration, disk) if self.faults_on else []
-            # SIPp: long calls at a rate that keeps long_limit up, short 2 s calls likewise
+            # SIPp: long calls at a rate that keeps long_limit up, short 2 s calls likewise. NB: `-r n
+            # -rp 1000` is n calls per second (rate x 1000), so -l alone paces the streams: each call
+            # starts as soon as one ends (back to back), and after a fault SIPp's backlog meets the
+            # front's 503s (hundreds of failed calls in the kill_front window). Kept: see issue 14's notes.
             long_rate = long_limit / 20.0
             short_rate = short_limit / 2.6
             long_n = int(self.duration * long_rate)
@@ -602,6 +605,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-faults", action="store_true", help="traffic and sampling only")
     ap.add_argument("--keep", default="", help="run in this directory and keep it (SIPp logs, cell logs)")
     a = ap.parse_args(argv)
+    if a.cells < 2:     # `serve --cells 1` is a plain cell: no front, no supervisor, nothing to soak
+        ap.error("--cells must be 2 or more: one cell runs without the Kamailio front and supervisor")
     with tempfile.TemporaryDirectory() as td:
         work = Path(a.keep or td)
         work.mkdir(parents=True, exist_ok=True)
