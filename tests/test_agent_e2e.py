@@ -106,8 +106,6 @@ def test_model_that_fails_to_load_stops_the_cell_at_start(tmp_path):
     assert r.returncode == 2 and "models.llm: /nonexistent/model.gguf does not exist" in r.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.sample
 @pytest.mark.slow       # flaky this round: now and then the question after the restart still gets the
 def test_inference_crash_mid_call_apologises_and_recovers(cell_factory, tmp_path):     # canned apology (open)
     cell = cell_factory(PROMPT, args=("--app", "agent"))

@@ -190,8 +190,10 @@ def scans(tmp_path):
         s.stop()
 
 
-# the cell's own scan runs in the slow suite (test_hostile.py scans a cell with svwar in the default one)
-@pytest.mark.parametrize("kind", [pytest.param("cell", marks=pytest.mark.slow), "front"])
+# both run in the slow suite: in the default one test_hostile.py scans a cell with svwar and
+# test_front_hostile.py scans the front (svmap, svwar, svcrack from an untrusted source)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cell", "front"])
 def test_scans_from_an_untrusted_source_find_nothing(scans, tmp_path, kind):
     """The scanner (127.0.0.1) is outside the allow-list (127.0.0.5): every method gets
     403 or silence, so nothing is enumerated, and the trunk's call works after."""
