@@ -9,189 +9,20 @@ from __future__ import annotations
 import copy
 import ipaddress
 import os
-import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 from bridge.core import numbers, profiles
 from bridge.core.toolspec import ToolBox, ToolConfigError, load_toolbox
+from bridge.core.validators import (MEDIA_ONLY_APPS, WIDEBAND_CODECS, _address, _auto_bool, _bool, _choice,
+                                     _cidrs, _clock_rate, _digit_map, _float, _hostport, _int, _number_flags,
+                                     _outbound_allow, _port_range, _regex_list, _str, _str_list, _transfer_destinations)
 from sip.config import TrunkSpec as Trunk   # one trunk type, from file to engine
 
 
 class ConfigError(ValueError):
     pass
-
-
-def _hostport(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected HOST:PORT, got {v!r}")
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise TypeError(f"expected HOST:PORT, got {v!r}")
-    return v
-
-
-def _port_range(v: Any) -> str:
-    if isinstance(v, str) and "-" in v:
-        lo, _, hi = v.partition("-")
-        if lo.isdigit() and hi.isdigit() and 1024 <= int(lo) < int(hi) < 65536:
-            return v
-    raise TypeError(f"expected LOW-HIGH with 1024 <= LOW < HIGH < 65536, got {v!r}")
-
-
-def _int(lo: int, hi: int):
-    def check(v: Any) -> int:
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise TypeError(f"expected an integer {lo}..{hi}, got {v!r}")
-        return v
-    return check
-
-
-def _float(lo: float, hi: float):
-    def check(v: Any) -> float:
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise TypeError(f"expected a number {lo}..{hi}, got {v!r}")
-        return float(v)
-    return check
-
-
-def _bool(v: Any) -> bool:
-    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return v.lower() in ("1", "true", "yes", "on")
-    if not isinstance(v, bool):
-        raise TypeError(f"expected true or false, got {v!r}")
-    return v
-
-
-def _auto_bool(v: Any) -> str:
-    """"auto", or a boolean given as "on"/"off" (true/false accepted)."""
-    if isinstance(v, str) and v.lower() == "auto":
-        return "auto"
-    return "on" if _bool(v) else "off"
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected a string, got {v!r}")
-    return v
-
-
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-
-
-def _address(v: Any) -> str:
-    """An address others reach us at (``sip.public_address``): an IP or a host name, no port; it
-    goes into Via/Contact/SDP and the front's ``advertise``, so nothing else may ride along."""
-    if not isinstance(v, str):
-        raise TypeError(f"expected an IP address or a host name, got {v!r}")
-    if v == "":
-        return v
-    import ipaddress
-    try:
-        ipaddress.ip_address(v)
-        return v
-    except ValueError:
-        pass
-    if not _HOSTNAME.match(v) or v.replace(".", "").isdigit():
-        raise TypeError(f"expected an IP address or a host name without a port, got {v!r}")
-    return v
-
-
-MEDIA_ONLY_APPS = ("echo", "playback")      # apps that do nothing with the audio but move it
-WIDEBAND_CODECS = ("G722",)
-
-
-def _clock_rate(v: Any) -> str | int:
-    if v == "auto":
-        return v
-    if isinstance(v, str) and v.isdigit():
-        v = int(v)
-    if isinstance(v, bool) or v not in (8000, 16000):
-        raise TypeError(f"expected auto, 8000 or 16000, got {v!r}")
-    return v
-
-
-def _choice(*options):
-    def check(v: Any):
-        if isinstance(v, str) and all(isinstance(o, int) for o in options) and v.isdigit():
-            v = int(v)
-        if isinstance(v, bool) or v not in options:
-            raise TypeError(f"expected one of {', '.join(map(str, options))}, got {v!r}")
-        return v
-    return check
-
-
-def _str_list(v: Any) -> list[str]:
-    if isinstance(v, str):
-        v = [x.strip() for x in v.split(",") if x.strip()]
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise TypeError(f"expected a list of strings, got {v!r}")
-    return v
-
-
-def _cidrs(v: Any) -> list[str]:
-    v = _str_list(v)
-    for c in v:
-        try:
-            ipaddress.ip_network(c, strict=False)
-        except ValueError:
-            raise TypeError(f"not an IP network: {c!r}") from None
-    return v
-
-
-def _outbound_allow(v: Any) -> list[str]:
-    """CIDRs, addresses or host names the SSRF guard lets the box connect to."""
-    v = _str_list(v)
-    from bridge.core.netguard import Policy
-    try:
-        Policy.parse(v)
-    except ValueError as exc:
-        raise TypeError(str(exc).lstrip()) from None
-    return v
-
-
-def _digit_map(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict) or not all(isinstance(k, str) and k in "0123456789*#ABCD" and len(k) == 1
-                                          and isinstance(x, str) for k, x in v.items()):
-        raise TypeError(f"expected a table of DTMF digit = \"sip:uri\", got {v!r}")
-    return v
-
-
-def _number_flags(v: Any) -> dict[str, bool]:
-    """``{"+15551230000" = true, ...}`` (or "NUMBER=true,NUMBER=false" from the environment)."""
-    if isinstance(v, str):
-        try:
-            v = {k.strip(): _bool(x.strip()) for k, _, x in (p.partition("=") for p in v.split(",") if p.strip())}
-        except TypeError:
-            raise TypeError(f"expected NUMBER=true|false,..., got {v!r}") from None
-    if not isinstance(v, dict) or not all(isinstance(k, str) and k and isinstance(x, bool) for k, x in v.items()):
-        raise TypeError(f"expected a table of \"number\" = true|false, got {v!r}")
-    return v
-
-
-def _regex_list(v: Any) -> list[str]:
-    v = [v] if isinstance(v, str) else v          # from the environment: one pattern
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise TypeError(f"expected a list of regular expressions, got {v!r}")
-    from bridge.core.pii import check_patterns
-    try:
-        check_patterns(v)
-    except ValueError as exc:
-        raise TypeError(str(exc)) from None
-    return v
-
-
-def _transfer_destinations(v: Any) -> dict:
-    from bridge.core.handoff import destinations
-    return destinations(v)
 
 
 SCHEMA: dict[str, dict[str, Any]] = {
