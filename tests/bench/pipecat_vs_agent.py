@@ -127,7 +127,9 @@ def human_clips(count: int = 2, shortest: float = 1.5, longest: float = 4.0) -> 
     voice between pauses of at least 0.6 s, ``shortest``..``longest`` s long, with 0.2 s of the
     recording's own background before. Empty when ../shared is absent."""
     path = SHARED / HUMAN_PCAP
-    if not path.exists():
+    if not path.exists():             # a fresh clone has no ../shared: the human clips are skipped
+        print(f"skipping the human clips: {path} is absent (../shared; TRUNKLINE_SHARED points elsewhere)",
+              file=sys.stderr)
         return []
     pcm = b"".join(g711.decode(pt, p) for pt, p in _pcap_payloads(path) if pt in (0, 8) and len(p) == 160)
     from media.vad import VoiceDetector
