@@ -79,6 +79,7 @@ class TurnEnd:
         self.decision: Decision | None = None
         self.digits = False                       # this pause's transcript ends in a digit
         self.last: dict = {}                      # the fields of the turn that just ended
+        self._tail_of: tuple[str | None, int] = (None, 0)    # (transcript, digit_tail of it)
 
     def reset(self) -> None:
         """The caller spoke again (or a new turn begins): the question is stale."""
@@ -105,7 +106,9 @@ class TurnEnd:
         """The quiet that ends this pause when the model cannot: it failed (the fixed window,
         longer after digits), or said "complete" over a transcript (``text``, None while it is
         not in) ending in digits (the digits window); None: the stretched window decides."""
-        d, tail = self.decision, digit_tail(text)
+        if text != self._tail_of[0]:             # asked on every quiet 20 ms frame: count once per transcript
+            self._tail_of = (text, digit_tail(text))
+        d, tail = self.decision, self._tail_of[1]
         self.digits = tail > 0
         if d is None or not (d.error is not None or (self.complete and tail)):
             return None
