@@ -45,6 +45,9 @@ class EngineConfig:
     stats_interval: float = 1.0
     trunks: list[TrunkSpec] = field(default_factory=list)
     realtime_clock: bool = True
+    jitter_init_ms: int = 40          # pjmedia's jitter buffer: first and least prefetch, most (ms; -1:
+    jitter_min_ms: int = 40           # pjmedia's default, which gives up ~20 % of frames to 30 ms of jitter)
+    jitter_max_ms: int = -1
     log_level: int = 1
     uplink_frames: int = 250
     downlink_frames: int = 1500

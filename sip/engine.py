@@ -182,6 +182,7 @@ class Engine(OutboundCalls, SlotsAndPorts):
         mc.audioFramePtime = 20
         mc.noVad = True
         mc.ecTailLen = 0
+        mc.jbInit, mc.jbMinPre, mc.jbMaxPre = c.jitter_init_ms, c.jitter_min_ms, c.jitter_max_ms
         # RTP stays on pjmedia's own ioqueue and worker thread (C only, no GIL): that worker wakes
         # every 10 ms even with no call (~0.25 % of a core), but sharing the SIP ioqueue would put
         # every RTP packet through this thread's Python loop. The bridge clock stops SND_IDLE_CLOSE s

@@ -178,8 +178,26 @@ def test_box_cells_are_forked_from_the_preimported_zygote(tmp_path):
         for p in pids:
             assert "clock" not in _threads(p)
             assert _private_dirty_mb(p) < 30, (p, _private_dirty_mb(p))
+        # nothing of the supervisor's open files reaches a cell (its event loop's epoll and
+        # self-pipe were inherited through the zygote): the cell has its own, or /dev/null
+        sup = set(_fd_targets(b.proc.pid).values()) - {"/dev/null"}
+        for p in pids:
+            leaked = {fd: t for fd, t in _fd_targets(p).items() if t in sup and fd > 2 and
+                      (t.startswith("socket:") or t.startswith("pipe:"))}
+            assert not leaked, (p, leaked)
     finally:
         assert b.stop() == 0
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    """fd -> what it points at (sockets and pipes carry their own inode: shared means the same one)."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+    return out
 
 
 ZYGOTE = r"""

@@ -162,11 +162,19 @@ def test_the_cell_measures_the_loss_and_its_mos_drops(echo_cell, tmp_path):
     assert lossy["sipp_rc"] == 0 and clean["sipp_rc"] == 0
 
 
+@pytest.fixture
+def echo_cell_pjmedia_jb(cell_factory):
+    """pjmedia's own jitter-buffer prefetch (what the cell used before ``[media] jitter_*_ms``)."""
+    cell = cell_factory(bench.ECHO_CONFIG + "jitter_init_ms = -1\njitter_min_ms = -1\n", args=("--app", "echo"))
+    return cell, Api(cell, create_key(cell.data, scope="read"))
+
+
 @pytest.mark.slow
-def test_late_packets_count_against_the_mos_under_jitter(echo_cell, tmp_path):
+def test_late_packets_count_against_the_mos_under_jitter(echo_cell_pjmedia_jb, tmp_path):
     """30 ms of jitter, no packet lost: the jitter buffer throws late packets away and the caller
-    hears concealment; the cell's MOS must show it (it read RTCP loss only and said 4.36)."""
-    cell, api = echo_cell
+    hears concealment; the cell's MOS must show it (it read RTCP loss only and said 4.36). pjmedia's
+    default prefetch gives up ~20 % of the frames to this jitter, so it shows the measurement."""
+    cell, api = echo_cell_pjmedia_jb
     clean = bench.echo_call(cell, api, tmp_path, Impairment("clean"), seconds=8.0)
     jit = bench.echo_call(cell, api, tmp_path, Impairment("jitter 30 ms", delay=0.030, jitter=0.030),
                           seconds=8.0, slot=1)
@@ -175,6 +183,20 @@ def test_late_packets_count_against_the_mos_under_jitter(echo_cell, tmp_path):
     assert jit["cell_late_ratio"] > 0.05 and jit["cell_jb_discarded"] > 0.05 * 400     # ... and the cell counts them
     assert jit["mos"] < clean["mos"] - 0.5
     assert abs(jit["mos"] - jit["mos_unplayed"]) < abs(jit["mos"] - jit["mos_emodel"])  # nearer what was heard
+
+
+@pytest.mark.slow
+def test_the_default_jitter_buffer_rides_out_30ms_of_jitter(echo_cell, tmp_path):
+    """With the default prefetch (``[media] jitter_init_ms``/``jitter_min_ms`` = 40) 30 ms of jitter
+    costs the caller almost nothing: pjmedia's own default (-1) dropped ~20 % of the frames as late
+    (README "Network impairment"), this one keeps them for ~8 ms more delay on a clean line."""
+    cell, api = echo_cell
+    jit = bench.echo_call(cell, api, tmp_path, Impairment("jitter 30 ms", delay=0.030, jitter=0.030), seconds=8.0)
+    assert jit["relay"]["up"]["lost"] == 0 and jit["cell_rx_lost"] == 0
+    assert jit["relay"]["up"]["out_of_order"] > 20, jit["relay"]        # the jitter happened
+    assert jit["cell_late_ratio"] < 0.04, jit                        # pjmedia's default: 0.18-0.22
+    assert jit["plc_frames"] < 0.04 * 400, jit
+    assert jit["mos"] > 4.0, jit
 
 
 @pytest.mark.slow

@@ -271,6 +271,7 @@ def _fork_cell(spec: dict, inherited: tuple[int, ...]) -> int:
         os.close(log_fd)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
+        _blank_inherited(null)
         os.close(null)
         os.chdir(spec["cwd"])
         os.environ.clear()
@@ -286,6 +287,22 @@ def _fork_cell(spec: dict, inherited: tuple[int, ...]) -> int:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _blank_inherited(null: int) -> None:
+    """Point every descriptor the cell inherited beyond 0-2 (the supervisor's event loop: its epoll
+    and self-pipe, anything else it had open when it forked the zygote) at /dev/null. A cell gets no
+    handle on the supervisor's resources; the numbers stay taken, so an inherited Python object that
+    still names one (never used in the cell) cannot close a descriptor the cell opens later."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd == null:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:                       # the listing's own descriptor, closed by now
+            continue
+        os.dup2(null, fd)
 
 
 def _run_cell(argv: list[str]) -> int:

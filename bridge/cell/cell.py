@@ -74,6 +74,7 @@ def engine_config(cfg: Config) -> EngineConfig:
         clock_rate=cfg.clock_rate, codecs=tuple(CODEC_IDS[c.upper()] for c in sip["codecs"]),
         capacity=sip["capacity"], retry_after=sip["retry_after"], answer_delay=sip["answer_delay"],
         rtp_timeout=sip["rtp_timeout"], realtime_clock=media["realtime_clock"], log_level=sip["log_level"],
+        jitter_init_ms=media["jitter_init_ms"], jitter_min_ms=media["jitter_min_ms"], jitter_max_ms=media["jitter_max_ms"],
         tcp=_sip_tcp(sip, host.strip("[]")),
         require_guard=sip["require_guard"] == "on" or (sip["require_guard"] == "auto" and not _loopback(host.strip("[]"))),
         proxy_port=sip["trusted_proxy_port"],

@@ -319,10 +319,35 @@ def main(out_path: str, seconds: float = 15.0, agent: bool = True) -> dict:
     return res
 
 
+def jitter_sweep(specs: list[str], seconds: float) -> list[dict]:
+    """The echo conditions that the jitter buffer decides (clean, 1 % loss, 30 ms jitter,
+    reordering) once per ``[media] jitter_init_ms/jitter_min_ms`` pair ("40/40", "-1/-1")."""
+    global ECHO_CONFIG
+    base, rows = ECHO_CONFIG, []
+    names = ("clean", "loss 1%", "jitter 30 ms", "reorder 10%")
+    try:
+        for spec in specs:
+            init, _, low = spec.partition("/")
+            ECHO_CONFIG = base + f"jitter_init_ms = {int(init)}\njitter_min_ms = {int(low or init)}\n"
+            for r in run_echo(seconds, [c for c in CONDITIONS if c.name in names]):
+                row = {"jb": spec, "condition": r["condition"], "jb_delay_ms": r["jb_delay_ms"],
+                       "late": r["cell_late_ratio"], "plc_frames": r["plc_frames"], "mos_unplayed": r["mos_unplayed"]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        ECHO_CONFIG = base
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--no-agent", action="store_true")
+    ap.add_argument("--jb", action="append", default=[], metavar="INIT/MIN",
+                    help="only the jitter-buffer sweep: echo calls per prefetch pair, e.g. --jb=-1/-1 --jb=40/40")
     ap.add_argument("--out", default=str(HERE / "results" / "impair.json"))
     a = ap.parse_args()
-    main(a.out, a.seconds, not a.no_agent)
+    if a.jb:
+        jitter_sweep(a.jb, a.seconds)
+    else:
+        main(a.out, a.seconds, not a.no_agent)

@@ -337,19 +337,18 @@ class Soak:
             sock = EventSocket(f"ws://127.0.0.1:{box.ports['http']}/v1/ws", key, period=20.0).start()
             t0 = time.time()
             self.faults = schedule(self.duration, disk) if self.faults_on else []
-            # SIPp: long calls at a rate that keeps long_limit up, short 2 s calls likewise. NB: `-r n
-            # -rp 1000` is n calls per second (rate x 1000), so -l alone paces the streams: each call
-            # starts as soon as one ends (back to back), and after a fault SIPp's backlog meets the
-            # front's 503s (hundreds of failed calls in the kill_front window). Kept: see issue 14's notes.
+            # SIPp: long calls at a rate that keeps long_limit up, short 2 s calls likewise: one call
+            # every 1/rate s (`-r 1 -rp <ms>`). (It was `-r <rate x 1000> -rp 1000`, hundreds of calls
+            # a second, so only -l paced the streams and after a fault SIPp's backlog met the front's 503s.)
             long_rate = long_limit / 20.0
             short_rate = short_limit / 2.6
             long_n = int(self.duration * long_rate)
             short_n = int(self.duration * short_rate)
             for name, scen, args, n, lp in (
-                    ("long", "bench_pcap.xml", ["-l", str(long_limit), "-r", str(round(long_rate * 1000)), "-rp", "1000",
+                    ("long", "bench_pcap.xml", ["-l", str(long_limit), "-r", "1", "-rp", str(round(1000 / long_rate)),
                                                 "-mp", str(box.ports["sip"] + 400)], long_n, box.ports["sipp"]),
                     ("short", "builtin:uac", ["-d", "2000", "-l", str(short_limit),
-                                              "-r", str(round(short_rate * 1000)), "-rp", "1000"], short_n,
+                                              "-r", "1", "-rp", str(round(1000 / short_rate))], short_n,
                      box.ports["sipp"] + 1)):
                 d = tmp / name
                 d.mkdir()
