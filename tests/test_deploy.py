@@ -10,7 +10,8 @@ from bridge.box import kamailio
 from bridge.core.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-BOX_METRICS = {"trunkline_box_cell_up", "trunkline_box_cell_deaths_total", "trunkline_box_cell_drained"}
+BOX_METRICS = {"trunkline_box_cell_up", "trunkline_box_cell_deaths_total", "trunkline_box_cell_drained",
+               "trunkline_trunk_registered"}
 
 
 def _known() -> set[str]:

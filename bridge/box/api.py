@@ -251,18 +251,38 @@ class BoxApi(Api):
                 return web.json_response({"index": c.index, "drained": c.drained})
             return handler
 
+        async def list_registrations(request):
+            """The front's trunk registrations (``register = true``): state, the registrar's last
+            answer and when it last changed."""
+            try:
+                self.auth(request, "read")
+            except ApiError as e:
+                return error_response(e.status, e.code, e.message)
+            regs = getattr(self.sup, "registrations", {})
+            return web.json_response({"registrations": [
+                {"trunk": t, "registered": r.registered, "status": r.status or None, "reason": r.reason or None,
+                 "since": r.since or None} for t, r in sorted(regs.items())]})
+
         app.router.add_get("/v1/cells", list_cells)
+        app.router.add_get("/v1/registrations", list_registrations)
         app.router.add_post("/v1/cells/{index}/drain", drain_handler(True))
         app.router.add_post("/v1/cells/{index}/undrain", drain_handler(False))
 
 
+def _escape(value: str, quote: bool = True) -> str:
+    """The text format's escaping: backslash and newline (and the double quote in a label value)."""
+    value = str(value).replace("\\", "\\\\").replace("\n", "\\n")
+    return value.replace('"', '\\"') if quote else value
+
+
 def _render_families(families: dict) -> str:
+    """Prometheus text format; label values (a trunk's name, a cell's own labels as parsed) escaped."""
     out = []
     for name, (kind, doc, samples) in families.items():
-        out.append(f"# HELP {name} {doc}")
+        out.append(f"# HELP {name} {_escape(doc, quote=False)}")
         out.append(f"# TYPE {name} {kind}")
         for sname, labels, value in samples:
-            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
             out.append(f"{sname}{{{lab}}} {value}" if lab else f"{sname} {value}")
     return "\n".join(out) + "\n"
 
@@ -294,6 +314,11 @@ async def merged_metrics(sup, http: aiohttp.ClientSession, metrics: Metrics) -> 
         ("trunkline_box_cell_deaths_total", {"cell": str(c.index)}, len(c.history)) for c in sup.cells])
     families["trunkline_box_cell_drained"] = ("gauge", "1 while the front sends the cell no new calls", [
         ("trunkline_box_cell_drained", {"cell": str(c.index)}, int(c.drained)) for c in sup.cells])
+    regs = getattr(sup, "registrations", {})
+    if regs:
+        families["trunkline_trunk_registered"] = (
+            "gauge", "1 while the front's registration of the trunk (register = true) is current",
+            [("trunkline_trunk_registered", {"trunk": t}, int(r.registered)) for t, r in sorted(regs.items())])
     for s in metrics.registry.collect():
         if s.name.startswith("trunkline_webhook"):
             families[s.name + "_total"] = ("counter", s.documentation,

@@ -6,7 +6,9 @@ Kamailio config (deploy/kamailio/kamailio.cfg.tmpl) and runs Kamailio on the
 public SIP address, restarts a cell that dies (backoff up to 1 s doubling to 30 s, full jitter
 (``bridge.core.backoff``), reset after a minute up), and on SIGTERM drains every cell before stopping
 Kamailio. It also serves the box's HTTP: one API, WebSocket, webhooks and
-/metrics for all cells (see ``bridge.box.api``).
+/metrics for all cells (see ``bridge.box.api``). The front registers the ``register = true``
+trunks itself (uac_reg, ``bridge.box.kamailio.registrations``); the supervisor reads their state
+over Kamailio's ctl socket every ``REG_POLL`` s (``bridge.box.registrations``).
 
 Cells are forked from a zygote (``bridge.box.zygote``) that the supervisor forks at start, so
 they share the imported code instead of each importing it again (exec is the fallback).
@@ -24,12 +26,15 @@ import time
 from dataclasses import dataclass, field
 
 from bridge.box import kamailio
+from bridge.box.registrations import RegState, changed, last_replies, read_states, registrar_net as _registrar_net
 from bridge.box.zygote import Zygote
 from bridge.core import backoff
 from bridge.core.config import Config
 from bridge.core.logs import event
 
 log = logging.getLogger("trunkline.supervisor")
+
+REG_POLL = 2.0          # seconds between reads of the front's registrations (uac.reg_dump)
 
 
 def _reap_front(config_path: str) -> None:
@@ -134,6 +139,8 @@ class Supervisor:
         self._media_next = 0.0
         self.stopping = False
         self.zygote: Zygote | None = None     # forks the cells (shared imported code); None: exec
+        self.registrations: dict[str, RegState] = {}    # trunk -> the front's registration (uac_reg)
+        self.front_registrations: list[kamailio.Registration] = []
 
     # -- cells -------------------------------------------------------------------------
     def _cell_cmd(self, c: CellProc) -> list[str]:
@@ -215,23 +222,32 @@ class Supervisor:
 
     # -- kamailio ------------------------------------------------------------------------
     def render_front(self, media=None):
-        """The front's Kamailio config for this box: (text, TLS settings, the internal socket).
-        Cells may send only to a trunk's addresses (every one of a failover list) or allow-list."""
+        """The front's Kamailio config for this box: (text, TLS settings, the internal socket); the
+        trunks it registers are left in ``front_registrations``. Cells may send only to a trunk's
+        addresses (every one of a failover list) or allow-list. A trunk the front registers also
+        trusts its registrar's address (an IP literal): the registrar answers and calls from it."""
         h = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
         listen = [f"udp:{h}:{self.public_port}", f"tcp:{h}:{self.public_port}"]
-        trusted = [a for t in self.cfg.trunks for a in t.allow]
         fh = self._front_ip()
         inner = f"udp:{f'[{fh}]' if ':' in fh else fh}:{self.front_port}"
         tls = kamailio.Tls.from_sip(self.cfg.raw["sip"])
+        regs = kamailio.registrations(self.cfg, listen, tls)
+        allow = {t.name: list(t.allow) for t in self.cfg.trunks}
+        for t in self.cfg.trunks:
+            net = _registrar_net(t.address) if t.register else ""
+            if net and net not in allow[t.name]:
+                allow[t.name].append(net)
+        trusted = [a for t in self.cfg.trunks for a in allow[t.name]]
         text = kamailio.render(listen, self.run_dir, trusted, self.cfg.raw["sip"]["retry_after"],
                                ping=self.cfg.raw["cells"]["ping_interval"], pike=self.cfg.raw["cells"]["pike"],
                                children=self.cfg.raw["cells"]["children"],
                                trunk_addresses=[a for t in self.cfg.trunks for a in (t.addresses or [t.address]) if a],
                                cell_socket=inner,
-                               trunks=[(list(t.addresses) or t.address, list(t.allow)) for t in self.cfg.trunks],
+                               trunks=[(list(t.addresses) or t.address, allow[t.name]) for t in self.cfg.trunks],
                                tls=tls, transports=[self.cfg.transport(t.name) for t in self.cfg.trunks],
                                srtp=[self.cfg.srtp_mode(t.name) for t in self.cfg.trunks], media=media,
-                               advertise=self.cfg.raw["sip"]["public_address"])
+                               advertise=self.cfg.raw["sip"]["public_address"], registrations=regs)
+        self.front_registrations = regs
         return text, tls, inner
 
     def start_kamailio(self) -> None:
@@ -242,10 +258,13 @@ class Supervisor:
         if media is not None and (self.rtpengine is None or self.rtpengine.poll() is not None):
             self.rtpengine = kamailio.start_media(media, self.run_dir, _die_with_parent)
         text, tls, inner = self.render_front(media)
+        regs = self.front_registrations
         h = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
         dlist = kamailio.dispatcher_list([(c.host, c.sip_port) for c in self.cells], self.cfg.raw["sip"]["capacity"],
                                          socket=inner)
-        path = kamailio.write(self.run_dir, text, dlist, tls)
+        path = kamailio.write(self.run_dir, text, dlist, tls, regs)
+        for r in regs:
+            self.registrations.setdefault(r.trunk, RegState(r.trunk))
         check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError("generated kamailio config does not parse:\n" + check.stderr[-2000:])
@@ -276,6 +295,42 @@ class Supervisor:
             except (RuntimeError, subprocess.TimeoutExpired):
                 await asyncio.sleep(0.1)
         return False
+
+    # -- the front's trunk registrations (uac_reg) ------------------------------------------
+    def read_registrations(self) -> dict[str, RegState]:
+        """Each registered trunk's state, read from Kamailio (``uac.reg_dump`` carries the HA1
+        digest: it is parsed here and never logged)."""
+        dump = self.kamcmd("uac.reg_dump")
+        try:
+            replies = last_replies(self.kamcmd("htable.dump", "uacreg"))
+        except RuntimeError:
+            replies = {}
+        return read_states(dump, replies, {r.uuid: r.trunk for r in self.front_registrations}, self.registrations)
+
+    def update_registrations(self, states: dict[str, RegState]) -> None:
+        """Keep the new states (the /metrics gauge) and log a ``registration`` event for each change."""
+        for trunk, new in states.items():
+            old = self.registrations.get(trunk)
+            if changed(old, new):
+                new.since = time.time()
+                event(log, "registration", trunk=trunk, status=new.status, reason=new.reason,
+                      registered=new.registered)
+            elif old is not None:
+                new.since = old.since
+            self.registrations[trunk] = new
+
+    async def _poll_registrations(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            await asyncio.sleep(REG_POLL)
+            if self.kamailio is not None and self.kamailio.poll() is None:
+                try:
+                    states = await loop.run_in_executor(None, self.read_registrations)
+                except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError):
+                    continue                    # the front is (re)starting: its ctl socket is not there yet
+            else:                               # no front, no registration
+                states = {t: RegState(t, False, 0, "the front is down", True) for t in self.registrations}
+            self.update_registrations(states)
 
     def set_drained(self, c: CellProc, drained: bool) -> None:
         """A drained cell gets no new calls from the front; its live calls go on."""
@@ -326,6 +381,7 @@ class Supervisor:
             await self._stop_cells()
             return 1
         runners = await start_box(self)
+        polling = asyncio.create_task(self._poll_registrations()) if self.front_registrations else None
         event(log, "box_ready", sip=f"{self.public_host}:{self.public_port}", cells=self.n,
               http=self.cfg.raw["http"]["listen"])
         stop = asyncio.Event()
@@ -339,6 +395,8 @@ class Supervisor:
             except asyncio.TimeoutError:
                 pass
         self.stopping = True
+        if polling is not None:
+            polling.cancel()
         event(log, "box_draining", cells=self.n)
         await self._stop_cells()
         if self.kamailio and self.kamailio.poll() is None:

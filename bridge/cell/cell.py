@@ -81,8 +81,8 @@ def engine_config(cfg: Config) -> EngineConfig:
         allowed_destinations=tuple(sip["allowed_destinations"]),
         fixed_destinations=(tuple(cfg.raw["app"]["dtmf_transfer"].values())       # operator-configured targets
                             + handoff_targets(cfg.raw.get("transfer", {}))),
-        # with several cells only cell 0 keeps the trunk registrations
-        trunks=[replace(t, register=t.register and os.environ.get("TRUNKLINE_CELL", "0") == "0",
+        # behind the front (TRUNKLINE_CELL) the front registers the trunks (uac_reg), never a cell
+        trunks=[replace(t, register=t.register and "TRUNKLINE_CELL" not in os.environ,
                         proxy=sip["outbound_proxy"]) for t in cfg.trunks],
     )
 

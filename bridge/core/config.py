@@ -89,7 +89,8 @@ TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str
                 "expires": _int(60, 86400), "transport": _choice("udp", "tcp", "tls"),
                 "srtp": _choice("off", "optional", "mandatory"),
                 "addresses": _str_list, "cps": _float(0, 1000), "max_calls": _int(0, 100000),
-                "failover_timeout": _float(0.5, 120)}
+                "failover_timeout": _float(0.5, 120),
+                "register_retry": _int(1, 3600)}   # the front's retry after a failed registration (s)
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",
@@ -244,6 +245,7 @@ def _trunk(i: int, t: Any) -> Trunk:
     if not out.get("name"):
         raise ConfigError(f"{where}.name: required")
     out.pop("transport", None)                   # the front's concern (Config.transports)
+    out.pop("register_retry", None)              # the front's too (bridge/box/kamailio.py, uac_reg)
     if out.pop("srtp", "off") != "off" and t.get("transport") != "tls":
         raise ConfigError(f"{where}.srtp: SRTP keys (SDES) travel in the SIP messages: "
                           "it needs transport = \"tls\"")

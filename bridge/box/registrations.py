@@ -1,0 +1,118 @@
+"""The front's trunk registrations (Kamailio ``uac_reg``) as the supervisor sees them.
+
+The supervisor polls Kamailio over its ctl socket (``kamcmd uac.reg_dump`` and the ``uacreg``
+htable where the front keeps each registrar's last final answer, see
+deploy/kamailio/kamailio.cfg.tmpl) and turns what it reads into one ``RegState`` per trunk:
+``trunkline_trunk_registered`` on the box's /metrics and a ``registration`` event on each change
+(the same fields as a cell's: trunk, status, reason, registered).
+
+uac_reg's flags: 2 = a REGISTER is in progress, 4 = registered; it clears "registered" while it
+refreshes, so an in-progress record keeps the state it had. The dump also carries the digest
+(HA1) and is never logged.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+ONGOING, ONLINE = 1 << 1, 1 << 2
+
+
+@dataclass
+class RegState:
+    """One trunk's registration at the front."""
+    trunk: str
+    registered: bool = False
+    status: int = 0
+    reason: str = ""
+    known: bool = False           # set once a state was read (the first one is always reported)
+    since: float = 0.0            # wall-clock time of the last change (0: not read yet)
+
+
+def registrar_net(address: str) -> str:
+    """The registrar's address as a /32 (/128) when ``address`` names an IP literal, else ""."""
+    a = address.strip()
+    for scheme in ("sips:", "sip:"):
+        if a.lower().startswith(scheme):
+            a = a[len(scheme):]
+    host = a.split(";", 1)[0].split("@")[-1]
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    try:
+        return str(ipaddress.ip_network(host))
+    except ValueError:
+        return ""
+
+
+def parse_structs(text: str) -> list[dict[str, str]]:
+    """``kamcmd``'s printout of an array of structs (``{ key: value ... }`` blocks, nested ones
+    flattened) as dicts of strings."""
+    out: list[dict[str, str]] = []
+    cur: dict[str, str] | None = None
+    depth = 0
+    for line in text.splitlines():
+        s = line.strip()
+        if s == "{":
+            depth += 1
+            if depth == 1:
+                cur = {}
+            continue
+        if s == "}":
+            depth -= 1
+            if depth == 0 and cur is not None:
+                out.append(cur)
+                cur = None
+            continue
+        m = re.match(r"^([A-Za-z_][\w.]*):\s?(.*)$", s)
+        if m and cur is not None:
+            cur[m.group(1)] = m.group(2)
+    return out
+
+
+def last_replies(htable_dump: str) -> dict[str, tuple[int, str]]:
+    """``htable.dump uacreg``: registrar (From URI) -> (status, reason) of its last final answer."""
+    out: dict[str, tuple[int, str]] = {}
+    for entry in parse_structs(htable_dump):
+        name, value = entry.get("name", ""), entry.get("value", "")
+        m = re.match(r"^(\d{3}) ?(.*)$", value)
+        if name and m:
+            out[name] = (int(m.group(1)), m.group(2))
+    return out
+
+
+def read_states(dump: str, replies: dict[str, tuple[int, str]], trunks: dict[str, str],
+                previous: dict[str, RegState]) -> dict[str, RegState]:
+    """New states from ``uac.reg_dump`` (``dump``) and the registrars' last answers. ``trunks``:
+    the registration's id (l_uuid) -> trunk name. A registration in progress keeps its state; a
+    failed one reports the registrar's last final answer, or 408 when it did not answer (its last
+    answer was a success)."""
+    out: dict[str, RegState] = {}
+    for rec in parse_structs(dump):
+        trunk = trunks.get(rec.get("l_uuid", ""))
+        if trunk is None:
+            continue
+        old = previous.get(trunk, RegState(trunk))
+        try:
+            flags, left = int(rec.get("flags", "0")), int(rec.get("diff_expires", "0"))
+        except ValueError:
+            continue
+        if flags & ONGOING:             # a REGISTER in flight: nothing new yet
+            out[trunk] = old
+            continue
+        registered = bool(flags & ONLINE) and left > 0
+        domain = rec.get("r_domain", "")
+        status, reason = replies.get(f"sip:{rec.get('r_username', '')}@{domain}", (0, ""))
+        if registered:
+            status, reason = (status, reason) if 200 <= status < 300 else (200, "OK")
+        elif status == 0 or 200 <= status < 300:
+            status, reason = 408, "no answer from the registrar"
+        out[trunk] = RegState(trunk, registered, status, reason, True)
+    return out
+
+
+def changed(old: RegState | None, new: RegState) -> bool:
+    """A ``registration`` event is due: the first state read, or a different one."""
+    return new.known and (old is None or not old.known or (old.registered, old.status) != (new.registered, new.status))

@@ -1,0 +1,331 @@
+"""Registration through the front (issue 12): with ``trunkline serve --cells N`` a ``register = true``
+trunk is registered by the Kamailio front (uac module, uac_reg), with the front's public address in
+Contact, never by a cell; the carrier's INVITE to that Contact is dispatched to a cell like any
+other call; the registration's state is on the box's /metrics (``trunkline_trunk_registered``) and
+in ``registration`` events, and a lost registration comes back by itself.
+
+The carrier is SIPp on 127.0.0.1 (sipp-scenarios/front_registrar.xml: 401, digest checked with
+``<verifyauth>``, 200 with a short expiry so the front refreshes every few seconds). The box tests
+share one box of 3 cells and run in file order (the last one breaks and restores the carrier).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bridge.box import kamailio
+from bridge.box.registrations import RegState, changed, last_replies, read_states
+from media import g711
+from support import Api, BoxProcess, RtpPeer, create_key, sipp
+
+PASSWORD = "s3cret"
+CARRIER_EXPIRES = 6          # what the carrier grants: the front refreshes every ~2 s
+RETRY = 3                    # trunk register_retry
+
+
+def _registrar(scenario: str, cwd: Path, port: int, *args: str) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return sipp(scenario, "", cwd, *args, local_port=port, calls=10000, timeout=600, background=True)
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+    p.wait(10)
+
+
+def _messages(cwd: Path) -> list[str]:
+    """Every SIP message in SIPp's traces in ``cwd`` (sent and received), one string each."""
+    text = "".join(p.read_text(errors="replace") for p in sorted(cwd.glob("*_messages.log")))
+    return [c for c in re.split(r"^-{10,}.*$", text, flags=re.M) if c.strip()]
+
+
+def _received(cwd: Path, method: str) -> list[str]:
+    return [m for m in _messages(cwd) if "message received" in m.strip().splitlines()[0]
+            and re.search(rf"^{method} ", m, re.M)]
+
+
+def _gauge(box: BoxProcess) -> float | None:
+    return box.metrics().get('trunkline_trunk_registered{trunk="carrier"}')
+
+
+def _v1(box: BoxProcess) -> dict:
+    """The trunk's entry in the box's ``GET /v1/registrations``."""
+    status, body, _ = Api(box, create_key(box.data, "read")).get("/v1/registrations")
+    assert status == 200, body
+    return {r["trunk"]: r for r in body["registrations"]}["carrier"]
+
+
+def _wait(what, timeout: float, message: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(message)
+
+
+def _reg_events(box: BoxProcess) -> list[dict]:
+    return [e for e in box.events("registration") if e.get("trunk") == "carrier"]
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("frontreg")
+    box = BoxProcess(tmp, 3)
+    carrier = box.ports["sipp"]
+    config = (f'drain_timeout = 5\n[models]\nload = "never"\n[media]\nclock_rate = 8000\n'
+              f'[sip]\nrtp_timeout = 0\n'
+              f'[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:{carrier}"\nusername = "trunkuser"\n'
+              f'password_env = "FRONTREG_PASS"\nrealm = "trunk.test"\nregister = true\nexpires = 60\n'
+              f'register_retry = {RETRY}\n')
+    box.config_path.write_text(config + box.config_path.read_text())
+    box.env["FRONTREG_PASS"] = PASSWORD
+    registrar = _registrar("front_registrar.xml", tmp / "carrier1", carrier, "-set", "expires", str(CARRIER_EXPIRES))
+    time.sleep(0.3)
+    state = SimpleNamespace(box=box, tmp=tmp, carrier=carrier, registrar=registrar, dirs=[tmp / "carrier1"])
+    box.start()
+    try:
+        yield state
+    finally:
+        _stop(state.registrar)
+        try:
+            box.stop(40)                                # drains (drain_timeout = 5) and stops the front
+        finally:
+            if box.alive():
+                box.proc.kill()
+                box.proc.wait(10)
+
+
+def _noise(seed: int, packets: int) -> list[bytes]:
+    pcm = (3000 * np.random.default_rng(seed).standard_normal(160 * packets)).astype("<i2")
+    return [g711.ulaw_encode(pcm[i:i + 160].tobytes()) for i in range(0, pcm.size, 160)]
+
+
+@pytest.mark.slow
+@pytest.mark.sample
+def test_the_front_registers_once_with_its_public_contact(front):
+    box, public = front.box, front.box.ports["sip"]
+    _wait(lambda: _gauge(box) == 1, 30, "the box never reported the trunk registered:\n"
+          + box.log_path.read_text()[-3000:])
+    ev = _wait(lambda: [e for e in _reg_events(box) if e["registered"]], 10, "no registration event")[0]
+    assert ev["status"] == 200 and ev["registered"] is True, ev
+    _wait(lambda: len(_received(front.dirs[0], "REGISTER")) >= 4, 20, "the front did not refresh")
+    registers = _received(front.dirs[0], "REGISTER")
+    contacts = {re.search(r"^Contact:\s*(.*?)\s*$", m, re.M).group(1) for m in registers}
+    # one binding, the front's public address: not one per cell, never a cell's own port
+    assert contacts == {f"<sip:trunkuser@127.0.0.1:{public}>"}, contacts
+    cell_ports = {str(box.ports["sip"] + 100 + i) for i in range(3)}
+    for m in registers:
+        via = re.search(r"^Via:\s*SIP/2.0/UDP\s+([^;\s]+)", m, re.M).group(1)
+        assert via == f"127.0.0.1:{public}", via            # it leaves from the public socket
+        assert not any(p in m for p in cell_ports), m
+    answered = [m for m in registers if "Authorization:" in m]
+    assert answered and all('username="trunkuser"' in m and 'realm="trunk.test"' in m for m in answered)
+    sent = "".join(m for m in _messages(front.dirs[0]) if "message sent" in m.strip().splitlines()[0])
+    assert "SIP/2.0 200 OK" in sent and "403 Forbidden" not in sent     # the carrier checked the digest
+    # no cell registered (nor tried to) and the password is nowhere in the front's files or logs
+    for i in range(3):
+        assert box.cell_events(i, "registration") == [], i
+    ha1 = hashlib.md5(f"trunkuser:trunk.test:{PASSWORD}".encode()).hexdigest()
+    for path in (box.run_dir / "kamailio.cfg", box.run_dir / "kamailio.log", box.log_path,
+                 box.run_dir / "db" / "uacreg"):
+        assert PASSWORD not in path.read_text(errors="replace"), path
+        if path.name != "uacreg":                           # the digest is in the table only
+            assert ha1 not in path.read_text(errors="replace"), path
+    table = box.run_dir / "db" / "uacreg"
+    assert stat.S_IMODE(table.stat().st_mode) == 0o600
+    assert stat.S_IMODE((box.run_dir / "db").stat().st_mode) == 0o700
+
+
+@pytest.mark.slow
+def test_the_carriers_invite_to_the_registered_contact_reaches_a_cell(front, tmp_path):
+    box = front.box
+    # the carrier calls the Contact it was given (whoever registered it)
+    registers = _wait(lambda: [m for m in _received(front.dirs[0], "REGISTER") if "Authorization:" in m], 30,
+                      "the carrier got no registration")
+    contact = re.search(r"^Contact:\s*<sip:([^@>]+)@([^>;]+)", registers[-1], re.M)
+    user, target = contact.group(1), contact.group(2)
+    sdp_port = box.ports["sipp"] + 4
+    peer = RtpPeer(sdp_port)
+    call = sipp("call_pcmu.xml", target, tmp_path, "-s", user, "-d", "4000",
+                local_port=box.ports["sipp"] + 1, rtpport=sdp_port, background=True)
+    try:
+        peer.wait_remote(15)
+        audio = _noise(7, 80)
+        peer.stream(audio)
+        peer.collect(0.3)
+        back = b"".join(p for _, pt, _, p in peer.received if pt == 0)
+        assert sum(p in back for p in audio) >= 0.9 * len(audio), "no echo through the front"
+        out, _ = call.communicate(timeout=40)
+        assert call.returncode == 0, out.decode(errors="replace")[-3000:]
+    finally:
+        peer.close()
+        if call.poll() is None:
+            call.kill()
+    offered = [e for i in range(3) for e in box.cell_events(i, "call_offered")
+               if e["direction"] == "inbound" and e["trunk"] == "carrier"]
+    assert len(offered) == 1, "no cell (or more than one) saw the call"
+    # through the front (its internal socket), not straight from the carrier to a cell
+    assert offered[0]["source"] != f"127.0.0.1:{box.ports['sipp'] + 1}", offered[0]
+    assert target == f"127.0.0.1:{box.ports['sip']}", target
+
+
+@pytest.mark.slow
+@pytest.mark.sample
+def test_a_lost_registration_is_reported_and_comes_back(front):
+    box = front.box
+    _wait(lambda: _gauge(box) == 1, 30, "not registered")
+    before = len(_reg_events(box))
+    # the carrier stops answering: the next refresh times out
+    _stop(front.registrar)
+    _wait(lambda: _gauge(box) == 0, 30, "the gauge stayed at 1 with no registrar")
+    lost = _wait(lambda: [e for e in _reg_events(box)[before:] if e["registered"] is False], 5, "no event")[0]
+    assert lost["status"] == 408, lost
+    v1 = _wait(lambda: (r := _v1(box))["registered"] is False and r, 5, "/v1 still says registered")
+    assert v1["status"] == 408 and v1["since"] > 0, v1
+    # the carrier answers again, but 503: still down, and the event says why
+    front.dirs.append(front.tmp / "carrier503")
+    front.registrar = _registrar("front_registrar_503.xml", front.dirs[-1], front.carrier)
+    e503 = _wait(lambda: [e for e in _reg_events(box)[before:] if e["status"] == 503], 30, "503 never reported")[0]
+    assert e503["registered"] is False and _gauge(box) == 0
+    # silence again: reported as no answer (408), not as the 503 kept from before
+    _stop(front.registrar)
+    n = len(_reg_events(box))
+    _wait(lambda: [e for e in _reg_events(box)[n:] if e["status"] == 408], 30, "the silence after 503 not reported")
+    # the carrier is back: registered again without any help
+    front.dirs.append(front.tmp / "carrier2")
+    front.registrar = _registrar("front_registrar.xml", front.dirs[-1], front.carrier,
+                                 "-set", "expires", str(CARRIER_EXPIRES))
+    _wait(lambda: _gauge(box) == 1, 30, "the registration did not come back")
+    back = [e for e in _reg_events(box)[before:] if e["registered"] is True]
+    assert back and back[-1]["status"] == 200, _reg_events(box)
+    again = _wait(lambda: (r := _v1(box))["registered"] is True and r, 5, "/v1 does not say registered")
+    assert again["status"] == 200 and again["since"] > v1["since"], again
+
+
+# -- the rendered config and the poller's reading, without a box ------------------------------
+
+def _cfg(tmp_path, trunk_extra: str, sip: str = ""):
+    from bridge.core.config import load
+    p = tmp_path / "c.toml"
+    p.write_text(f'data_dir = "{tmp_path}/data"\n[sip]\nlisten = "127.0.0.1:5060"\n{sip}'
+                 f'[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:5090"\n{trunk_extra}')
+    return load(str(p))
+
+
+def _render(cfg, tmp_path):
+    from bridge.box.supervisor import Supervisor
+    sup = Supervisor(cfg, 2, None)
+    text, _, _ = sup.render_front()
+    return sup, text
+
+
+def test_rendered_front_registers_only_register_trunks(tmp_path, monkeypatch):
+    monkeypatch.setenv("FR_PASS", "Zq7:pw\\x9")
+    reg = ('username = "trunkuser"\npassword_env = "FR_PASS"\nrealm = "trunk.test"\nregister = true\n'
+           'register_retry = 7\nallow = ["198.51.100.0/24"]\n')
+    sup, text = _render(_cfg(tmp_path, reg, 'public_address = "203.0.113.5"\n'), tmp_path)
+    assert 'loadmodule "uac.so"' in text and 'loadmodule "db_text.so"' in text
+    assert f'modparam("uac", "reg_db_url", "text://{sup.run_dir}/db")' in text
+    assert "Zq7" not in text
+    assert "route(REGCONTACT)" in text and "uac_reg_lookup" in text
+    [r] = sup.front_registrations
+    assert (r.contact, r.socket, r.proxy, r.domain) == ("203.0.113.5:5060", "udp:127.0.0.1:5060",
+                                                          "sip:127.0.0.1:5090", "127.0.0.1:5090")
+    assert r.ha1 == hashlib.md5(b"trunkuser:trunk.test:Zq7:pw\\x9").hexdigest()
+    # uac_reg sends again retry - timer - 3 s after a failure: the margin is added back
+    timer = int(re.search(r'"reg_timer_interval", (\d+)', text).group(1))
+    assert f'"reg_retry_interval", {7 + timer + 3})' in text
+    kamailio.write_uacreg(str(tmp_path / "run"), sup.front_registrations)
+    table = (tmp_path / "run" / "db" / "uacreg").read_text()
+    assert "Zq7" not in table and r.ha1 in table and "203.0.113.5\\:5060" in table
+    assert stat.S_IMODE((tmp_path / "run" / "db" / "uacreg").stat().st_mode) == 0o600
+    # the registrar is trusted (its answers and calls), besides the trunk's own allow-list
+    assert 'is_in_subnet("$si", "127.0.0.1/32")' in text and 'is_in_subnet("$si", "198.51.100.0/24")' in text
+    # Kamailio itself accepts the config (modules, parameters, routes)
+    path = kamailio.write(sup.run_dir, text, kamailio.dispatcher_list([("127.0.0.1", 5061)], 3), None,
+                          sup.front_registrations)
+    check = subprocess.run(["kamailio", "-c", "-f", path], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr[-2000:]
+
+
+def test_a_tcp_trunk_registers_over_tcp_and_retry_is_validated(tmp_path):
+    from bridge.core.config import ConfigError
+    reg = 'username = "trunkuser"\npassword = "p"\nrealm = "trunk.test"\nregister = true\ntransport = "tcp"\n'
+    sup, text = _render(_cfg(tmp_path, reg), tmp_path)
+    [r] = sup.front_registrations
+    assert (r.contact, r.socket, r.proxy, r.retry) == ("127.0.0.1:5060;transport=tcp", "tcp:127.0.0.1:5060",
+                                                       "sip:127.0.0.1:5090;transport=tcp", 30)
+    for bad in ("0", "3601", '"soon"'):
+        with pytest.raises(ConfigError, match="register_retry"):
+            _cfg(tmp_path, reg + f"register_retry = {bad}\n")
+
+
+def test_rendered_front_without_register_trunks_has_no_uac(tmp_path):
+    sup, text = _render(_cfg(tmp_path, 'username = "u"\npassword = "p"\nrealm = "r"\n'), tmp_path)
+    assert "uac.so" not in text and "db_text" not in text and "WITH_UACREG" not in text.replace(
+        "#!ifdef WITH_UACREG", "")
+    assert sup.front_registrations == []
+
+
+def test_the_cells_of_a_box_never_register(tmp_path, monkeypatch):
+    from bridge.cell.cell import engine_config
+    cfg = _cfg(tmp_path, 'username = "u"\npassword = "p"\nrealm = "r"\nregister = true\n')
+    monkeypatch.delenv("TRUNKLINE_CELL", raising=False)
+    assert [t.register for t in engine_config(cfg).trunks if t.name == "carrier"] == [True]   # alone: it does
+    for cell in ("0", "1"):
+        monkeypatch.setenv("TRUNKLINE_CELL", cell)
+        assert [t.register for t in engine_config(cfg).trunks if t.name == "carrier"] == [False]
+
+
+DUMP = """{
+\tl_uuid: trunkuser
+\tr_username: trunkuser
+\tr_domain: 127.0.0.1:5090
+\tauth_ha1: 0123456789abcdef0123456789abcdef
+\tflags: %d
+\tdiff_expires: %d
+}
+"""
+
+
+def test_reading_the_fronts_registrations():
+    ids = {"trunkuser": "carrier"}
+    ok = read_states(DUMP % (4 | 16, 250), {"sip:trunkuser@127.0.0.1:5090": (200, "OK")}, ids, {})
+    assert ok["carrier"] == RegState("carrier", True, 200, "OK", True)
+    # a refresh in flight keeps the state it had (uac_reg clears "registered" meanwhile)
+    assert read_states(DUMP % (2 | 16, -1), {}, ids, ok)["carrier"] == ok["carrier"]
+    assert read_states(DUMP % (2 | 16, -1), {}, ids, {})["carrier"].known is False
+    lost = read_states(DUMP % (16, 0), {"sip:trunkuser@127.0.0.1:5090": (200, "OK")}, ids, ok)["carrier"]
+    assert (lost.registered, lost.status) == (False, 408) and changed(ok["carrier"], lost)
+    refused = read_states(DUMP % (16, 0), {"sip:trunkuser@127.0.0.1:5090": (503, "Service Unavailable")}, ids, ok)
+    assert (refused["carrier"].registered, refused["carrier"].status) == (False, 503)
+    assert not changed(refused["carrier"], refused["carrier"])
+    expired = read_states(DUMP % (4 | 16, -3), {}, ids, ok)["carrier"]
+    assert expired.registered is False
+    table = "{\n\tentry: 0\n\tsize: 1\n\tslot: {\n\t\t{\n\t\t\tname: sip:trunkuser@127.0.0.1:5090\n" \
+            "\t\t\tvalue: 503 Service Unavailable\n\t\t\ttype: str\n\t\t}\n\t}\n}\n"
+    assert last_replies(table) == {"sip:trunkuser@127.0.0.1:5090": (503, "Service Unavailable")}
+
+
+def test_box_metrics_escape_label_values():
+    """A trunk's name is operator text: a quote, backslash or newline in it must not break /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from bridge.box.api import _render_families
+    name = 'a "carrier"\\ with\nnewline'
+    text = _render_families({"trunkline_trunk_registered": ("gauge", "help\\text\nmore", [
+        ("trunkline_trunk_registered", {"trunk": name}, 1)])})
+    fams = list(text_string_to_metric_families(text))
+    assert [(s.labels["trunk"], s.value) for s in fams[0].samples] == [(name, 1.0)]
+    assert fams[0].documentation == "help\\text\nmore"
