@@ -16,7 +16,10 @@ The history the agent sends is bounded in turns (``[agent] history_turns``),
 not in tokens: long utterances, a long system prompt or tool results could
 still outgrow ``llm_context``, and llama.cpp refuses such a prompt outright.
 ``fit_context`` drops the oldest history (never the system prompt or the
-newest message) until the prompt and the reply fit the window.
+newest message) until the prompt and the reply fit the window. The
+OpenAI-compatible backend has no tokenizer for the remote model: with
+``[models] llm_url_context`` set it applies the same rules to an estimate
+(``estimate_tokens``: by character class, erring long for English).
 """
 from __future__ import annotations
 
@@ -79,14 +82,19 @@ MESSAGE_OVERHEAD = 8
 PROMPT_OVERHEAD = 16
 
 
-def fit_context(messages: list[dict], budget: int, count: Callable[[str], int]) -> list[dict]:
+def _content(message: dict) -> str:
+    return message.get("content") or ""
+
+
+def fit_context(messages: list[dict], budget: int, count: Callable[[str], int],
+                text: Callable[[dict], str] = _content) -> list[dict]:
     """``messages`` with the oldest history dropped until their estimated tokens fit ``budget``.
 
-    ``count(text)`` is the model's token count of a text. The leading system message and
-    everything from the caller's last message on are always kept (if even they do not fit, the
-    model's own check reports it); the kept history never starts with a tool result whose call
-    was dropped."""
-    cost = [count(m.get("content") or "") + MESSAGE_OVERHEAD for m in messages]
+    ``count(text)`` is the model's token count of a text; ``text(message)`` is what of a message
+    the model reads (its content by default). The leading system message and everything from
+    the caller's last message on are always kept (if even they do not fit, the model's own check
+    reports it); the kept history never starts with a tool result whose call was dropped."""
+    cost = [count(text(m)) + MESSAGE_OVERHEAD for m in messages]
     total = sum(cost) + PROMPT_OVERHEAD
     if total <= budget:
         return messages
@@ -216,23 +224,75 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
 
 
+# No tokenizer for a remote model: its prompt is estimated by character class. A run of ASCII
+# letters costs a token per 3 letters (BPE vocabularies average ~4 characters of English a token),
+# a space rides with the word after it (else it is one), and each digit, punctuation mark, accented letter counts a token
+# (some vocabularies split digits one by one; JSON tool calls are mostly punctuation). Any other
+# character (Cyrillic, CJK, emoji: 2-4 bytes of UTF-8, often split) counts two. Against two small
+# English vocabularies (SmolLM2, GPT-2) this errs long for English (+19-31 %), digits, JSON, Japanese,
+# Cyrillic and emoji, and short by 5-17 % for German/French/Spanish (and Chinese against GPT-2),
+# which multilingual vocabularies encode far more densely: ``llm_url_context`` should leave a margin.
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count of ``text`` for a model whose tokenizer is not at hand."""
+    letters = tokens = 0
+    for i, ch in enumerate(text):
+        if ch.isascii():
+            if ch.isalpha():
+                letters += 1
+            elif not ch.isspace() or not text[i + 1:i + 2].isalpha():
+                tokens += 1                            # a space only rides with a word
+        else:
+            tokens += 1 if ord(ch) < 0x250 else 2     # Latin-1 and Latin Extended: one
+    return tokens + -(-letters // 3)
+
+
+def _wire_text(message: dict) -> str:
+    """What of an OpenAI-shaped message reaches the model: content, tool calls, tool name."""
+    parts = [message.get("content") or ""]
+    if message.get("tool_calls"):
+        parts.append(json.dumps(message["tool_calls"]))
+    if message.get("name"):
+        parts.append(str(message["name"]))
+    return " ".join(parts)
+
+
 class OpenAIChat:
     """Any OpenAI-compatible /chat/completions endpoint, streamed (SSE).
 
     The URL is checked against the SSRF guard when the config is loaded
-    (``bridge.core.config``: ``http.outbound_allow``); redirects are never followed."""
+    (``bridge.core.config``: ``http.outbound_allow``); redirects are never followed.
+    With ``context`` (the remote model's window in tokens, ``[models] llm_url_context``) the
+    conversation is fitted like llama.cpp's (``fit_context`` on ``estimate_tokens``): the oldest
+    history goes first, the system prompt and the caller's last message always stay. ``0``
+    sends the whole conversation."""
     parallel = True                    # each stream blocks on the network: one thread each
 
-    def __init__(self, url: str, model: str, api_key: str = "", timeout: float = 20.0):
+    def __init__(self, url: str, model: str, api_key: str = "", timeout: float = 20.0, context: int = 0):
         self.url = url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key
         self.timeout = timeout
+        self.context = context
+        self.trimmed = 0                    # requests that had to drop history to fit ``context``
 
     def release(self, key: str) -> None:
         pass
 
+    def fit(self, messages: list[dict], p: GenParams) -> list[dict]:
+        """``messages`` trimmed so the estimated prompt, the tools and ``p.max_tokens`` fit ``context``."""
+        if not self.context:
+            return messages
+        tools = estimate_tokens(json.dumps(p.tools)) if p.tools else 0
+        budget = self.context - min(p.max_tokens, self.context // 2) - tools
+        fitted = fit_context(messages, budget, estimate_tokens, _wire_text)
+        if len(fitted) < len(messages):
+            self.trimmed += 1
+        return fitted
+
     def stream(self, key: str, messages: list[dict], p: GenParams) -> Iterator[Chunk]:
+        messages = self.fit(messages, p)
         payload = {"model": self.model, "messages": messages, "stream": True,
                    "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
                    "stop": list(p.stop)[:4]}

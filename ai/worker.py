@@ -96,7 +96,8 @@ def load_engines(cfg: dict):
     if "stt" in engines:
         stt = WhisperSTT(cfg["stt_model"], threads=t, compute_type=cfg["stt_compute_type"], language=cfg["language"])
     if cfg["llm_backend"] == "openai":
-        llm = OpenAIChat(cfg["llm_url"], cfg["llm_model"], api_key_from_env(cfg["llm_api_key_env"]))
+        llm = OpenAIChat(cfg["llm_url"], cfg["llm_model"], api_key_from_env(cfg["llm_api_key_env"]),
+                         context=cfg.get("llm_url_context", 0))
     else:
         llm = LlamaChat(cfg["llm_model_path"], n_ctx=cfg["llm_context"], threads=t,
                         conversations=cfg["conversations"])

@@ -52,6 +52,19 @@ PJSUA_ACCOUNTS = 8         # the wheel's PJSUA_MAX_ACC: one more aborts the proc
 log = logging.getLogger("trunkline.sip")
 
 
+def _answered_end_reason(status: int, text: str) -> str:
+    """Why an answered call ended that nobody here hung up. A BYE from the far end leaves 200;
+    anything else means pjsip ended the dialog itself (with a BYE carrying ``Reason: SIP;cause=``):
+    the session timer (RFC 4028) expired without a refresh from the far end (408 "No session
+    refresh received."), or an in-dialog request of ours - a session refresh - got 481/408 (RFC
+    3261 12.2.1.2: the far end lost the call)."""
+    if status == pj.PJSIP_SC_OK or not status:
+        return "remote bye"
+    if status == pj.PJSIP_SC_REQUEST_TIMEOUT and "refresh" in (text or "").lower():
+        return "session expired"
+    return f"call lost {status}"
+
+
 class Engine(OutboundCalls, SlotsAndPorts):
     def __init__(self, config: EngineConfig, on_event: Callable[[object], None]):
         if not 1 <= config.capacity <= MAX_CAPACITY:
@@ -590,7 +603,7 @@ class Engine(OutboundCalls, SlotsAndPorts):
             if not leg.answered:
                 reason = "cancelled" if info.role == pj.PJSIP_ROLE_UAS else f"failed {info.lastStatusCode}"
             else:
-                reason = "remote bye"
+                reason = _answered_end_reason(info.lastStatusCode, info.lastReason)
         self._emit(ev.CallEnded(
             leg.call_id, leg.direction, info.lastStatusCode, reason, leg.answered,
             float(info.connectDuration.sec) + info.connectDuration.msec / 1000.0,

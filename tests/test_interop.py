@@ -84,6 +84,71 @@ def test_session_timers_are_honoured_both_ways(cell_factory, tmp_path):
     assert ended["result"] == "answered" and ended["reason"] == "remote bye"
 
 
+def _stamp(logs: str, label: str) -> float:
+    """Wall-clock seconds SIPp logged as ``<label> <sec> <usec>`` (``gettimeofday``, as doubles)."""
+    for line in logs.splitlines():
+        if label in line:
+            sec, usec = line.split(label, 1)[1].split()[:2]
+            return float(sec) + float(usec) / 1e6
+    raise AssertionError(f"SIPp never logged {label!r}:\n{logs[-2000:]}")
+
+
+def _no_call_left(cell, api: Api, call_id: str) -> dict:
+    """The call is over everywhere: no active call in /v1/calls or the gauge; returns its record."""
+    _wait(lambda: api.get("/v1/calls?state=active")[1]["calls"] == [])
+    assert cell.metrics()["trunkline_calls_active"] == 0
+    status, row, _ = api.get(f"/v1/calls/{call_id}")
+    assert status == 200 and row["state"] == "ended", row
+    return row
+
+
+@pytest.mark.slow
+def test_a_carrier_that_stops_refreshing_gets_a_bye_before_the_session_expires(cell_factory, tmp_path):
+    """RFC 4028 10: the carrier is the refresher of a 90 s session (the cell's minimum, Min-SE 90)
+    and never refreshes - a dead SBC that forgot the call. The cell sends BYE before the session
+    expires (pjsip: at expiry - max(SE/3, 32) = 60 s), frees the slot and records why."""
+    cell = cell_factory(ECHO + "[sip]\nrtp_timeout = 0\n")     # no RTP from SIPp: only the timer in play
+    api = Api(cell, create_key(cell.data))
+    res = sipp("session_timer_silent.xml", cell.sip, tmp_path, local_port=cell.ports["sipp"],
+               rtpport=cell.ports["rtp_peer"], timeout=120)
+    assert res.returncode == 0, res.stdout.decode(errors="replace")[-3000:] + sipp_file(tmp_path, "_messages.log")[-4000:]
+    logs = sipp_file(tmp_path, "_logs.log")
+    waited = _stamp(logs, "CELL BYE AT") - _stamp(logs, "TIMER AGREED 90;refresher=uac AT")
+    assert waited < 90, f"the BYE came {waited:.1f} s after the answer: after the session expired"
+    assert waited >= 45, f"the BYE came {waited:.1f} s after the answer: before a refresh was even due"
+    ended = cell.wait_event("call_ended")[0]
+    assert ended["result"] == "answered" and ended["reason"] == "session expired", ended
+    row = _no_call_left(cell, api, ended["call_id"])
+    assert row["reason"] == "session expired"
+
+
+@pytest.mark.slow
+def test_a_refresh_answered_481_ends_the_call(cell_factory, tmp_path):
+    """The cell is the refresher; its refresh (at half the 90 s) gets 481 - the carrier lost the
+    call (RFC 3261 12.2.1.2): the cell ends the call, frees the slot and records why."""
+    cell = cell_factory(ECHO + "[sip]\nrtp_timeout = 0\n")
+    api = Api(cell, create_key(cell.data))
+    res = sipp("session_timer_481.xml", cell.sip, tmp_path, local_port=cell.ports["sipp"],
+               rtpport=cell.ports["rtp_peer"], timeout=120)
+    assert res.returncode == 0, res.stdout.decode(errors="replace")[-3000:] + sipp_file(tmp_path, "_messages.log")[-4000:]
+    logs = sipp_file(tmp_path, "_logs.log")
+    assert "TIMER AGREED 90;refresher=uas" in logs and "CELL REFRESHED WITH" in logs and "REFRESH ANSWERED 481" in logs
+    ended = cell.wait_event("call_ended")[0]
+    assert ended["result"] == "answered" and ended["reason"] == "call lost 481", ended
+    row = _no_call_left(cell, api, ended["call_id"])
+    assert row["reason"] == "call lost 481"
+
+
+def test_who_ended_an_answered_call_is_told_apart():
+    """The classification behind the two slow tests above (cheap): a far-end BYE leaves 200;
+    pjsip's own BYEs leave the cause it put in their Reason header."""
+    from sip.engine import _answered_end_reason
+    assert _answered_end_reason(200, "Normal call clearing") == "remote bye"
+    assert _answered_end_reason(408, "No session refresh received.") == "session expired"
+    assert _answered_end_reason(481, "Call/Transaction Does Not Exist") == "call lost 481"
+    assert _answered_end_reason(408, "Request Timeout") == "call lost 408"     # our refresh unanswered
+
+
 def test_early_media_on_an_outbound_call_reaches_the_app_before_the_answer(cell_factory, tmp_path):
     """The far end sends 183 with SDP and plays a prompt before 200: the cell's app (echo) gets it
     before the answer - it comes straight back - and the INVITE offers session timers."""

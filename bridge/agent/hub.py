@@ -47,7 +47,8 @@ def worker_config(cfg: Config) -> dict:
         "stt_compute_type": m["stt_compute_type"], "language": a["language"] or None,
         "llm_backend": m["llm_backend"], "llm_model_path": llm, "llm_context": m["llm_context"],
         "conversations": 4, "llm_url": m["llm_url"], "llm_model": m["llm_model"],
-        "llm_api_key_env": m["llm_api_key_env"], "tts_model": tts, "tts_config": tts_cfg,
+        "llm_api_key_env": m["llm_api_key_env"], "llm_url_context": m["llm_url_context"],
+        "tts_model": tts, "tts_config": tts_cfg,
         "turn_model": a.get("turn_model", "none"),
     }
 

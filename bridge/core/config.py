@@ -79,7 +79,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  "whisper_text": _str, "say_text": _str, "no_answer_text": _str},
     "models": {"stt": _str, "stt_compute_type": _choice("int8", "int8_float32", "float32"),
                "llm_backend": _choice("llama", "openai"), "llm": _str, "llm_context": _int(256, 32768),
-               "llm_url": _str, "llm_model": _str, "llm_api_key_env": _str, "tts": _str, "tts_config": _str,
+               "llm_url": _str, "llm_model": _str, "llm_api_key_env": _str, "llm_url_context": _int(0, 10_000_000),
+               "tts": _str, "tts_config": _str,
                "threads": _int(1, 64), "tts_threads": _int(1, 64), "load_timeout": _float(1, 3600),
                "load": _choice("auto", "always", "never")},
 }
@@ -155,7 +156,8 @@ DEFAULTS: dict[str, Any] = {
                  "no_answer_text": "Sorry, nobody is available to take your call right now. "
                                    "Is there anything else I can help you with?"},
     "models": {"stt": "", "stt_compute_type": "int8", "llm_backend": "llama", "llm": "", "llm_context": 2048,
-               "llm_url": "", "llm_model": "", "llm_api_key_env": "OPENAI_API_KEY", "tts": "", "tts_config": "",
+               "llm_url": "", "llm_model": "", "llm_api_key_env": "OPENAI_API_KEY", "llm_url_context": 0,
+               "tts": "", "tts_config": "",
                "threads": 2, "tts_threads": 1, "load_timeout": 180.0,
                "load": "auto"},
     "trunks": [{"name": "local", "allow": ["127.0.0.0/8", "::1/128"]}],
@@ -492,6 +494,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"models.{key}: {m[key]} is not a CTranslate2 model directory")
     if m["llm_backend"] == "openai" and not (m["llm_url"] and m["llm_model"]):
         raise ConfigError("models.llm_url: the openai backend needs llm_url and llm_model")
+    if 0 < m["llm_url_context"] < 256:
+        raise ConfigError(f"models.llm_url_context: expected 0 (send everything) or at least 256 tokens, "
+                          f"got {m['llm_url_context']}")
     _check_outbound(raw, m)
     if raw["http"]["ops_listen"]:
         try:
