@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import os
 import signal
 import time
@@ -45,6 +46,7 @@ from sip.uri import user_part
 from bridge.core.handoff import targets as handoff_targets
 
 log = logging.getLogger("trunkline.cell")
+ENDED_KEPT = 64
 calls_log = logging.getLogger("trunkline.call")
 
 TICK = 0.020
@@ -134,7 +136,9 @@ class Cell:
         self.engine = Engine(engine_config(cfg), self._post_event)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
-        self.ended: list[ev.CallEnded] = []     # for `trunkline call` and tests
+        # the last ENDED_KEPT ended calls (`trunkline call` reads the first; a list grew by one
+        # CallEnded, its Quality and timing, per call for the cell's whole life)
+        self.ended: deque[ev.CallEnded] = deque(maxlen=ENDED_KEPT)
         self.snapshot = ev.CallsSnapshot(0)      # the engine's latest live view (never read from the engine)
         # what the API, the sessions, streams and recordings use of this cell
         self.services = Services(cfg=cfg, store=self.store, metrics=self.metrics, tailer=self.tailer,
