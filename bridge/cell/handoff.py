@@ -16,6 +16,11 @@ WHISPER   the person answered: they hear the whisper (TTS of ``whisper_text`` wi
 BRIDGED   each call's frames go to the other's downlink, tick by tick; ``call_transferred``. When
           either side hangs up the other is hung up too.
 
+In a box of cells (``sip.outbound_proxy``: the Kamailio front) the attended leg goes out through
+the front like any call a cell places: through the destination's trunk or, without one, the trunk
+whose address or allow-list holds the destination's host (``leg_trunk``); when there is none the
+transfer fails at once with reason ``unreachable`` (the front would refuse the leg anyway).
+
 A failure publishes ``transfer_failed {destination, reason}`` and gives the caller back to the agent,
 which says ``no_answer_text`` (as an async tool result: the model also reads what happened).
 Events are on the caller's call. No engine change: only ``MakeCall``, ``Transfer`` and ``Hangup``.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 import math
 import time
@@ -37,6 +43,7 @@ from bridge.core.app import App
 from bridge.core.handoff import Destination
 from bridge.core.logs import event
 from sip import commands as cmd
+from sip.uri import host_port
 
 log = logging.getLogger("trunkline.call")
 
@@ -233,7 +240,12 @@ class Handoff(App):
                                   (self.phase is Phase.REFERRED and self._fail("failed", detail=str(f.exception()))))
             event(log, "transfer", call_id=s.call_id, target=d.to, mode="blind", destination=d.name)
             return
-        over = _trunk_over_limit(s.services, d.trunk)
+        trunk, unreachable = leg_trunk(d, getattr(s.services, "cfg", None))
+        if unreachable:                          # behind the front: no trunk lets this leg out
+            self.phase = Phase.DIALING
+            self._fail("unreachable", detail=unreachable)
+            return
+        over = _trunk_over_limit(s.services, trunk)
         if over:                                 # the carrier's cps / max_calls hold for our own legs too
             self.phase = Phase.DIALING
             self._fail("unavailable", detail=over)
@@ -241,10 +253,11 @@ class Handoff(App):
         self.phase = Phase.DIALING
         self.deadline = now + self.settings["ring_timeout"]
         self.ring = 0
-        task = asyncio.ensure_future(s.services.make_call(d.to, d.trunk, "handoff"))
+        task = asyncio.ensure_future(s.services.make_call(d.to, trunk, "handoff"))
         attempt = self.transfers
         task.add_done_callback(lambda t: self._dialed(t, attempt))
-        event(log, "transfer", call_id=s.call_id, target=d.to, mode="attended", destination=d.name)
+        event(log, "transfer", call_id=s.call_id, target=d.to, mode="attended", destination=d.name,
+              **({"trunk": trunk} if trunk else {}))
 
     def _dialed(self, task: asyncio.Task, attempt: int) -> None:
         current = self.phase is Phase.DIALING and attempt == self.transfers
@@ -378,6 +391,56 @@ class Handoff(App):
         data = {"destination": d.name, "mode": d.mode, **fields}
         s.emit(etype, data)
         event(log, etype, call_id=s.call_id, **data)
+
+
+def leg_trunk(dest: Destination, cfg) -> tuple[str | None, str]:
+    """The trunk an attended leg to ``dest`` is placed through, and "" -- or (None, why it cannot be).
+
+    A single cell: the destination's own ``trunk``, maybe none (straight from the cell), as before.
+    A cell behind the Kamailio front (``sip.outbound_proxy``, set for every cell of a box) reaches
+    nobody directly: its calls must go through the front, which lets them out only to a trunk's
+    address or a host in a trunk's allow-list (route TRUNKDEST), and answers anything else 403. A
+    pjsua call with no trunk would leave from the cell's own (internal) socket instead, past the
+    front. So there a SIP URI must be one the front lets out, and goes through the destination's
+    trunk or else the first trunk whose address (host, and port when the address names one) or
+    allow-list holds its host, in the front's order; a number or ``tel:`` URI needs the
+    destination's trunk. Otherwise the reason, and nothing is dialled."""
+    if cfg is None or not cfg.raw["sip"].get("outbound_proxy"):
+        return dest.trunk, ""
+    scheme, _, rest = dest.to.partition(":")
+    if scheme.lower() not in ("sip", "sips") or not rest:
+        if dest.trunk:
+            return dest.trunk, ""
+        return None, (f"{dest.name}: behind the front a number or tel: URI needs the destination's trunk "
+                      f"([transfer] destinations.{dest.name}.trunk)")
+    host, port = host_port(rest.split(";", 1)[0].split("@")[-1])
+    found = _front_trunk(host, port, [t for t in cfg.trunks if t.name != "proxy"])   # "proxy": the front itself
+    if found is None:
+        return None, (f"{dest.name}: the front lets a cell's calls out only to a trunk's address or allow-list, "
+                      f"and no [[trunks]] entry holds {host}{f':{port}' if port else ''} (add one)")
+    return dest.trunk or found, ""
+
+
+def _front_trunk(host: str, port: int | None, trunks) -> str | None:
+    """The trunk the front's route TRUNKDEST lets a request to ``host:port`` out to: the first whose
+    address matches (host, and port when the address names one; 5060 when the URI names none),
+    else the first whose allow-list holds the host (an IP literal); None when the front refuses it."""
+    for t in trunks:
+        for address in (t.addresses or [t.address]):
+            if not address:
+                continue
+            a = address.split(":", 1)[1] if address.lower().startswith(("sip:", "sips:")) else address
+            th, tp = host_port(a.split(";", 1)[0].split("@")[-1])
+            if th == host and (tp is None or tp == (port or 5060)):
+                return t.name
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    for t in trunks:
+        if any(ip in ipaddress.ip_network(c, strict=False) for c in t.allow):
+            return t.name
+    return None
 
 
 def _trunk_over_limit(services, trunk: str | None) -> str:
