@@ -315,3 +315,35 @@ def test_agent_call_leaves_no_spoken_words_or_number_in_clear(cell_factory, tmp_
     assert _found(cell, needles) == []
     assert cell.stop() == 0
     assert _found(cell, needles) == []
+
+
+def test_a_late_record_of_an_old_call_keeps_its_callers_key(tmp_path):
+    """The vault keeps the caller key of only its last calls (each held an AESGCM with ~2.5 KB of
+    native state: 4096 of them were ~10 MB a cell). A record written for an older call (evicted)
+    is still sealed with that call's caller key, found through the call's row, so erasing the
+    caller still shreds it."""
+    from bridge.core.config import load
+    from bridge.records import cipher
+    from bridge.records.store import Store
+    data, conf = tmp_path / "data", tmp_path / "c.toml"
+    cipher.reset()
+    conf.write_text(_keys_config(tmp_path, "k1")[1])
+    load(str(conf), {"data_dir": str(data)})
+    st = Store(str(data))
+    try:
+        for i in range(300):
+            number = NUMBER_A if i == 0 else f"+1555{i:07d}"
+            st.upsert_call(st.stage_call({"id": f"c{i}", "direction": "inbound", "from_uri": f"sip:{number}@h",
+                                          "to_uri": "sip:s@h"}))
+        assert "c0" not in st.vault._calls                                     # evicted: bounded
+        assert len(st.vault._calls) <= cipher._CALLS_KEPT
+        st.add_transcript("c0", "in", "said after many other calls")
+        raw = st.db.execute("SELECT text FROM transcripts WHERE call_id = 'c0'").fetchone()[0]
+        assert raw.startswith("tl1:c."), raw                                  # the caller's key, not the ring's
+        assert [t["text"] for t in st.transcript("c0")] == ["said after many other calls"]
+        st.erase_caller(NUMBER_A, "test")
+        assert st.transcript("c0") == [] or st.transcript("c0")[0]["text"] is None
+        assert st.vault.open(raw) is None                                       # shredded with the caller
+    finally:
+        st.close()
+        cipher.reset()
