@@ -473,9 +473,11 @@ def test_stalled_and_killed_consumer_never_touch_the_call(cell_factory, tmp_path
     # the call: unaffected
     ended = cell.wait_event("call_ended")[0]
     assert ended["reason"] == "remote bye" and 49 <= ended["frame_rate"] <= 51
-    # One clock interval over 40 ms in a 14 s call is also seen on this shared 2-core machine
-    # in calls with no stream fault at all; a consumer holding up the call would show as many.
-    assert ended["frame_gaps"] <= 1 and ended["frame_p99_ms"] < 30
+    # One or two clock intervals over 40 ms in a 14 s call are also seen on this shared 2-core
+    # machine under load in calls with no stream fault at all (2 in a full run beside other
+    # benchmarks); a consumer holding up the call stalls the clock for the whole stall (seconds:
+    # dozens of gaps), which the caller's own RTP below shows too.
+    assert ended["frame_gaps"] <= 3 and ended["frame_p99_ms"] < 30
     gaps = np.diff(rtp)
     assert 45 <= 1 / np.median(gaps) <= 55 and gaps.max() < 0.06          # what the caller got, during it all
     m = cell.metrics()
