@@ -124,8 +124,9 @@ def tls_cfg(tls: Tls) -> str:
 
 @dataclass(frozen=True)
 class MediaEdge:
-    """rtpengine (userspace) at the edge: SRTP toward ``srtp`` trunks, plain RTP toward
-    cells. Kamailio drives it over the ng protocol on 127.0.0.1:``ng_port``."""
+    """rtpengine (userspace) at the edge: SRTP toward ``srtp`` trunks, a trunk's ``codecs``
+    (Opus transcoded), plain RTP in the cells' codecs toward cells. Kamailio drives it over the
+    ng protocol on 127.0.0.1:``ng_port``."""
     binary: str
     interface: str              # the address rtpengine binds for media (both legs)
     advertised: str             # what it puts in SDP ("" = ``interface``)
@@ -142,12 +143,12 @@ class MediaEdge:
 
 
 def media_edge(cfg, public_host: str, front_port: int) -> MediaEdge | None:
-    """rtpengine's settings when some trunk has ``srtp`` on (else None): it binds the public
+    """rtpengine's settings when some trunk has ``srtp`` on or ``codecs`` (else None): it binds the public
     SIP address (the host's primary address when that is a wildcard), advertises
     ``sip.media_public_address`` (else ``sip.public_address``) when set, takes
     ``cells.rtpengine_ports`` and is controlled on 127.0.0.1:``cells.rtpengine_ng_port``
     (default: the front's internal port + 1)."""
-    if all(cfg.srtp_mode(t.name) == "off" for t in cfg.trunks):
+    if all(cfg.srtp_mode(t.name) == "off" and not cfg.trunk_codecs(t.name) for t in cfg.trunks):
         return None
     c = cfg.raw["cells"]
     host = public_host.strip("[]")
@@ -335,6 +336,39 @@ SRTP_FLAGS = {   # rtpengine_manage() flags: toward the cell always plain RTP; t
 }
 
 
+CELL_CODECS = ("PCMU", "PCMA", "G722")    # what cells speak that rtpengine can transcode to and from
+
+
+def edge_flags(srtp: str, codecs: list[str], cell_codecs: list[str] | None = None) -> tuple[str, str] | None:
+    """rtpengine_manage() flags for the offers of a trunk's calls, (toward the cell, toward the
+    trunk), or None when its media does not cross the edge (no SRTP, no ``codecs``). ``codecs``
+    (the trunk's, rtpengine's spelling) is what goes on the wire toward the trunk: a cell codec
+    it does not list is masked there (still spoken on the cell's side), one the cells lack (Opus)
+    is added and transcoded (codec-transcode). Toward the cell that codec is masked and the
+    cells' own are added, so an Opus-only offer still reaches a cell it can answer."""
+    if srtp == "off" and not codecs:
+        return None
+    to_cell, to_trunk = SRTP_FLAGS["in"], SRTP_FLAGS[srtp if srtp != "off" else "in"]
+    if codecs:
+        cells = [c.upper() for c in (cell_codecs or CELL_CODECS) if c.upper() in CELL_CODECS] or ["PCMU"]
+        foreign = [c for c in codecs if c not in cells]
+        to_trunk += "".join(f" codec-mask-{c}" for c in cells if c not in codecs)
+        to_trunk += "".join(f" codec-transcode-{c}" for c in foreign)
+        if foreign:
+            to_cell += "".join(f" codec-mask-{c}" for c in foreign)
+            to_cell += "".join(f" codec-transcode-{c}" for c in cells)
+    return to_cell, to_trunk
+
+
+def edge_lines(groups: list[tuple[str, str, list[str]]], flags: list[tuple[str, str] | None]) -> str:
+    """route[EDGEFLAGS] body: for a trunk whose media crosses rtpengine, ``$var(edge)`` = 1 and
+    its offer flags toward the cell and toward the trunk (see ``edge_flags``)."""
+    lines = [f'    if ($var(trunk) == "{tag}") {{ $var(edge) = 1; $var(edge_cell) = "{_quoted(f[0])}"; '
+             f'$var(edge_trunk) = "{_quoted(f[1])}"; return 1; }}'
+             for (tag, _, _), f in zip(groups, flags) if f is not None]
+    return "\n".join(lines) or "    # no trunk's media crosses the edge"
+
+
 def srtp_lines(groups: list[tuple[str, str, list[str]]], modes: list[str]) -> str:
     """route[SRTPMODE] body: ``$var(srtp)`` = the mode of trunk ``$var(trunk)`` ("" = off)."""
     lines = [f'    if ($var(trunk) == "{tag}") {{ $var(srtp) = "{mode}"; return 1; }}'
@@ -394,7 +428,8 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
            tcp_trusted_lifetime: int = 3600, tcp_max: int = 2048, cell_socket: str | None = None,
            trunks: Trunks | None = None, tls: Tls | None = None, transports: list[str] | None = None,
            srtp: list[str] | None = None, media: MediaEdge | None = None, advertise: str = "",
-           registrations: list[Registration] | None = None) -> str:
+           registrations: list[Registration] | None = None, codecs: list[list[str]] | None = None,
+           cell_codecs: list[str] | None = None) -> str:
     """The front's config. ``listen``: the public sockets; ``trusted``: trunk source CIDRs
     (everything else is dropped); ``trunk_addresses``: where cells may send requests (with
     ``trusted``); ``trunks``: the same per trunk, (address, allow), so that a trunk acts
@@ -404,7 +439,9 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
     ``transports``: per trunk (same order as ``trunks``) "udp", "tcp" or "tls"; ``srtp``: per
     trunk "off", "optional" or "mandatory", which needs ``media`` (rtpengine); ``advertise``:
     ``sip.public_address``, named instead of the public sockets' own address (see ``listen_lines``);
-    ``registrations``: trunks the front registers (uac_reg; write ``uacreg_table`` next to the config)."""
+    ``registrations``: trunks the front registers (uac_reg; write ``uacreg_table`` next to the config);
+    ``codecs``: per trunk its ``codecs`` ([] = as the cells offer), which also needs ``media``;
+    ``cell_codecs``: ``sip.codecs``, what the cells speak (transcoded to from a trunk's Opus)."""
     tpl = TEMPLATE.read_text()
     public_udp = next((x for x in listen if x.lower().startswith("udp:")), listen[0])
     public_tcp = next((x for x in listen if x.lower().startswith("tcp:")), public_udp)
@@ -429,18 +466,24 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
         tls_module, to_tls = "# no SIP over TLS configured ([sip] tls_listen)\n", ""
         tcp_children = children
     modes = list(srtp or [])
+    modes += ["off"] * (len(groups) - len(modes))
+    trunk_codecs = list(codecs or [])
+    trunk_codecs += [[]] * (len(groups) - len(trunk_codecs))
     if any(m != "off" for m in modes) and media is None:
         raise ValueError("a trunk with srtp needs rtpengine at the edge (media)")
+    if any(trunk_codecs) and media is None:
+        raise ValueError("a trunk with codecs needs rtpengine at the edge (media)")
+    flags = [edge_flags(m, c, cell_codecs) for m, c in zip(modes, trunk_codecs)]
     if media is not None:
-        media_module = ("#!define WITH_SRTP\n"
-                        f'loadmodule "rtpengine.so"\nmodparam("rtpengine", "rtpengine_sock", '
+        # WITH_MEDIAEDGE guards the relay's routes; WITH_SRTP only marks that some trunk has SRTP
+        media_module = ("#!define WITH_MEDIAEDGE\n" + ("#!define WITH_SRTP\n" if any(m != "off" for m in modes) else "")
+                        + f'loadmodule "rtpengine.so"\nmodparam("rtpengine", "rtpengine_sock", '
                         f'"udp:127.0.0.1:{media.ng_port}")\nmodparam("rtpengine", "rtpengine_tout_ms", 2000)\n')
     else:
         media_module = "# no rtpengine: media flows directly between trunks and cells\n"
     values = {
-        "RTPENGINE_MODULE": media_module, "SRTPMODE": srtp_lines(groups, modes + ["off"] * (len(groups) - len(modes))),
-        "SRTP_IN": SRTP_FLAGS["in"],
-        "SRTP_MANDATORY": SRTP_FLAGS["mandatory"], "SRTP_OPTIONAL": SRTP_FLAGS["optional"],
+        "RTPENGINE_MODULE": media_module, "SRTPMODE": srtp_lines(groups, modes),
+        "EDGEFLAGS": edge_lines(groups, flags),
         "LISTEN": listen_lines(listen, cell_socket, advertise), "RUN_DIR": run_dir,
         "TLS_MODULE": tls_module, "TOTLS": to_tls,
         "TRUNKTRANSPORT": trunk_transport_lines(groups, transports + ["udp"] * (len(groups) - len(transports))),

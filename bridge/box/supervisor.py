@@ -134,7 +134,7 @@ class Supervisor:
             used |= {c.sip_port, c.http_port}
         self.run_dir = os.path.join(os.path.abspath(cfg.data_dir), "run")
         self.kamailio: subprocess.Popen | None = None
-        self.rtpengine: subprocess.Popen | None = None      # SRTP trunks only (bridge.box.kamailio.media_edge)
+        self.rtpengine: subprocess.Popen | None = None      # SRTP/codecs trunks only (kamailio.media_edge)
         self._front_fails, self._front_next, self._front_started = 0, 0.0, time.monotonic()
         self._media_next = 0.0
         self.stopping = False
@@ -246,7 +246,9 @@ class Supervisor:
                                trunks=[(list(t.addresses) or t.address, allow[t.name]) for t in self.cfg.trunks],
                                tls=tls, transports=[self.cfg.transport(t.name) for t in self.cfg.trunks],
                                srtp=[self.cfg.srtp_mode(t.name) for t in self.cfg.trunks], media=media,
-                               advertise=self.cfg.raw["sip"]["public_address"], registrations=regs)
+                               advertise=self.cfg.raw["sip"]["public_address"], registrations=regs,
+                               codecs=[self.cfg.trunk_codecs(t.name) for t in self.cfg.trunks],
+                               cell_codecs=list(self.cfg.raw["sip"]["codecs"]))
         self.front_registrations = regs
         return text, tls, inner
 
@@ -429,7 +431,7 @@ class Supervisor:
                 self.start_cell(c)
         if self.rtpengine is not None and self.rtpengine.poll() is not None and not self.stopping \
                 and now >= self._media_next:
-            # the SRTP media relay died: calls through it lost their audio; new ones need it back
+            # the media relay (SRTP, transcoding) died: calls through it lost their audio; new ones need it back
             log.error("rtpengine exited (%s); restarting it", self.rtpengine.returncode)
             self._media_next = now + 5.0
             try:

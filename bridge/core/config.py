@@ -17,7 +17,8 @@ from bridge.core import numbers, profiles
 from bridge.core.toolspec import ToolBox, ToolConfigError, load_toolbox
 from bridge.core.validators import (MEDIA_ONLY_APPS, WIDEBAND_CODECS, _address, _auto_bool, _bool, _choice,
                                      _cidrs, _clock_rate, _digit_map, _float, _hostport, _int, _number_flags,
-                                     _outbound_allow, _port_range, _regex_list, _str, _str_list, _transfer_destinations)
+                                     _outbound_allow, _port_range, _regex_list, _str, _str_list, _transfer_destinations,
+                                     _trunk_codecs)
 from sip.config import TrunkSpec as Trunk   # one trunk type, from file to engine
 
 
@@ -91,6 +92,7 @@ TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str
                 "srtp": _choice("off", "optional", "mandatory"),
                 "addresses": _str_list, "cps": _float(0, 1000), "max_calls": _int(0, 100000),
                 "failover_timeout": _float(0.5, 120),
+                "codecs": _trunk_codecs,     # on the wire toward the trunk; "opus" is transcoded at the edge
                 "register_retry": _int(1, 3600)}   # the front's retry after a failed registration (s)
 
 DEFAULTS: dict[str, Any] = {
@@ -174,16 +176,22 @@ class Config:
     toolbox: ToolBox | None = None
     transports: dict[str, str] | None = None     # trunk name -> "udp" | "tcp" | "tls" (the front's side)
     srtp: dict[str, str] | None = None           # trunk name -> "off" | "optional" | "mandatory" (rtpengine)
+    codecs: dict[str, list[str]] | None = None   # trunk name -> its ``codecs`` (none: the cells' own, as offered)
 
     def transport(self, trunk: str) -> str:
         return (self.transports or {}).get(trunk, "udp")
 
     def runs_front(self) -> bool:
-        """TLS (or a TCP trunk) is the front's job: such a deployment always runs it."""
-        return bool(self.raw["sip"]["tls_listen"]) or "tcp" in (self.transports or {}).values()
+        """TLS (or a TCP trunk, or a trunk's ``codecs``) is the front's job: such a deployment always runs it."""
+        return (bool(self.raw["sip"]["tls_listen"]) or "tcp" in (self.transports or {}).values()
+                or any((self.codecs or {}).values()))     # a trunk's codecs are transcoded at the edge
 
     def srtp_mode(self, trunk: str) -> str:
         return (self.srtp or {}).get(trunk, "off")
+
+    def trunk_codecs(self, trunk: str) -> list[str]:
+        """The trunk's ``codecs`` ([] = not set: media goes as the cells offer and answer it)."""
+        return list((self.codecs or {}).get(trunk, []))
 
     def get(self, section: str, key: str) -> Any:
         return self.raw[key] if section == "" else self.raw[section][key]
@@ -248,6 +256,7 @@ def _trunk(i: int, t: Any) -> Trunk:
         raise ConfigError(f"{where}.name: required")
     out.pop("transport", None)                   # the front's concern (Config.transports)
     out.pop("register_retry", None)              # the front's too (bridge/box/kamailio.py, uac_reg)
+    out.pop("codecs", None)                      # the front's too: rtpengine at the edge (Config.codecs)
     if out.pop("srtp", "off") != "off" and t.get("transport") != "tls":
         raise ConfigError(f"{where}.srtp: SRTP keys (SDES) travel in the SIP messages: "
                           "it needs transport = \"tls\"")
@@ -480,6 +489,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
     trunks = [_trunk(i, t) for i, t in enumerate(raw["trunks"])]
     transports = {t.name: raw["trunks"][i].get("transport", "udp") for i, t in enumerate(trunks)}
     srtp = {t.name: raw["trunks"][i].get("srtp", "off") for i, t in enumerate(trunks)}
+    trunk_codecs = {t.name: _trunk_codecs(raw["trunks"][i].get("codecs", [])) for i, t in enumerate(trunks)}
     if raw["sip"]["trusted_proxies"]:
         # A SIP front (Kamailio) checks the trunks' source addresses; the cell trusts the front.
         trunks.append(Trunk(name="proxy", allow=list(raw["sip"]["trusted_proxies"])))
@@ -534,4 +544,4 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
     for name, dest in raw["transfer"]["destinations"].items():      # attended handoffs dial through a trunk
         if dest.get("trunk") and dest["trunk"] not in names:
             raise ConfigError(f"transfer.destinations.{name}.trunk: no trunk called {dest['trunk']!r}")
-    return Config(raw, trunks, toolbox, transports, srtp)
+    return Config(raw, trunks, toolbox, transports, srtp, trunk_codecs)

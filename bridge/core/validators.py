@@ -120,6 +120,23 @@ def _str_list(v: Any) -> list[str]:
     return v
 
 
+TRUNK_CODECS = {"OPUS": "opus", "PCMU": "PCMU", "PCMA": "PCMA", "G722": "G722"}   # name -> rtpengine's spelling
+
+
+def _trunk_codecs(v: Any) -> list[str]:
+    """A trunk's ``codecs``: names from ``TRUNK_CODECS`` (any case), each once, in the
+    operator's order; Opus is transcoded at the edge (rtpengine), the others are what cells speak."""
+    out: list[str] = []
+    for name in _str_list(v):
+        canon = TRUNK_CODECS.get(name.strip().upper())
+        if canon is None:
+            raise TypeError(f"unknown codec {name!r} (known: {', '.join(TRUNK_CODECS.values())})")
+        if canon in out:
+            raise TypeError(f"codec {name!r} is listed twice")
+        out.append(canon)
+    return out
+
+
 def _cidrs(v: Any) -> list[str]:
     v = _str_list(v)
     for c in v:
