@@ -36,6 +36,7 @@ class SttRequest:
     interim: bool = False
     model: str = ""
     language: str = ""
+    prompt: str = ""              # whisper's initial prompt ("" none): words to expect
     engine = "stt"
 
 

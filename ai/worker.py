@@ -222,7 +222,8 @@ class Worker:
 
     def _transcribe(self, req) -> m.FromWorker:
         engine, language = self.stt_for(req)
-        r = engine.transcribe(req.pcm, language=language) if language else engine.transcribe(req.pcm)
+        kw = {"prompt": req.prompt} if getattr(req, "prompt", "") else {}
+        r = engine.transcribe(req.pcm, language=language, **kw) if language else engine.transcribe(req.pcm, **kw)
         return m.SttResult(req.rid, r.text, r.no_speech_prob, r.avg_logprob, r.audio_seconds, r.seconds)
 
     def _score_turn(self, req) -> m.FromWorker:

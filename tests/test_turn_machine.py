@@ -350,6 +350,92 @@ def test_a_short_answer_over_the_agent_takes_the_turn():
     assert c.m.history[-1] == {"role": "user", "content": "No, Tuesday."}
 
 
+# Transcripts whisper tiny.en gave for backchannels on real calls and clips (tests/bench/bargein.py,
+# issue 13): a hum or Piper's spelled-out "Mhm." ("em-aitch-em") comes back as words.
+HUMS_AS_WORDS = [A.Transcript("and make them.", 0.164, -0.745, 0.9, 0.38),      # "Mhm." on a real call: cut it
+                 A.Transcript("And make some.", 0.016, -0.495, 0.9, 0.57),      # the same, read with the prompt
+                 A.Transcript("And Mm-hmm.", 0.017, -0.323, 0.9, 0.41),         # "Mm-hmm." (prompted, real call)
+                 A.Transcript("and make sure", 0.164, -0.978, 0.9, 0.61),
+                 A.Transcript("M-H-M.", 0.17, -0.36, 0.8, 0.3),
+                 A.Transcript("Emmett.", 0.26, -0.35, 0.6, 0.3),                # a hum
+                 A.Transcript("them.", 0.17, -0.55, 0.6, 0.3),                  # "Hmm."
+                 A.Transcript("Thank you.", 0.3, -0.4, 0.6, 0.3)]               # whisper's stock hallucination
+
+
+@pytest.mark.parametrize("heard", HUMS_AS_WORDS, ids=lambda t: t.text)
+def test_a_hum_whisper_writes_as_words_lets_the_agent_go_on(heard):
+    c, text, short, cancels = short_voice_over_the_agent()
+    paused = len(c.sent)
+    c.do(c.m.stt_result(short.decode, heard, c.now))
+    c.quiet(3)
+    assert len(c.sent) > paused and c.m.hold is None                # the agent goes on where it stopped
+    c.idle(12)
+    assert len(c.of(A.Cancel)) == cancels and not [a for a in c.of(A.LogEvent) if a.name == "barge_in"]
+    assert len(c.turns("caller")) == 1 and c.turns("agent")[-1].extra["heard"] == text
+
+
+@pytest.mark.parametrize("text,logprob", [("No.", -0.34), ("Wait.", -0.46), ("Stop.", -0.32), ("Hold on.", -0.17),
+                                          ("What?", -0.22), ("No.", -0.85), ("I'm busy.", -0.14)])
+def test_an_interrupting_word_over_the_agent_still_takes_the_turn(text, logprob):
+    c, _, short, cancels = short_voice_over_the_agent()
+    c.do(c.m.stt_result(short.decode, A.Transcript(text, 0.1, logprob, 0.6, 0.3), c.now))
+    assert len(c.of(A.Cancel)) == cancels + 1 and c.m.hold is None
+    c.quiet(12)
+    assert c.turns("caller")[-1].text == text and c.m.state is State.REPLYING
+
+
+def test_the_short_utterance_is_read_with_a_backchannel_prompt():
+    from bridge.agent.bargein import SHORT_PROMPT
+    c, _, short, _ = short_voice_over_the_agent()
+    assert short.prompt == SHORT_PROMPT and "Mm-hmm" in SHORT_PROMPT
+    assert [r.prompt for r in c.stt() if r is not short] == [""]       # the caller's turns: no prompt
+
+
+def slow_short_transcript():
+    """A short utterance whose transcript takes longer than ``SHORT_WAIT`` (a loaded box)."""
+    from bridge.agent.bargein import SHORT_WAIT
+    c, text, short, cancels = short_voice_over_the_agent()     # paused 0.64 s so far, asked 0.2 s ago
+    paused = len(c.sent)
+    assert SHORT_WAIT <= 1.0
+    c.quiet(55)                                 # 1.1 s more, no transcript: 1.74 s since the pause, 1.3 s since asked
+    assert c.m.hold is None and len(c.sent) > paused           # the agent went on regardless
+    (ev,) = [a for a in c.of(A.LogEvent) if a.name == "backchannel"]
+    assert ev.fields["why"] == "stt_slow" and len(c.of(A.Cancel)) == cancels
+    return c, text, short, cancels
+
+
+def test_a_slow_transcript_does_not_keep_the_agent_paused_and_a_late_backchannel_changes_nothing():
+    c, text, short, cancels = slow_short_transcript()
+    c.do(c.m.stt_result(short.decode, A.Transcript("Mm-hmm.", 0.02, -0.1, 0.6, 1.5), c.now))
+    c.idle(12)
+    assert len(c.of(A.Cancel)) == cancels and c.m.state is State.LISTENING
+    assert len(c.turns("caller")) == 1 and c.turns("agent")[-1].extra["heard"] == text
+    total = sum(len(split_frames(spoken(a.text, RATE), RATE)) for a in c.of(A.Synthesize))
+    assert len(c.sent) == total                   # every frame of the reply went out, exactly once
+
+
+def test_a_slow_transcript_keeps_the_agent_paused_while_the_caller_talks_on_in_pieces():
+    """ "Wait, [transcript asked] stop. [slow STT, quiet] I have ...": never resumed in the gaps."""
+    c, text, short, cancels = short_voice_over_the_agent()
+    sent = len(c.sent)
+    for _ in range(8):                            # "stop." (voiced 0.46 s in all: not confirmed yet)
+        c.step(voiced=True)
+    c.quiet(55)                                   # 1.1 s quiet, the transcript not back: stay paused
+    assert c.m.hold is not None and len(c.sent) == sent
+    assert not [a for a in c.of(A.LogEvent) if a.name == "backchannel"]
+    c.do(c.m.stt_result(short.decode, A.Transcript("Wait.", 0.02, -0.1, 0.6, 1.5), c.now))
+    assert len(c.of(A.Cancel)) == cancels + 1 and len(c.sent) == sent     # cut, nothing played in between
+
+
+def test_a_late_no_still_stops_the_agent_and_takes_the_turn():
+    c, text, short, cancels = slow_short_transcript()
+    c.do(c.m.stt_result(short.decode, A.Transcript("No.", 0.02, -0.1, 0.6, 1.5), c.now))
+    assert len(c.of(A.Cancel)) == cancels + 1 and not c.downlink and not c.m.playout.active
+    assert c.turns("caller")[-1].text == "No." and c.m.state is State.REPLYING
+    (cut,) = [t for t in c.turns("agent") if t.extra.get("interrupted")]
+    assert text.startswith(cut.extra["heard"])
+
+
 # -- end of turn from the audio (the model faked at its boundary) ----------------------------
 def model_call(**cfg):
     return Call(turn_model="smart-turn", **cfg)

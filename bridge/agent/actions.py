@@ -62,6 +62,7 @@ class RequestStt:
     decode: int
     pcm16k: bytes
     interim: bool = False
+    prompt: str = ""          # words whisper should expect (a short utterance over the agent: backchannels)
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,8 @@ class AgentApp(ProfiledCall, App):       # ProfiledCall: the call's profile, con
                         on_error=lambda msg: self._run(m.interim_failed(d, self.clock())), **self.stt_args)
             case RequestStt(decode=d, pcm16k=pcm):
                 hub.stt(key, pcm, False, lambda *res: self._run(m.stt_result(d, Transcript(*res), self.clock())),
-                        on_error=lambda msg: self._run(m.stt_failed(d, msg, self.clock())), **self.stt_args)
+                        on_error=lambda msg: self._run(m.stt_failed(d, msg, self.clock())), **self.stt_args,
+                        **({"prompt": a.prompt} if a.prompt else {}))
             case RequestReply(reply=None):                 # warm-up: nobody listens to the answer
                 hub.llm(key, a.messages, a.params, on_token=lambda tok: None, on_done=lambda *_: None,
                         on_error=lambda msg: None)

@@ -9,11 +9,29 @@ once. So the two are split:
   queued but not played go back to the front of the playout (``rewind``);
 - ``bargein_confirm`` of voiced time (~0.8 s) makes it a barge-in: the reply
   is cancelled and what the caller heard is kept (``TurnMachine._barge_in``);
-- quiet again before that (``pause`` seconds): the agent goes on from the
-  frame it stopped at, and the short utterance is transcribed. Only
-  backchannel words ("mhm", "okay", "yeah", "right" ...) or nothing clear are
-  dropped; anything else ("No.", "Goodbye.") takes the turn after all: the
-  reply is cut then and the words are the caller's turn.
+- quiet again before that (``pause`` seconds): the short utterance is
+  transcribed (with a whisper prompt of backchannels, ``SHORT_PROMPT``) while
+  the agent stays paused, and ``read_short`` decides. Backchannels ("mhm",
+  "okay", "yeah", "right" ..., any hum such as "M-hm"), nothing clear,
+  whisper's stock hallucinations ("you", "Thank you.") and a lone word that
+  is not an interruption let the agent go on from the frame it stopped at;
+  an interrupting word ("No.", "Wait.", "Stop.", "Goodbye.") or two or more
+  confident words take the turn after all: the reply is cut then and the
+  words are the caller's turn;
+- STT slower than ``SHORT_WAIT`` after the caller went quiet: the agent goes
+  on anyway (it used to stay paused up to 2 s after the onset under load), and
+  a late transcript with words still stops it then; not while the caller has
+  spoken again since (a barge-in in pieces, "Wait, stop. I have ..."): then
+  only after ``SHORT_WAIT_MAX``.
+
+Why (measured on real calls, ``tests/bench/bargein.py``): Piper reads "Mhm."
+as the letters "em-aitch-em" (0.44 s voiced), which whisper tiny.en writes
+as "and make sure" / "and make them." at avg_logprob -0.75 to -1.08, either
+side of the -1.0 that makes a transcript "unclear"; on hums it writes a short
+word ("them.", "Emma.", "But...") at -0.5 to -1.2, as sure as it is of a
+real "Stop." (-0.49). With the prompt the same clips mostly come back as
+"Mm-hmm." and "Uh-huh." (once on a call still "And make some.", -0.50) while
+"No.", "Wait.", "Stop.", "What?" are unchanged and surer (-0.02 to -0.3).
 
 ``BargeIn`` is that part of ``TurnMachine`` (a base class of it, sans I/O
 like the rest); ``RewindPlayout``, ``OnsetCounter`` and the records are its
@@ -31,7 +49,15 @@ from media.playout import Playout
 
 log = logging.getLogger("trunkline.agent")
 HOLD_MAX = 1.5               # an unresolved pause for the caller's voice lets the agent go on after this
-SHORT_WAIT = 2.0             # the longest the agent stays paused for a short utterance's transcript
+SHORT_WAIT = 1.0             # the longest the agent stays paused for a short utterance's transcript (after asking)
+SHORT_WAIT_MAX = 3.0         # ... or after the pause, if the caller spoke again meanwhile ("Wait, stop. I ...")
+SHORT_MIN_LOGPROB = -0.4     # two or more words at least this sure cut the reply; so does any interrupting word
+INTERRUPT_WORDS = frozenset("""no nope not stop wait hold hang sorry what pardon excuse hello hey repeat again
+bye goodbye cancel don't dont""".split())
+SHORT_PROMPT = "Mm-hmm. Uh-huh. Hmm. Okay."     # whisper's prompt for a short utterance: it writes hums as hums
+HALLUCINATIONS = frozenset({"you", "thank you", "thank you very much", "thanks for watching",
+                            "thank you for watching", "thanks for watching bye", "please subscribe"})
+HUM = re.compile(r"^(?:[mh]+|u+[hm]+|[aeo]+h+|h+u+h+|e+r+m*|e+m+)$")   # mhm, m-hm, hmm, uh, um, ah, oh, huh, erm, em
 
 
 class RewindPlayout(Playout):
@@ -66,16 +92,64 @@ class Short:
     id: int
     onset: float
     paused_at: float
+    voiced: float = 0.0          # the endpointer's voiced time when it was sent
+    asked_at: float = 0.0        # when it was sent (``now``)
+    last_voiced: float | None = None     # the caller's last voiced frame then (voice since: talking on)
 
 
 BACKCHANNEL_WORDS = frozenset("""mhm mm hmm hm uh huh um uhhuh mmhmm okay ok k yeah yep yup ya right sure alright
 all got it i see ah oh aha cool great good fine""".split())
 
 
+FILLERS = frozenset("and so but well then the a".split())     # whisper's glue around a hum ("And mm-hmm.")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def _listener(word: str) -> bool:
+    w = word.strip("'")
+    return w in BACKCHANNEL_WORDS or bool(HUM.match(w))
+
+
 def is_backchannel(text: str) -> bool:
-    """Only listener noises and acknowledgements (or no words at all)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return all(w in BACKCHANNEL_WORDS for w in words)
+    """Only listener noises and acknowledgements, maybe glued with "and"/"so" (or no words at all)."""
+    return all(_listener(w) or w in FILLERS for w in _words(text))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a short utterance over the agent was: ``go_on`` (nothing to answer) and why."""
+    go_on: bool
+    why: str                     # unclear | backchannel | hallucination | unsure | words
+
+
+def read_short(t: Transcript) -> Verdict:
+    """Tell a backchannel (or nothing) from words that take the turn, for a short utterance
+    (under ``bargein_confirm`` of voice) heard over the agent.
+
+    Whisper writes a hum as some short word ("But...", "them.", "Emmett.", at -0.35 to -1.2) and
+    Piper's spelled "Mhm." as "and make sure" / "And make some." (-0.5 to -1.08 with or without
+    the prompt) or "And Mm-hmm." (-0.32), while real short phrases come back at -0.02 to -0.3 with
+    ``SHORT_PROMPT``. So besides backchannels (glue words such as "and" allowed) and stock
+    hallucinations, only an interrupting word ("No.", "Wait.", "Stop.", "Hold on.", "What?",
+    "Goodbye.", "Don't.") or two or more other words whisper is sure of ("I'm busy.") take the
+    turn; a single other word ("Tuesday.", "Yes.") lets the agent finish, and the caller is heard
+    when they say more."""
+    if t.unclear:
+        return Verdict(True, "unclear")
+    words = _words(t.text)
+    if is_backchannel(t.text):
+        return Verdict(True, "backchannel")
+    if " ".join(words) in HALLUCINATIONS:
+        return Verdict(True, "hallucination")
+    if INTERRUPT_WORDS.intersection(w.strip("'") for w in words):
+        return Verdict(False, "words")
+    content = [w for w in words if not (_listener(w) or w in FILLERS)]
+    if len(content) >= 2 and t.logprob >= SHORT_MIN_LOGPROB:
+        return Verdict(False, "words")
+    return Verdict(True, "unsure")
 
 
 class OnsetCounter:
@@ -102,6 +176,7 @@ class BargeIn:
 
     def _pause_for_caller(self, onset: float, now: float) -> None:
         """Voice while the agent talks: silence the line at once, keeping the unplayed audio."""
+        self.late = None                         # a new utterance: it decides, not an older late one
         self._act(Flush())
         back = self.playout.rewind(self._queued)
         self._queued = 0
@@ -119,14 +194,22 @@ class BargeIn:
             return ev
         quiet = t - (ep.last_voiced or t)
         if self.short is not None:               # reading a short utterance: stay paused meanwhile
-            if t - h.paused_at > SHORT_WAIT and quiet >= self.cfg["pause"]:
-                self._go_on()                    # STT is slow and the caller is quiet: go on
+            s = self.short
+            spoke_since = ep.last_voiced != s.last_voiced
+            if quiet >= self.cfg["pause"] and (now - s.asked_at > SHORT_WAIT and not spoke_since or
+                                               now - h.paused_at > SHORT_WAIT_MAX):
+                self._go_on()                    # STT is slow and the caller is quiet: go on; its words may
+                                                 # still cut the reply when they come (``late``)
+                self.late = s
+                self._act(LogEvent("backchannel", {"call_id": self.call_id, "paused": round(now - s.paused_at, 3),
+                                                   "why": "stt_slow", "voiced": round(s.voiced, 3)}))
             return ev if ev == "start" else None
         if (not voiced and quiet >= self.cfg["pause"]) or t - h.onset > HOLD_MAX:
             self.onset.push(False, t)
             if ep.in_speech and self.state not in (State.HANGING_UP, State.ENDED):
-                self.short = Short(next(self._ids), h.onset, h.paused_at)      # "mhm" or "No."?
-                self._act(RequestStt(self.short.id, b"".join(self.utterance)))
+                self.short = Short(next(self._ids), h.onset, h.paused_at, ep.voiced_time, now,  # "mhm" or "No."?
+                                   ep.last_voiced)
+                self._act(RequestStt(self.short.id, b"".join(self.utterance), prompt=SHORT_PROMPT))
             else:
                 self._go_on()                    # a click or a breath
             return None
@@ -139,16 +222,45 @@ class BargeIn:
         self.utterance, self.decode = [], None
         self.turn_end.reset()
 
-    def _short_result(self, t: Transcript, now: float) -> None:
-        s, self.short = self.short, None
+    def _is_short(self, decode: int) -> bool:
+        """Is STT request ``decode`` a short utterance's (being read, or late)?"""
+        return any(s is not None and s.id == decode for s in (self.short, self.late))
+
+    def _short_failed(self, decode: int) -> None:
+        if self.late is not None and self.late.id == decode:
+            self.late = None
+        else:
+            self._go_on()                        # a short utterance we could not read: the agent goes on
+
+    def _short_result(self, decode: int, t: Transcript, now: float) -> None:
+        late = self.late is not None and self.late.id == decode
+        if late:
+            s, self.late = self.late, None
+        else:
+            s, self.short = self.short, None
         ep = self.ep
+        v = read_short(t)
+        talking = ep.last_voiced is not None and now - ep.last_voiced < self.cfg["pause"]
+        self._act(LogEvent("short_utterance", {"call_id": self.call_id, "text": t.text, "voiced": round(s.voiced, 3),
+                                               "no_speech": round(t.no_speech, 3), "logprob": round(t.logprob, 3),
+                                               "wait": round(now - s.asked_at, 3), "why": v.why, "late": late,
+                                               "talking": talking}))
+        if late:                                 # the agent went on without it: only clear words cut it now,
+            if not v.go_on and self.hold is None and not ep.in_speech and self.decode is None and \
+                    self.state not in (State.HANGING_UP, State.ENDED):      # and only if the caller is quiet
+                if self.reply is not None or self.playout.active:
+                    self._barge_in(s.onset, now, now)
+                self.utterance, self.decode = [], None
+                self._finalize(t, now)
+            return
         if self.hold is None:
             return
-        if t.unclear or is_backchannel(t.text) or self.state in (State.HANGING_UP, State.ENDED):
-            if ep.last_voiced is not None and now - ep.last_voiced < self.cfg["pause"]:
+        if v.go_on or self.state in (State.HANGING_UP, State.ENDED):
+            if talking:
                 return                           # talking again ("Stop. I just..."): stay paused, the words decide
             self._go_on()
-            self._act(LogEvent("backchannel", {"call_id": self.call_id, "paused": round(now - s.paused_at, 3)}))
+            self._act(LogEvent("backchannel", {"call_id": self.call_id, "paused": round(now - s.paused_at, 3),
+                                               "why": v.why, "voiced": round(s.voiced, 3)}))
             return
         self.hold = None                         # words ("No.", "Wait, ..."): they take the turn
         if self.reply is not None or self.playout.active:

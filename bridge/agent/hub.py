@@ -164,9 +164,10 @@ class AiHub:
         return rid
 
     def stt(self, call: str, pcm16k: bytes, interim: bool, on_result, on_error=None, model: str = "",
-            language: str = "") -> int | None:
-        """``model``/``language``: the call's language (``bridge.core.profiles.Routing``), "" the defaults."""
-        return self._send(lambda rid: m.SttRequest(rid, call, pcm16k, interim, model, language),
+            language: str = "", prompt: str = "") -> int | None:
+        """``model``/``language``: the call's language (``bridge.core.profiles.Routing``), "" the defaults;
+        ``prompt``: words to expect (whisper's initial prompt)."""
+        return self._send(lambda rid: m.SttRequest(rid, call, pcm16k, interim, model, language, prompt),
                           Request(call, "stt", on_result=on_result, on_error=on_error))
 
     def stt_backlog(self) -> int:

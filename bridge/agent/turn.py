@@ -75,6 +75,7 @@ class TurnMachine(BargeIn, ToolTurns):
         self.onset = OnsetCounter(cfg.get("bargein_onset", 0.06))
         self.hold: Hold | None = None           # the agent's audio paused for the caller's voice
         self.short: Short | None = None         # a short utterance over the agent, being transcribed
+        self.late: Short | None = None          # one the agent went on without (STT slow): its words may still cut
         self.state = State.LISTENING
         self.transitions: deque[Transition] = deque(maxlen=500)
         self.reply: Reply | None = None
@@ -316,8 +317,8 @@ class TurnMachine(BargeIn, ToolTurns):
         self.utterance = []
 
     def stt_result(self, decode: int, t: Transcript, now: float) -> list[Action]:
-        if self.short is not None and self.short.id == decode:
-            self._short_result(t, now)
+        if self._is_short(decode):
+            self._short_result(decode, t, now)
             return self._take()
         d = self.decode
         if d is None or d.id != decode or self.state in (State.HANGING_UP, State.ENDED):
@@ -370,9 +371,9 @@ class TurnMachine(BargeIn, ToolTurns):
         self._end_of_turn(now, "model")
 
     def stt_failed(self, decode: int, msg: str, now: float) -> list[Action]:
-        if self.short is not None and self.short.id == decode:
-            self._go_on()                        # a short utterance we could not read: the agent goes on
-            return []
+        if self._is_short(decode):
+            self._short_failed(decode)           # a short utterance we could not read: the agent goes on
+            return self._take()
         self._engine_error(msg, now)
         return self._take()
 
