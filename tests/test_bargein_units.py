@@ -78,18 +78,7 @@ def test_the_worker_hands_the_prompt_to_whisper_and_only_when_asked():
 
 
 def test_the_hub_sends_the_prompt(tmp_path):
-    from bridge.agent.hub import AiHub
-    from bridge.core import config
-    from bridge.core.metrics import Metrics
-    from test_messages import LoopbackClient
-    (tmp_path / "stt-dir").mkdir()
-    (tmp_path / "voice.onnx").write_bytes(b"")
-    (tmp_path / "voice.onnx.json").write_text("{}")
-    cfg = config.load(None, {"data_dir": str(tmp_path), "models.stt": str(tmp_path / "stt-dir"),
-                             "models.tts": str(tmp_path / "voice.onnx"),
-                             "models.llm_backend": "openai", "models.llm_url": "https://llm.example/v1",
-                             "models.llm_model": "m"}, environ={})
-    hub = AiHub(cfg, Metrics(), 16000)
-    hub.client, hub.up = LoopbackClient(), True
+    from test_messages import loopback_hub
+    hub = loopback_hub(tmp_path)
     rid = hub.stt("c1", b"\x00" * 640, False, on_result=lambda *a: None, prompt=SHORT_PROMPT)
     assert hub.client.sent == [m.SttRequest(rid, "c1", b"\x00" * 640, False, prompt=SHORT_PROMPT)]

@@ -137,7 +137,8 @@ class LoopbackClient:
         self.sent.append(msg)
 
 
-def test_hub_sends_typed_requests_and_dispatches_typed_replies(tmp_path):
+def loopback_hub(tmp_path, metrics=None):
+    """An ``AiHub`` on placeholder model files whose worker is a ``LoopbackClient`` (what it sends)."""
     from bridge.agent.hub import AiHub
     from bridge.core import config
     from bridge.core.metrics import Metrics
@@ -148,9 +149,15 @@ def test_hub_sends_typed_requests_and_dispatches_typed_replies(tmp_path):
                              "models.tts": str(tmp_path / "voice.onnx"),
                              "models.llm_backend": "openai", "models.llm_url": "https://llm.example/v1",
                              "models.llm_model": "m"}, environ={})
-    metrics = Metrics()
-    hub = AiHub(cfg, metrics, 16000)
+    hub = AiHub(cfg, metrics or Metrics(), 16000)
     hub.client, hub.up = LoopbackClient(), True
+    return hub
+
+
+def test_hub_sends_typed_requests_and_dispatches_typed_replies(tmp_path):
+    from bridge.core.metrics import Metrics
+    metrics = Metrics()
+    hub = loopback_hub(tmp_path, metrics)
     got = []
     rid = hub.stt("c1", b"\x00" * 640, True, on_result=lambda *a: got.append(("stt", a)))
     assert hub.client.sent == [m.SttRequest(rid, "c1", b"\x00" * 640, True)] and hub.stt_backlog() == 1

@@ -537,24 +537,32 @@ def test_attended_transfer_nobody_answers_back_to_the_agent(cell_factory, tmp_pa
     assert not [e for e in events if e["type"] == "call_transferred"]
 
 
+def ask_blind_transfer(caller, wait_transferred) -> dict:
+    """The caller asks for billing (a blind destination), hears the agent put it through, and its
+    SIPp ends cleanly (REFER accepted, NOTIFY 200, then the cell's BYE): the ``call_transferred``."""
+    from voice import transcribe
+    caller.wait_reply(time.monotonic())
+    end = caller.speak("Can I talk to a person in billing, please?")
+    heard = transcribe(caller.wait_reply(end, quiet=1.5)).lower()
+    assert "put you through" in heard, heard
+    moved = wait_transferred()
+    assert (moved["destination"], moved["mode"]) == ("billing", "blind")
+    deadline = time.monotonic() + 20
+    while caller.proc.poll() is None and time.monotonic() < deadline:
+        caller.silence(0.2)
+    assert caller.proc.returncode == 0
+    return moved
+
+
 @pytest.mark.slow
 def test_blind_transfer_refers_the_caller(cell_factory, tmp_path):
     from support import Api, create_key, sipp_file
-    from voice import Caller, transcribe
+    from voice import Caller
     llm = HandoffLLM()
     cell = handoff_cell(cell_factory, llm, 9)
     caller = Caller(cell, tmp_path, seconds=60, scenario=caller_scenario(tmp_path, "refer_accept.xml"))
     try:
-        caller.wait_reply(time.monotonic())
-        end = caller.speak("Can I talk to a person in billing, please?")
-        heard = transcribe(caller.wait_reply(end, quiet=1.5)).lower()
-        assert "put you through" in heard, heard
-        moved = cell.wait_event("call_transferred", timeout=30)[0]
-        assert (moved["destination"], moved["mode"]) == ("billing", "blind")
-        deadline = time.monotonic() + 20
-        while caller.proc.poll() is None and time.monotonic() < deadline:
-            caller.silence(0.2)
-        assert caller.proc.returncode == 0                 # REFER accepted, NOTIFY 200, then the cell's BYE
+        ask_blind_transfer(caller, lambda: cell.wait_event("call_transferred", timeout=30)[0])
     finally:
         caller.close()
         llm.stop()

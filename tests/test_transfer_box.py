@@ -31,7 +31,7 @@ from bridge.core import config as config_mod
 from bridge.core.handoff import parse
 from support import Api, BoxProcess, create_key, next_ports, sipp_file
 from test_cells import _procs_with
-from test_transfer import (DESTS, HandoffLLM, Human, ask_for, caller_scenario, events, handoff_agent,
+from test_transfer import (DESTS, HandoffLLM, Human, ask_blind_transfer, ask_for, caller_scenario, events, handoff_agent,
                            handoff_cell, until, wait_event_on_line)
 
 PERSON_IP = "127.0.0.2"          # the person's phone: its own address, so the front tells it from the caller's trunk
@@ -166,23 +166,15 @@ def _person_trace(tmp_path) -> str:
 
 @pytest.mark.slow
 def test_blind_transfer_refers_the_caller_through_the_front(tmp_path):
-    from voice import Caller, transcribe
+    from voice import Caller
     llm = HandoffLLM()
     try:
         with agent_box(tmp_path, box_config(llm, 9, person_trunk=False)) as box:
             cells = CellsView(box)
             caller = Caller(box, tmp_path, seconds=60, scenario=caller_scenario(tmp_path, "refer_accept.xml"))
             try:
-                caller.wait_reply(time.monotonic())
-                end = caller.speak("Can I talk to a person in billing, please?")
-                heard = transcribe(caller.wait_reply(end, quiet=1.5)).lower()
-                assert "put you through" in heard, heard
-                moved, _ = wait_event_on_line(caller, cells, "call_transferred", timeout=60)
-                assert (moved["destination"], moved["mode"]) == ("billing", "blind")
-                deadline = time.monotonic() + 20
-                while caller.proc.poll() is None and time.monotonic() < deadline:
-                    caller.silence(0.2)
-                assert caller.proc.returncode == 0          # REFER accepted, NOTIFY 200, then the cell's BYE
+                moved = ask_blind_transfer(
+                    caller, lambda: wait_event_on_line(caller, cells, "call_transferred", timeout=60)[0])
             finally:
                 caller.close()
             assert "REFER to sip:billing@127.0.0.1:5999" in sipp_file(tmp_path, "_logs.log")
