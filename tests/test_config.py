@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from bridge.core.config import ConfigError, load
@@ -28,6 +30,10 @@ def test_precedence_file_env_flags(tmp_path):
     ('[sip]\ncapacity = 4\n', "sip.capacity: expected an integer 1..3, got 4"),
     ('[media]\nrtp_ports = "9000"\n', "media.rtp_ports: expected LOW-HIGH"),
     ('[media]\nclock_rate = 44100\n', "media.clock_rate: expected auto, 8000 or 16000"),
+    # pjmedia aborts the cell on every call unless min <= init <= max prefetch (and max <= ~400 ms)
+    ('[media]\njitter_init_ms = 20\njitter_min_ms = 40\n', "media.jitter_init_ms: 20 is below media.jitter_min_ms (40)"),
+    ('[media]\njitter_max_ms = 30\n', "media.jitter_min_ms: 40 is above media.jitter_max_ms (30)"),
+    ('[media]\njitter_min_ms = 500\n', "media.jitter_min_ms: expected an integer -1..360, got 500"),
     ('[sip]\ncodecs = ["PCMU", "AMR"]\n', "sip.codecs: unknown codec 'AMR'"),
     ('[nope]\nx = 1\n', "nope: unknown key"),
     ('[[trunks]]\nallow = ["10.0.0.0/8"]\n', "trunks[0].name: required"),
@@ -38,7 +44,7 @@ def test_precedence_file_env_flags(tmp_path):
     ('[app]\ndtmf_transfer = { "x" = "sip:a@b" }\n', "app.dtmf_transfer"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load(_write(tmp_path, text), environ={})
 
 

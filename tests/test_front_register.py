@@ -315,8 +315,31 @@ def test_reading_the_fronts_registrations():
     expired = read_states(DUMP % (4 | 16, -3), {}, ids, ok)["carrier"]
     assert expired.registered is False
     table = "{\n\tentry: 0\n\tsize: 1\n\tslot: {\n\t\t{\n\t\t\tname: sip:trunkuser@127.0.0.1:5090\n" \
-            "\t\t\tvalue: 503 Service Unavailable\n\t\t\ttype: str\n\t\t}\n\t}\n}\n"
+            "\t\t\tvalue: 503\n\t\t\ttype: int\n\t\t}\n\t}\n}\n"
     assert last_replies(table) == {"sip:trunkuser@127.0.0.1:5090": (503, "Service Unavailable")}
+    # two trunks hashed to one slot are two items (they were merged: the last one won)
+    two = "{\n\tentry: 1\n\tsize: 2\n\tslot: {\n\t\t{\n\t\t\tname: sip:a@h\n\t\t\tvalue: 200\n\t\t}\n" \
+          "\t\t{\n\t\t\tname: sip:b@h\n\t\t\tvalue: 403\n\t\t}\n\t}\n}\n"
+    assert last_replies(two) == {"sip:a@h": (200, "OK"), "sip:b@h": (403, "Forbidden")}
+    # only a status is read: no text of the registrar's (nor lines a form feed would have made)
+    forged = "{\n\tslot: {\n\t\t{\n\t\t\tname: sip:a@h\n\t\t\tvalue: 403 x\x0c}\x0c{\x0cname: sip:b@h\n\t\t}\n\t}\n}\n"
+    assert last_replies(forged) == {}
+
+
+def test_the_registrar_is_trusted_as_one_address_only():
+    from bridge.box.registrations import registrar_net
+    assert registrar_net("sip:127.0.0.1:5090") == "127.0.0.1/32"
+    assert registrar_net("sip:[::1]:5060") == "::1/128"
+    assert registrar_net("sip:10.0.0.0/8") == "" and registrar_net("sip:carrier.example") == ""
+
+
+def test_the_front_keeps_only_its_own_registrations_status():
+    """A REGISTER reply cannot add htable entries (a registrar could fill the front's shared memory,
+    one ~8 KB forged From a reply): only keys created when the front sent its own REGISTER are
+    updated, and only with the status."""
+    tpl = (Path(kamailio.__file__).resolve().parents[2] / "deploy/kamailio/kamailio.cfg.tmpl").read_text()
+    assert '$sht(uacreg=>$fu) != $null) $sht(uacreg=>$fu) = $rs;' in tpl
+    assert '$sht(uacreg=>$fu) = "0";' in tpl and "$rr" not in tpl
 
 
 def test_box_metrics_escape_label_values():
@@ -329,3 +352,42 @@ def test_box_metrics_escape_label_values():
     fams = list(text_string_to_metric_families(text))
     assert [(s.labels["trunk"], s.value) for s in fams[0].samples] == [(name, 1.0)]
     assert fams[0].documentation == "help\\text\nmore"
+
+
+def test_an_unreadable_front_never_leaves_a_stale_registered(tmp_path, monkeypatch):
+    """kamcmd failing read after read (a reply text it could not decode did this for good) must
+    not leave the last "registered" on /metrics and /v1 while calls have stopped coming."""
+    import asyncio
+    from types import SimpleNamespace as NS
+    from bridge.box import supervisor as sup_mod
+    sup, _ = _render(_cfg(tmp_path, 'username = "u"\npassword = "p"\nrealm = "r"\nregister = true\n'), tmp_path)
+    sup.kamailio = NS(poll=lambda: None)                 # the front runs ...
+    sup.registrations = {"carrier": RegState("carrier", True, 200, "OK", True, 1.0)}
+
+    def unreadable():
+        raise ValueError("'utf-8' codec can't decode byte 0xe8")
+    sup.read_registrations = unreadable                  # ... but its registrations cannot be read
+    monkeypatch.setattr(sup_mod, "REG_POLL", 0.01)
+
+    async def run():
+        task = asyncio.create_task(sup._poll_registrations())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not sup.registrations["carrier"].registered:
+                break
+        sup.stopping = True
+        await task
+    asyncio.run(run())
+    assert sup.registrations["carrier"].registered is False
+    assert "cannot be read" in sup.registrations["carrier"].reason
+
+
+def test_no_digest_is_left_when_no_trunk_registers_any_more(tmp_path):
+    run = tmp_path / "run"
+    reg = kamailio.Registration("carrier", "u", "u", "127.0.0.1:5090", "r", "0" * 32, "sip:127.0.0.1:5090",
+                                "127.0.0.1:5060", "udp:127.0.0.1:5060", 300, 30)
+    kamailio.write(str(run), "cfg", "", regs=[reg])
+    assert "0" * 32 in (run / "db" / "uacreg").read_text()
+    assert "0" * 32 not in repr(reg)                          # nor in a log line that prints one
+    kamailio.write(str(run), "cfg", "", regs=[])             # register = false now
+    assert not (run / "db" / "uacreg").exists()

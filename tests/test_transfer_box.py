@@ -220,7 +220,11 @@ def test_behind_the_front_a_leg_goes_through_the_trunk_that_reaches_its_destinat
     assert route("sip:sales@127.0.0.1:7000") == ("carrier", "")            # inside a trunk's allow-list
     assert route("sip:sales@127.0.0.2:6000") == ("frontdesk", "")          # (an IP-literal address allows its host)
     assert route("+15550100", "frontdesk") == ("frontdesk", "")            # a number: the destination's trunk
-    assert route("sip:sales@127.0.0.1:7000", "frontdesk") == ("frontdesk", "")     # its own trunk wins
+    assert route("sip:sales@127.0.0.2:5999", "frontdesk") == ("frontdesk", "")     # its own trunk, agreeing
+    # its own trunk, but the front sends the host to another trunk (whose transport and SRTP would
+    # apply while pjsua answered challenges with frontdesk's credentials): refused
+    trunk, why = route("sip:sales@127.0.0.1:7000", "frontdesk")
+    assert trunk is None and "front sends 127.0.0.1 to trunk 'carrier'" in why, why
     trunk, why = route("sip:sales@127.0.0.3:5999", "frontdesk")            # but the front would answer 403
     assert trunk is None and "no [[trunks]] entry holds 127.0.0.3:5999" in why
     for to in ("sip:sales@127.0.0.3:5999", "sip:sales@10.9.9.9", "sip:sales@other.example.com", "+15550100",

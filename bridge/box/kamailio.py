@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sip.uri import host_port
@@ -186,7 +186,7 @@ class Registration:
     username: str
     domain: str                 # the registrar's host[:port]: Request-URI sip:domain, To/From sip:username@domain
     realm: str
-    ha1: str                    # MD5(username:realm:password): the table never holds the password itself
+    ha1: str = field(repr=False)  # MD5(username:realm:password): the table never holds the password itself
     proxy: str                  # where REGISTER is sent: sip:host:port[;transport=tcp|tls]
     contact: str                # host:port[;transport=..] of the front's public socket
     socket: str                 # the public socket REGISTER leaves from (never the cells' one)
@@ -524,6 +524,12 @@ def write(run_dir: str, cfg_text: str, dlist: str, tls: Tls | None = None,
     os.makedirs(run_dir, exist_ok=True)
     if regs:
         write_uacreg(run_dir, regs)
+    else:                                   # no trunk registers now: no digest left behind from before
+        for name in ("uacreg", "version"):
+            try:
+                os.unlink(os.path.join(run_dir, "db", name))
+            except FileNotFoundError:
+                pass
     if tls is not None:
         with open(os.path.join(run_dir, "tls.cfg"), "w") as f:
             f.write(tls_cfg(tls))

@@ -42,9 +42,15 @@ def registrar_net(address: str) -> str:
     elif host.count(":") == 1:
         host = host.rsplit(":", 1)[0]
     try:
-        return str(ipaddress.ip_network(host))
+        ip = ipaddress.ip_address(host)           # one address: never a network written as "address"
     except ValueError:
         return ""
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split on "\n" only (``str.splitlines`` also splits on form feeds, \x1c-\x1e, \x85 ...)."""
+    return text.split("\n")
 
 
 def parse_structs(text: str) -> list[dict[str, str]]:
@@ -53,7 +59,7 @@ def parse_structs(text: str) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     cur: dict[str, str] | None = None
     depth = 0
-    for line in text.splitlines():
+    for line in _lines(text):
         s = line.strip()
         if s == "{":
             depth += 1
@@ -72,14 +78,44 @@ def parse_structs(text: str) -> list[dict[str, str]]:
     return out
 
 
+def parse_items(text: str) -> list[dict[str, str]]:
+    """Every innermost ``{ name: ... value: ... }`` block of a ``kamcmd`` printout, each on its own
+    (``htable.dump`` puts the items of one hash slot side by side in one slot block)."""
+    out: list[dict[str, str]] = []
+    stack: list[dict[str, str]] = []
+    for line in _lines(text):
+        s = line.strip()
+        if s == "{" or s.endswith(": {"):
+            stack.append({})
+            continue
+        if s == "}":
+            if stack:
+                d = stack.pop()
+                if "name" in d and "value" in d:
+                    out.append(d)
+            continue
+        m = re.match(r"^([A-Za-z_][\w.]*):\s?(.*)$", s)
+        if m and stack:
+            stack[-1][m.group(1)] = m.group(2)
+    return out
+
+
+SIP_REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+               407: "Proxy Authentication Required", 408: "Request Timeout", 423: "Interval Too Brief",
+               480: "Temporarily Unavailable", 500: "Server Internal Error", 502: "Bad Gateway",
+               503: "Service Unavailable", 504: "Server Time-out", 603: "Decline"}
+
+
 def last_replies(htable_dump: str) -> dict[str, tuple[int, str]]:
-    """``htable.dump uacreg``: registrar (From URI) -> (status, reason) of its last final answer."""
+    """``htable.dump uacreg``: registrar (From URI) -> (status, reason) of its last final answer.
+    The front keeps the status only (no text of the registrar's reaches the supervisor); the reason
+    is the standard phrase."""
     out: dict[str, tuple[int, str]] = {}
-    for entry in parse_structs(htable_dump):
-        name, value = entry.get("name", ""), entry.get("value", "")
-        m = re.match(r"^(\d{3}) ?(.*)$", value)
-        if name and m:
-            out[name] = (int(m.group(1)), m.group(2))
+    for entry in parse_items(htable_dump):
+        name, value = entry.get("name", ""), entry.get("value", "").strip()
+        if name and re.fullmatch(r"[1-6]\d\d", value):
+            status = int(value)
+            out[name] = (status, SIP_REASONS.get(status, f"the registrar answered {status}"))
     return out
 
 

@@ -35,6 +35,7 @@ from bridge.core.logs import event
 log = logging.getLogger("trunkline.supervisor")
 
 REG_POLL = 2.0          # seconds between reads of the front's registrations (uac.reg_dump)
+REG_UNREADABLE = 5      # reads failed in a row before the trunks are reported unregistered
 
 
 def _reap_front(config_path: str) -> None:
@@ -279,7 +280,7 @@ class Supervisor:
 
     def kamcmd(self, *args: str) -> str:
         r = subprocess.run(["kamcmd", "-s", f"unix:{self.run_dir}/kamailio_ctl", *args],
-                           capture_output=True, text=True, timeout=5)
+                           capture_output=True, text=True, errors="replace", timeout=5)
         if r.returncode != 0:
             raise RuntimeError(f"kamcmd {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout
@@ -323,13 +324,20 @@ class Supervisor:
 
     async def _poll_registrations(self) -> None:
         loop = asyncio.get_running_loop()
+        failed = 0
         while not self.stopping:
             await asyncio.sleep(REG_POLL)
             if self.kamailio is not None and self.kamailio.poll() is None:
                 try:
                     states = await loop.run_in_executor(None, self.read_registrations)
+                    failed = 0
                 except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError):
-                    continue                    # the front is (re)starting: its ctl socket is not there yet
+                    failed += 1                 # the front is (re)starting: its ctl socket is not there yet
+                    if failed < REG_UNREADABLE:
+                        continue
+                    # unreadable for long: never leave a stale "registered" on /metrics and /v1
+                    states = {t: RegState(t, False, 0, "the front's registrations cannot be read", True)
+                              for t in self.registrations}
             else:                               # no front, no registration
                 states = {t: RegState(t, False, 0, "the front is down", True) for t in self.registrations}
             self.update_registrations(states)

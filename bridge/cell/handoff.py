@@ -418,7 +418,12 @@ def leg_trunk(dest: Destination, cfg) -> tuple[str | None, str]:
     if found is None:
         return None, (f"{dest.name}: the front lets a cell's calls out only to a trunk's address or allow-list, "
                       f"and no [[trunks]] entry holds {host}{f':{port}' if port else ''} (add one)")
-    return dest.trunk or found, ""
+    if dest.trunk and dest.trunk != found:
+        # the front would treat the leg as trunk ``found`` (its transport, SRTP, dialog) while pjsua
+        # answered challenges with ``dest.trunk``'s credentials, sent to that other trunk's host
+        return None, (f"{dest.name}: its trunk is {dest.trunk!r} but the front sends {host} to trunk "
+                      f"{found!r}: name that trunk, or a URI at {dest.trunk!r}'s address")
+    return found, ""
 
 
 def _front_trunk(host: str, port: int | None, trunks) -> str | None:

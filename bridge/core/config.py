@@ -37,8 +37,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "tls_listen": _str, "tls_cert": _str, "tls_key": _str, "tls_ca": _str, "tls_verify": _bool,
             "tls_require_client_cert": _bool, "tls_server_name": _str},
     "media": {"rtp_ports": _port_range, "clock_rate": _clock_rate,
-              "realtime_clock": _bool, "jitter_init_ms": _int(-1, 1000), "jitter_min_ms": _int(-1, 1000),
-              "jitter_max_ms": _int(-1, 1000)},
+              "realtime_clock": _bool, "jitter_init_ms": _int(-1, 360), "jitter_min_ms": _int(-1, 360),
+              "jitter_max_ms": _int(-1, 360)},
     "http": {"listen": _hostport, "ops_listen": _str, "ws_heartbeat": _float(1, 300),
              "outbound_allow": _outbound_allow, "outbound_strict": _bool,
              "rate_limit": _float(0, 100000), "rate_burst": _int(1, 100000),
@@ -238,6 +238,17 @@ def _check(section: str, key: str, value: Any) -> Any:
         return checks[key](value)
     except TypeError as exc:
         raise ConfigError(f"{name}: {exc}") from None
+
+
+def _check_jitter(media: dict) -> None:
+    """pjmedia asserts (aborting the cell on every call) unless min <= init <= max prefetch, and
+    its own maximum is ~400 ms of its 500 ms buffer: the keys are held to that (-1: pjmedia's own)."""
+    init, low, high = media["jitter_init_ms"], media["jitter_min_ms"], media["jitter_max_ms"]
+    if init >= 0 and low >= 0 and init < low:
+        raise ConfigError(f"media.jitter_init_ms: {init} is below media.jitter_min_ms ({low})")
+    for key, value in (("jitter_min_ms", low), ("jitter_init_ms", init)):
+        if high >= 0 and value > high:
+            raise ConfigError(f"media.{key}: {value} is above media.jitter_max_ms ({high})")
 
 
 def _trunk(i: int, t: Any) -> Trunk:
@@ -504,6 +515,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"models.{key}: {m[key]} is not a CTranslate2 model directory")
     if m["llm_backend"] == "openai" and not (m["llm_url"] and m["llm_model"]):
         raise ConfigError("models.llm_url: the openai backend needs llm_url and llm_model")
+    _check_jitter(raw["media"])
     if 0 < m["llm_url_context"] < 256:
         raise ConfigError(f"models.llm_url_context: expected 0 (send everything) or at least 256 tokens, "
                           f"got {m['llm_url_context']}")
