@@ -138,7 +138,9 @@ def test_an_echo_call_survives_a_2s_outage_both_ways(echo_cell, tmp_path):
     cell, api = echo_cell
     imp = Impairment("outage 2 s", outage_at=3.0, outage=2.0)
     r = bench.echo_call(cell, api, tmp_path, imp, seconds=8.0)
-    assert r["relay"]["up"]["outage_dropped"] == 100                 # the outage happened, both ways
+    # the outage happened, both ways: 2 s of the caller's 20 ms packets (one more or less when a
+    # packet's send time lands on the window's edge; a clean-clone run saw 101)
+    assert 99 <= r["relay"]["up"]["outage_dropped"] <= 101
     assert r["relay"]["down"]["outage_dropped"] >= 90
     assert r["longest_rx_gap_s"] >= 1.8 and r["longest_echo_gap_s"] >= 1.8
     assert r["echo_after_outage_s"] >= 1.5                           # the caller's own audio came back after it
