@@ -204,7 +204,10 @@ def _utterances() -> list[tuple[str, bytes, str | None]]:
     import voice
     from pipecat_vs_agent import human_clips
     out = [(f"piper{i + 1}", voice.say(text), text) for i, text in enumerate(PHRASES)]
-    out += [(c.name, c.pcm, None) for c in human_clips()]
+    clips = human_clips()
+    if not clips:                       # a fresh clone has no ../shared: Piper phrases only
+        print("impair: skipping the human clips (../shared is absent; TRUNKLINE_SHARED points at it)", flush=True)
+    out += [(c.name, c.pcm, None) for c in clips]
     return out
 
 
