@@ -14,7 +14,9 @@ the cell falls back to its fixed silence window.
 
 Each engine has one thread and a fair queue: requests are taken round-robin
 across calls, so one chatty call cannot starve the others. llama.cpp streams
-of different calls are interleaved token by token in its thread.
+of different calls are interleaved token by token in its thread. Another
+language's whisper model or Piper voice loads in a loader thread (``Extra``):
+the configured ones at start, while the default models already serve calls.
 """
 from __future__ import annotations
 
@@ -56,6 +58,12 @@ class FairQueue:
                         q[i] = item
                         return
             q.append(item)
+            self.cv.notify()
+
+    def put_front(self, call: str, item) -> None:
+        """``item`` back at the head of its call's queue (a request that waited aside)."""
+        with self.cv:
+            self.calls.setdefault(call, deque()).appendleft(item)
             self.cv.notify()
 
     def get(self, timeout: float | None = None):
@@ -119,44 +127,121 @@ def load_turn_model(cfg: dict):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-MAX_EXTRA = 3         # other languages' whisper models / Piper voices kept loaded (each)
+MAX_EXTRA = 3         # other languages' whisper models / Piper voices kept loaded (each), at least
+PENDING = object()    # Extra.ready(): the model is being loaded                 # all those preloaded
 
 
 class Extra:
-    """Models a call's language or voice asks for beyond the worker's own: loaded on first use
-    (in the engine's thread, which waits for it once), then kept, the least recently used first
-    out past ``MAX_EXTRA``. One that fails to load is remembered: its calls get the default
-    engine, and one log line says so."""
+    """Models a call's language or voice asks for beyond the worker's own (another language's
+    whisper model, a profile's Piper voice). They are loaded in this kind's loader thread, one at a
+    time and never in an engine's thread: those the config names at start (``preload``), any other
+    on first use. A request whose model is still loading waits aside (``park``) while its engine
+    serves the other calls, and goes back to the head of its call's queue (``requeue``) when the
+    load ends. Loaded models are kept, the least recently used first out past ``keep``; one that
+    fails to load is remembered: its calls get the default engine, and one log line says so."""
 
-    def __init__(self, kind: str, load):
+    def __init__(self, kind: str, load, requeue=None, keep: int = MAX_EXTRA):
         self.kind = kind
         self.load = load
+        self.requeue = requeue
+        self.keep = keep
         self.engines: OrderedDict[tuple, object] = OrderedDict()
         self.failed: dict[tuple, str] = {}
+        self.loading: dict[tuple, threading.Event] = {}
+        self.parked: dict[tuple, list] = {}
+        self.lock = threading.Lock()
+        self.todo: deque = deque()
+        self.todo_cv = threading.Condition(self.lock)
+        self.thread: threading.Thread | None = None
+
+    def _state(self, key: tuple, reason: str):
+        """``(engine, None)`` when loaded, ``(None, None)`` when it cannot be, ``(PENDING, event)``
+        while it loads (queued for the loader here if it was not yet)."""
+        with self.lock:
+            if key in self.failed:
+                return None, None
+            if key in self.engines:
+                self.engines.move_to_end(key)
+                return self.engines[key], None
+            ev = self.loading.get(key)
+            if ev is None:
+                ev = self.loading[key] = threading.Event()
+                self.todo.append((key, reason))
+                if self.thread is None:
+                    self.thread = threading.Thread(target=self._loader, name=f"load-{self.kind}", daemon=True)
+                    self.thread.start()
+                self.todo_cv.notify()
+            return PENDING, ev
 
     def get(self, key: tuple):
-        if key in self.failed:
-            return None
-        if key in self.engines:
-            self.engines.move_to_end(key)
-            return self.engines[key]
+        """The engine ``key`` names, waiting for its load; ``None`` when it cannot be loaded."""
+        while True:
+            engine, ev = self._state(key, "first use")
+            if engine is not PENDING:
+                return engine
+            ev.wait()
+
+    def ready(self, key: tuple):
+        """The engine, ``None`` (cannot be loaded) or ``PENDING`` (loading): never waits."""
+        return self._state(key, "first use")[0]
+
+    def preload(self, key: tuple) -> None:
+        self._state(key, "preload")
+
+    def park(self, key: tuple, item: tuple) -> bool:
+        """Keep ``item`` (call, job) until ``key`` has loaded; False when it is not loading (any more)."""
+        with self.lock:
+            if key not in self.loading:
+                return False
+            self.parked.setdefault(key, []).append(item)
+            return True
+
+    def _loader(self) -> None:
+        while True:
+            with self.lock:
+                while not self.todo:
+                    self.todo_cv.wait()
+                key, reason = self.todo.popleft()
+            self._load(key, reason)
+
+    def _load(self, key: tuple, reason: str) -> None:
         started = time.perf_counter()
+        engine, error = None, ""
         try:
             engine = self.load(*key)
         except Exception as exc:  # noqa: BLE001 - the call falls back to the default model
-            self.failed[key] = f"{type(exc).__name__}: {exc}"
-            _log("language_model_failed", kind=self.kind, model=key[0], error=self.failed[key],
-                 fallback="default")
-            return None
-        _log("language_model_loaded", kind=self.kind, model=key[0],
-             seconds=round(time.perf_counter() - started, 2))
-        self.engines[key] = engine
-        while len(self.engines) > MAX_EXTRA:
-            self.engines.popitem(last=False)
-        return engine
+            error = f"{type(exc).__name__}: {exc}"
+        with self.lock:
+            if error:
+                self.failed[key] = error
+            else:
+                self.engines[key] = engine
+                while len(self.engines) > self.keep:
+                    self.engines.popitem(last=False)
+            ev = self.loading.pop(key)
+            parked = self.parked.pop(key, [])
+        if error:
+            _log("language_model_failed", kind=self.kind, model=key[0], error=error, fallback="default",
+                 reason=reason)
+        else:
+            _log("language_model_loaded", kind=self.kind, model=key[0], reason=reason,
+                 seconds=round(time.perf_counter() - started, 2))
+        ev.set()
+        for call, job in parked:
+            if self.requeue is not None:
+                self.requeue(call, job)
 
     def loaded(self) -> list[str]:
-        return [k[0] for k in self.engines]
+        with self.lock:
+            return [k[0] for k in self.engines]
+
+
+def stt_key(req: m.SttRequest) -> tuple | None:
+    return (req.model,) if req.model else None
+
+
+def tts_key(req: m.TtsRequest) -> tuple | None:
+    return (req.voice, req.voice_config or req.voice + ".json") if req.voice else None
 
 
 def _log(name: str, **fields) -> None:
@@ -169,6 +254,7 @@ class Worker:
         self.conn = conn
         self.stt, self.llm, self.tts, self.turn = stt, llm, tts, turn
         cfg = cfg or {}
+        self.q = {"stt": FairQueue(), "llm": FairQueue(), "tts": FairQueue(), "turn": FairQueue()}
 
         def load_stt(model):
             from ai.stt import WhisperSTT
@@ -178,11 +264,16 @@ class Worker:
         def load_tts(voice, config):
             from ai.tts import PiperTTS
             return PiperTTS(voice, config, threads=cfg.get("tts_threads", 1))
-        self.extra = {"stt": Extra("stt", load_stt), "tts": Extra("tts", load_tts)}
+        self.preload = {"stt": [(p,) for p in cfg.get("preload_stt", ())],
+                        "tts": [tuple(v) for v in cfg.get("preload_tts", ())]}
+        self.extra = {k: Extra(k, load, requeue=self.q_put_front(k), keep=max(MAX_EXTRA, len(self.preload[k])))
+                      for k, load in (("stt", load_stt), ("tts", load_tts))}
         self.send_lock = threading.Lock()
-        self.q = {"stt": FairQueue(), "llm": FairQueue(), "tts": FairQueue(), "turn": FairQueue()}
         self.cancelled: dict[str, float] = {}        # call -> time of the last cancel
         self.stopping = False
+
+    def q_put_front(self, engine: str):
+        return lambda call, job: self.q[engine].put_front(call, job)
 
     def send(self, msg: m.FromWorker) -> None:
         with self.send_lock:
@@ -192,7 +283,15 @@ class Worker:
         return self.cancelled.get(call, 0.0) > queued_at
 
     # -- engine loops -------------------------------------------------------
-    def _serve(self, engine: str, answer) -> None:
+    def _parked(self, kind: str, key: tuple | None, call: str, job: Job) -> bool:
+        """Whether ``job`` waits aside until its model ``key`` has loaded (the engine's thread goes
+        on with the other calls meanwhile)."""
+        if key is None:
+            return False
+        extra = self.extra[kind]
+        return extra.ready(key) is PENDING and extra.park(key, (call, job))
+
+    def _serve(self, engine: str, answer, key_of=None) -> None:
         """One engine's loop: take its queued requests in order, skip cancelled calls' work, send
         ``answer(request)`` back, or an ``EngineError`` naming the engine if it raises."""
         while not self.stopping:
@@ -203,6 +302,8 @@ class Worker:
             req = job.request
             if self._is_cancelled(call, job.queued_at):
                 continue
+            if key_of is not None and self._parked(engine, key_of(req), call, job):
+                continue
             try:
                 self.send(answer(req))
             except Exception as exc:  # noqa: BLE001
@@ -210,14 +311,14 @@ class Worker:
 
     def stt_for(self, req: m.SttRequest):
         """The request's whisper model and language (the worker's own when it names none or failed)."""
-        engine = self.extra["stt"].get((req.model,)) if req.model else None
+        engine = self.extra["stt"].get(stt_key(req)) if req.model else None
         if engine is None and req.model:
             return self.stt, None                 # fallen back: the default model in its own language
         return engine or self.stt, req.language.split("-")[0] or None
 
     def tts_for(self, req: m.TtsRequest):
         """The request's Piper voice (the worker's own when it names none or failed)."""
-        engine = self.extra["tts"].get((req.voice, req.voice_config or req.voice + ".json")) if req.voice else None
+        engine = self.extra["tts"].get(tts_key(req)) if req.voice else None
         return engine or self.tts
 
     def _transcribe(self, req) -> m.FromWorker:
@@ -231,7 +332,7 @@ class Worker:
         return m.TurnResult(req.rid, p, secs)
 
     def stt_loop(self) -> None:
-        self._serve("stt", self._transcribe)
+        self._serve("stt", self._transcribe, stt_key)
 
     def turn_loop(self) -> None:
         self._serve("turn", self._score_turn)
@@ -243,6 +344,8 @@ class Worker:
                 continue
             call, job = got
             rid = job.request.rid
+            if self._parked("tts", tts_key(job.request), call, job):
+                continue
             start = time.perf_counter()
             try:
                 engine = self.tts_for(job.request)
@@ -350,6 +453,10 @@ class Worker:
                    ((self.stt_loop, "stt", self.stt), (self.llm_loop, "llm", self.llm),
                     (self.tts_loop, "tts", self.tts), (self.turn_loop, "turn", self.turn))
                    if e is not None]
+        for kind, keys in self.preload.items():          # the configured languages' models, in the background
+            if getattr(self, kind) is not None:
+                for key in keys:
+                    self.extra[kind].preload(key)
         for th in threads:
             th.start()
         while True:

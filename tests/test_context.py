@@ -248,6 +248,111 @@ def test_worker_routes_requests_to_the_call_s_models_and_falls_back(capsys):
     assert err.count('"language_model_failed"') == 2 and '"fallback": "default"' in err
 
 
+def test_a_language_model_loading_never_holds_up_the_other_calls():
+    """A call in another language whose model is still loading waits aside; the engine's thread
+    answers the other calls meanwhile, then that call with its own model (it used to load in the
+    engine's thread, and every call waited for it)."""
+    import threading
+    from ai import messages as m
+    from ai.stt import Transcript
+    from ai.worker import Worker
+
+    class Engine:
+        rate = 22050
+
+        def __init__(self, name):
+            self.name = name
+
+        def transcribe(self, pcm, language=None, **kw):
+            return Transcript(self.name, 0.0, 0.0, 1.0, 0.0)
+
+        def synthesize(self, text):
+            yield self.name.encode()
+
+    class Conn:
+        def __init__(self):
+            self.sent, self.cv = [], threading.Condition()
+
+        def send(self, msg):
+            with self.cv:
+                self.sent.append(msg)
+                self.cv.notify_all()
+
+        def wait(self, rid, timeout=10.0):
+            with self.cv:
+                self.cv.wait_for(lambda: any(getattr(x, "rid", None) == rid for x in self.sent), timeout)
+                return [x for x in self.sent if getattr(x, "rid", None) == rid]
+
+    gate, loads = threading.Event(), []
+
+    def slow_load(*key):
+        loads.append(key)
+        assert gate.wait(30)                     # a German model takes its time
+        return Engine(key[0])
+    conn = Conn()
+    w = Worker(conn, Engine("default"), None, Engine("default"))
+    w.extra["stt"].load = w.extra["tts"].load = slow_load
+    threads = [threading.Thread(target=f, daemon=True) for f in (w.stt_loop, w.tts_loop)]
+    for t in threads:
+        t.start()
+    try:
+        w.handle(m.SttRequest(1, "de-call", b"", model="/de", language="de"), time.monotonic())
+        w.handle(m.TtsRequest(2, "de-call", "Hallo", voice="/de.onnx"), time.monotonic())
+        w.handle(m.SttRequest(3, "en-call", b""), time.monotonic())
+        w.handle(m.TtsRequest(4, "en-call", "Hello"), time.monotonic())
+        # the English call is answered while the German models are still loading
+        assert [x.text for x in conn.wait(3)] == ["default"]
+        assert [x.pcm for x in conn.wait(4) if isinstance(x, m.Pcm)] == [b"default"]
+        assert not conn.wait(1, timeout=0.2) and not conn.wait(2, timeout=0.2)
+        gate.set()
+        assert [x.text for x in conn.wait(1)] == ["/de"]
+        assert [x.pcm for x in conn.wait(2) if isinstance(x, m.Pcm)] == [b"/de.onnx"]
+        assert loads == [("/de",), ("/de.onnx", "/de.onnx.json")]
+    finally:
+        gate.set()
+        w.stopping = True
+
+
+def test_configured_languages_and_voices_load_when_the_inference_process_starts(tmp_path):
+    """Every [languages.xx] model and profile voice is loaded at start, in the background."""
+    import threading
+    from ai.worker import Worker
+    from bridge.agent.hub import preload
+    for d in ("de/whisper", "fr/whisper"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("de/voice.onnx", "de/voice.onnx.json", "sales.onnx", "sales.onnx.json", "fr/v.onnx", "fr/v.json"):
+        (tmp_path / f).write_text("x")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[languages.de]\nstt_model = "{tmp_path}/de/whisper"\ntts_voice = "{tmp_path}/de/voice.onnx"\n'
+                   f'[languages.fr]\nstt_model = "{tmp_path}/fr/whisper"\ntts_voice = "{tmp_path}/fr/v.onnx"\n'
+                   f'tts_config = "{tmp_path}/fr/v.json"\n'
+                   f'[profiles.sales]\nvoice = "{tmp_path}/sales.onnx"\n')
+    got = preload(load(str(cfg)).raw)
+    assert got == {"preload_stt": [f"{tmp_path}/de/whisper", f"{tmp_path}/fr/whisper"],
+                   "preload_tts": [[f"{tmp_path}/de/voice.onnx", f"{tmp_path}/de/voice.onnx.json"],
+                                   [f"{tmp_path}/fr/v.onnx", f"{tmp_path}/fr/v.json"],
+                                   [f"{tmp_path}/sales.onnx", f"{tmp_path}/sales.onnx.json"]]}
+    assert preload(load(None).raw) == {"preload_stt": [], "preload_tts": []}
+
+    class Conn:
+        def recv(self):
+            raise EOFError                       # the cell went away at once: preloading had started
+    loaded = threading.Event()
+    keys = []
+
+    def fake_load(*key):
+        keys.append(key)
+        if len(keys) == 5:
+            loaded.set()
+        return object()
+    w = Worker(Conn(), object(), None, object(), cfg=got)
+    w.extra["stt"].load = w.extra["tts"].load = fake_load
+    w.run()
+    assert loaded.wait(10), keys
+    assert sorted(keys) == sorted([(p,) for p in got["preload_stt"]] + [tuple(v) for v in got["preload_tts"]])
+    assert w.extra["tts"].keep >= 3 and sorted(w.extra["stt"].loaded()) == got["preload_stt"]
+
+
 # -- the API on a real cell -----------------------------------------------------------------------------
 def test_api_call_context_and_profiled_number_routes(cell_factory, tmp_path):
     far = next_ports()
@@ -380,10 +485,11 @@ def test_sip_header_context_reaches_profile_greeting_and_tool_call(cell_factory,
     assert turns and turns[0]["text"] == "Support desk, customer 42. How can I help?", turns
     assert live["context"] == {"x_customer_id": "42"}
     assert api.get(f"/v1/calls/{call_id}")[1]["sip"]["headers"] == {"X-Customer-Id": ["42"]}   # the record's
-    # the call's language was routed to its own model files, loaded in the inference process on first use
+    # the call's language was routed to its own model files, loaded by the inference process at start
     log = cell.log_path.read_text()
     loaded = [json.loads(line) for line in log.splitlines() if '"language_model_loaded"' in line]
     assert {(e["kind"], Path(e["model"]).parent.name) for e in loaded} == {("stt", "gb"), ("tts", "gb")}, log[-3000:]
+    assert {e["reason"] for e in loaded} == {"preload"}
     assert '"agent_profile"' in log and '"language_model_failed"' not in log
 
 

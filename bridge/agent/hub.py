@@ -21,7 +21,7 @@ from typing import Callable
 from ai import messages as m
 from ai import models
 from ai.client import EngineLoadError, InferenceClient
-from bridge.core import backoff
+from bridge.core import backoff, profiles
 from bridge.core.config import Config
 from bridge.core.logs import event
 from media.frames import split_frames
@@ -50,7 +50,19 @@ def worker_config(cfg: Config) -> dict:
         "llm_api_key_env": m["llm_api_key_env"], "llm_url_context": m["llm_url_context"],
         "tts_model": tts, "tts_config": tts_cfg,
         "turn_model": a.get("turn_model", "none"),
+        **preload(cfg.raw),
     }
+
+
+def preload(raw: dict) -> dict:
+    """The models the configured languages and profiles name, loaded when the inference process
+    starts (not by the first call that needs one, in front of the other calls)."""
+    cat = profiles.Catalog.of(raw)
+    stt = {lang.stt_model for lang in cat.languages.values() if lang.stt_model}
+    tts = {(lang.tts_voice, profiles.voice_config(lang.tts_voice, lang.tts_config))
+           for lang in cat.languages.values() if lang.tts_voice}
+    tts |= {(p.voice, profiles.voice_config(p.voice)) for p in cat.profiles.values() if p.voice}
+    return {"preload_stt": sorted(stt), "preload_tts": [list(v) for v in sorted(tts)]}
 
 
 @dataclass
