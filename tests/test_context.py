@@ -92,6 +92,27 @@ def test_profiles_languages_and_number_routes_in_config(tmp_path):
         assert msg in str(e.value), (bad, str(e.value))
 
 
+def test_a_language_s_short_utterance_words_reach_its_calls(tmp_path):
+    """[languages.xx] backchannels, interrupt_words and short_prompt: checked at load, and a call in
+    that language gets them (bridge/agent/bargein.py reads them)."""
+    from bridge.agent.profile import resolve
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[languages.de]\nbackchannels = ["ja", "genau"]\ninterrupt_words = ["nein"]\n'
+                   'short_prompt = "Mhm. Ja."\n[profiles.de]\nlanguage = "de"\n')
+    c = load(str(cfg))
+    setup = resolve(copy_agent(), c.raw, "de", Profile(), {})
+    assert setup.cfg["language"] == "de"
+    assert setup.cfg["short_words"] == {"backchannels": ["ja", "genau"], "interrupt_words": ["nein"],
+                                        "short_prompt": "Mhm. Ja."}
+    assert "short_words" not in resolve(copy_agent(), c.raw, "", Profile(), {}).cfg     # English: its own
+    for bad, why in (('backchannels = "ja"', "languages.de: backchannels: expected a list"),
+                     ('interrupt_words = [""]', "languages.de: interrupt_words: expected a list"),
+                     ('short_prompt = 3', "languages.de: short_prompt: expected a string")):
+        cfg.write_text(f"[languages.de]\n{bad}\n")
+        with pytest.raises(ConfigError, match=why):
+            load(str(cfg))
+
+
 def test_call_setup_profile_context_language_and_tool_subset(tmp_path):
     from bridge.agent.profile import ToolSubset, resolve
     from bridge.core.config import DEFAULTS
@@ -307,7 +328,7 @@ def test_a_language_model_loading_never_holds_up_the_other_calls():
         gate.set()
         assert [x.text for x in conn.wait(1)] == ["/de"]
         assert [x.pcm for x in conn.wait(2) if isinstance(x, m.Pcm)] == [b"/de.onnx"]
-        assert loads == [("/de",), ("/de.onnx", "/de.onnx.json")]
+        assert sorted(loads) == [("/de",), ("/de.onnx", "/de.onnx.json")]
     finally:
         gate.set()
         w.stopping = True

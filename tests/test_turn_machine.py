@@ -231,8 +231,8 @@ def test_speculative_reply_is_dropped_when_the_caller_goes_on():
 
 
 # -- barge-in ---------------------------------------------------------------------------------
-def playing_reply(text="Sure, we have openings on Monday and Tuesday. Which one suits you best?"):
-    c = Call(speculate=False)
+def playing_reply(text="Sure, we have openings on Monday and Tuesday. Which one suits you best?", **cfg):
+    c = Call(speculate=False, **cfg)
     c.feed(SPEECH)
     c.quiet(32)
     c.do(c.m.stt_result(c.stt()[-1].decode, HEARD, c.now))
@@ -286,8 +286,8 @@ def test_dtmf_tones_are_not_speech():
     assert c.vad.last_dtmf is None and not c.stt() and c.m.state is State.LISTENING and not c.m.ep.in_speech
 
 
-def short_voice_over_the_agent():
-    c, text = playing_reply()
+def short_voice_over_the_agent(**cfg):
+    c, text = playing_reply(**cfg)
     cancels, sent, stts = len(c.of(A.Cancel)), len(c.sent), len(c.stt())
     for _ in range(15):                           # 0.3 s of voice over the agent
         c.step(voiced=True)
@@ -389,6 +389,35 @@ def test_the_short_utterance_is_read_with_a_backchannel_prompt():
     c, _, short, _ = short_voice_over_the_agent()
     assert short.prompt == SHORT_PROMPT and "Mm-hmm" in SHORT_PROMPT
     assert [r.prompt for r in c.stt() if r is not short] == [""]       # the caller's turns: no prompt
+
+
+GERMAN = {"backchannels": ["ja", "genau", "mhm", "alles klar"], "interrupt_words": ["nein", "stopp", "warte"],
+          "short_prompt": "Mhm. Ja. Genau."}
+
+
+@pytest.mark.parametrize("words,heard,cut", [
+    (GERMAN, "Ja, genau.", False), (GERMAN, "Alles klar.", False), (GERMAN, "Nein.", True),
+    (GERMAN, "Dienstag.", False), (GERMAN, "Ich möchte zahlen.", True),
+    (None, "Ja.", True), (None, "Nein.", True), (None, "Mhm.", False)], ids=str)
+def test_a_call_in_another_language_reads_a_short_utterance_with_its_own_words(words, heard, cut):
+    """[languages.de] backchannels / interrupt_words / short_prompt: its callers' "Ja, genau." lets
+    the agent go on and "Nein." cuts it; a language with no lists of its own takes any sure word as
+    the turn (hums still go on), and whisper gets no English prompt."""
+    cfg = {"language": "de", **({"short_words": words} if words else {})}
+    c, _, short, cancels = short_voice_over_the_agent(**cfg)
+    assert short.prompt == ("Mhm. Ja. Genau." if words else "")
+    c.do(c.m.stt_result(short.decode, A.Transcript(heard, 0.1, -0.2, 0.6, 0.3), c.now))
+    c.quiet(3)
+    assert (len(c.of(A.Cancel)) == cancels + 1) is cut and (c.m.hold is None)
+    assert (c.m.state is State.PLAYING) is not cut           # went on with the reply, or heard the caller
+
+
+def test_english_is_unchanged_by_a_language_table_without_word_lists():
+    from bridge.agent.bargein import ENGLISH, OTHER, short_words
+    assert short_words({"language": "en"}) is ENGLISH and short_words({"language": "en-GB"}) is ENGLISH
+    assert short_words({"language": "de"}) is OTHER and short_words({}) is ENGLISH
+    en = short_words({"language": "en", "short_words": {"backchannels": ["cheers"]}})
+    assert "cheers" in en.backchannels and "mhm" not in en.backchannels and en.interrupt == ENGLISH.interrupt
 
 
 def slow_short_transcript():

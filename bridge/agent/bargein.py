@@ -10,7 +10,8 @@ once. So the two are split:
 - ``bargein_confirm`` of voiced time (~0.8 s) makes it a barge-in: the reply
   is cancelled and what the caller heard is kept (``TurnMachine._barge_in``);
 - quiet again before that (``pause`` seconds): the short utterance is
-  transcribed (with a whisper prompt of backchannels, ``SHORT_PROMPT``) while
+  transcribed (with a whisper prompt of backchannels, ``SHORT_PROMPT``; the
+  call's language has its own words and prompt, ``short_words``) while
   the agent stays paused, and ``read_short`` decides. Backchannels ("mhm",
   "okay", "yeah", "right" ..., any hum such as "M-hm"), nothing clear,
   whisper's stock hallucinations ("you", "Thank you.") and a lone word that
@@ -105,17 +106,50 @@ FILLERS = frozenset("and so but well then the a".split())     # whisper's glue a
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
+    return re.findall(r"(?:[^\W\d_]|')+", text.lower())        # letters of any language ([a-z'] in English)
 
 
-def _listener(word: str) -> bool:
+@dataclass(frozen=True)
+class ShortWords:
+    """One language's words for reading a short utterance over the agent (``read_short``)."""
+    backchannels: frozenset[str]
+    interrupt: frozenset[str]
+    prompt: str = ""                           # whisper's prompt for a short utterance
+    fillers: frozenset[str] = frozenset()
+    hallucinations: frozenset[str] = frozenset()
+    min_words: int = 2                         # this many sure other words take the turn
+
+
+ENGLISH = ShortWords(BACKCHANNEL_WORDS, INTERRUPT_WORDS, SHORT_PROMPT, FILLERS, HALLUCINATIONS, 2)
+# a language with no lists of its own: only hums are backchannels, one sure word takes the turn (a
+# backchannel may stop the agent; a "Nein." always does), and no English prompt biases whisper
+OTHER = ShortWords(frozenset(), frozenset(), "", frozenset(), frozenset(), 1)
+
+
+def short_words(cfg: dict) -> ShortWords:
+    """The call's words: English's for an ``en`` language, ``OTHER`` for any other, with the
+    language table's ``backchannels``, ``interrupt_words`` and ``short_prompt`` over them
+    (``cfg["short_words"]``, set per call from ``[languages.xx]``)."""
+    base = ENGLISH if (cfg.get("language") or "en").split("-")[0].lower() == "en" else OTHER
+    own = cfg.get("short_words") or {}
+    if not own:
+        return base
+    bc, iw, prompt = own.get("backchannels"), own.get("interrupt_words"), own.get("short_prompt")
+    return ShortWords(
+        frozenset(w for entry in bc for w in _words(entry)) if bc is not None else base.backchannels,
+        frozenset(w for entry in iw for w in _words(entry)) if iw is not None else base.interrupt,
+        prompt if prompt is not None else base.prompt, base.fillers, base.hallucinations,
+        2 if iw else base.min_words)
+
+
+def _listener(word: str, words: ShortWords = ENGLISH) -> bool:
     w = word.strip("'")
-    return w in BACKCHANNEL_WORDS or bool(HUM.match(w))
+    return w in words.backchannels or bool(HUM.match(w))
 
 
-def is_backchannel(text: str) -> bool:
+def is_backchannel(text: str, words: ShortWords = ENGLISH) -> bool:
     """Only listener noises and acknowledgements, maybe glued with "and"/"so" (or no words at all)."""
-    return all(_listener(w) or w in FILLERS for w in _words(text))
+    return all(_listener(w, words) or w in words.fillers for w in _words(text))
 
 
 @dataclass(frozen=True)
@@ -125,7 +159,7 @@ class Verdict:
     why: str                     # unclear | backchannel | hallucination | unsure | words
 
 
-def read_short(t: Transcript) -> Verdict:
+def read_short(t: Transcript, words: ShortWords = ENGLISH) -> Verdict:
     """Tell a backchannel (or nothing) from words that take the turn, for a short utterance
     (under ``bargein_confirm`` of voice) heard over the agent.
 
@@ -136,18 +170,18 @@ def read_short(t: Transcript) -> Verdict:
     hallucinations, only an interrupting word ("No.", "Wait.", "Stop.", "Hold on.", "What?",
     "Goodbye.", "Don't.") or two or more other words whisper is sure of ("I'm busy.") take the
     turn; a single other word ("Tuesday.", "Yes.") lets the agent finish, and the caller is heard
-    when they say more."""
+    when they say more. ``words`` are the call's language's (``short_words``)."""
     if t.unclear:
         return Verdict(True, "unclear")
-    words = _words(t.text)
-    if is_backchannel(t.text):
+    said = _words(t.text)
+    if is_backchannel(t.text, words):
         return Verdict(True, "backchannel")
-    if " ".join(words) in HALLUCINATIONS:
+    if " ".join(said) in words.hallucinations:
         return Verdict(True, "hallucination")
-    if INTERRUPT_WORDS.intersection(w.strip("'") for w in words):
+    if words.interrupt.intersection(w.strip("'") for w in said):
         return Verdict(False, "words")
-    content = [w for w in words if not (_listener(w) or w in FILLERS)]
-    if len(content) >= 2 and t.logprob >= SHORT_MIN_LOGPROB:
+    content = [w for w in said if not (_listener(w, words) or w in words.fillers)]
+    if len(content) >= words.min_words and t.logprob >= SHORT_MIN_LOGPROB:
         return Verdict(False, "words")
     return Verdict(True, "unsure")
 
@@ -173,6 +207,13 @@ class OnsetCounter:
 
 class BargeIn:
     """The turn machine's barge-in handling (a part of ``TurnMachine``, kept here with its helpers)."""
+
+    @property
+    def short_words(self) -> ShortWords:
+        words = self.__dict__.get("_short_words")
+        if words is None:
+            words = self.__dict__["_short_words"] = short_words(self.cfg)
+        return words
 
     def _pause_for_caller(self, onset: float, now: float) -> None:
         """Voice while the agent talks: silence the line at once, keeping the unplayed audio."""
@@ -209,7 +250,7 @@ class BargeIn:
             if ep.in_speech and self.state not in (State.HANGING_UP, State.ENDED):
                 self.short = Short(next(self._ids), h.onset, h.paused_at, ep.voiced_time, now,  # "mhm" or "No."?
                                    ep.last_voiced)
-                self._act(RequestStt(self.short.id, b"".join(self.utterance), prompt=SHORT_PROMPT))
+                self._act(RequestStt(self.short.id, b"".join(self.utterance), prompt=self.short_words.prompt))
             else:
                 self._go_on()                    # a click or a breath
             return None
@@ -239,7 +280,7 @@ class BargeIn:
         else:
             s, self.short = self.short, None
         ep = self.ep
-        v = read_short(t)
+        v = read_short(t, self.short_words)
         talking = ep.last_voiced is not None and now - ep.last_voiced < self.cfg["pause"]
         self._act(LogEvent("short_utterance", {"call_id": self.call_id, "text": t.text, "voiced": round(s.voiced, 3),
                                                "no_speech": round(t.no_speech, 3), "logprob": round(t.logprob, 3),

@@ -77,6 +77,9 @@ def resolve(agent_cfg: dict, raw: dict, name: str, fields: Profile, context: dic
     if why:
         notes.append(why + ": the default models are used")
     cfg["language"] = route.language
+    lang = catalog.languages.get(route.language)
+    if lang is not None and lang.short_words():
+        cfg["short_words"] = lang.short_words()     # its backchannels, interrupting words, whisper prompt
     return CallSetup(cfg, route, p.tools, p.transfer, name if base is not None else "", ctx, notes)
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROFILE_KEYS = ("system_prompt", "greeting", "voice", "language", "tools", "transfer")
-LANGUAGE_KEYS = ("stt_model", "tts_voice", "tts_config")
+LANGUAGE_KEYS = ("stt_model", "tts_voice", "tts_config", "backchannels", "interrupt_words", "short_prompt")
+WORD_LISTS = ("backchannels", "interrupt_words")
 CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_TEXT = 8192
@@ -60,6 +61,14 @@ class Language:
     stt_model: str = ""          # "" : [models] stt
     tts_voice: str = ""          # "" : [models] tts
     tts_config: str = ""
+    backchannels: tuple[str, ...] | None = None      # None: the language's defaults (bridge/agent/bargein.py)
+    interrupt_words: tuple[str, ...] | None = None
+    short_prompt: str | None = None
+
+    def short_words(self) -> dict:
+        """What reads a short utterance over the agent in this language (what is set of it)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k in (*WORD_LISTS, "short_prompt")
+                if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
@@ -105,12 +114,22 @@ def parse_language(code: str, value: Any) -> Language:
         raise ValueError(f"expected a language code like en or pt-BR, got {code!r}")
     if not isinstance(value, dict):
         raise ValueError("expected a table of " + ", ".join(LANGUAGE_KEYS))
+    words: dict[str, Any] = {}
     for k, v in value.items():
         if k not in LANGUAGE_KEYS:
             raise ValueError(f"{k}: unknown key (known: {', '.join(LANGUAGE_KEYS)})")
-        if not isinstance(v, str):
+        if k in WORD_LISTS:
+            if not isinstance(v, list) or len(v) > 200 or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in v):
+                raise ValueError(f"{k}: expected a list of at most 200 words or short phrases")
+            words[k] = tuple(v)
+        elif k == "short_prompt":
+            if not isinstance(v, str) or len(v) > 200:
+                raise ValueError(f"{k}: expected a string of at most 200 characters")
+            words[k] = v
+        elif not isinstance(v, str):
             raise ValueError(f"{k}: expected a path")
-    return Language(code, value.get("stt_model", ""), value.get("tts_voice", ""), value.get("tts_config", ""))
+    return Language(code, value.get("stt_model", ""), value.get("tts_voice", ""), value.get("tts_config", ""),
+                    **words)
 
 
 def voice_config(voice: str, config: str = "") -> str:
