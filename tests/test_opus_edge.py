@@ -6,8 +6,12 @@ carrier is answered in Opus while the cell is offered what it speaks, and a cell
 offer reaches the carrier with Opus added.
 
 Real peers on loopback: SIPp as the carrier's signalling (sipp-scenarios/opus_call.xml,
-uas_opus.xml), a Python RTP endpoint that encodes real speech (Piper) with libopus (opuslib)
-and decodes what comes back, the generated Kamailio front, rtpengine and echo cells.
+uas_opus.xml, opus_dtmf.xml, opus_reinvite.xml, opus_late_offer.xml), a Python RTP endpoint that
+encodes real speech (Piper) with libopus (opuslib) and decodes what comes back, the generated
+Kamailio front, rtpengine and echo cells. Beyond the first call each way: RFC 4733 digits across
+the transcoding, a re-INVITE from the carrier, a late-offer INVITE (no SDP), and SRTP
+(``srtp = "mandatory"``, TLS signalling from Python's ssl, SRTP done in the test with
+``cryptography``) together with Opus on one call.
 """
 from __future__ import annotations
 
@@ -93,15 +97,17 @@ class OpusPeer:
     """The carrier's media: real speech encoded with libopus into RTP (RFC 7587: 48 kHz clock,
     20 ms packets), sent at real-time pace, and every packet that comes back decoded."""
 
-    def __init__(self, port: int, pt: int = 111):
+    def __init__(self, port: int, pt: int = 111, rate: int = 8000, host: str = "127.0.0.1"):
         from media.opus import OpusDecoder, OpusEncoder
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((host, port))
         self.sock.setblocking(False)
-        self.pt = pt
-        self.enc, self.dec = OpusEncoder(8000, 1, bitrate=24000), OpusDecoder(8000)
+        self.pt, self.rate, self.step = pt, rate, 960           # step: the RTP clock's ticks per packet
+        self.enc, self.dec = OpusEncoder(rate, 1, bitrate=24000), OpusDecoder(rate)
         self.got: list[tuple[int, int, bytes]] = []          # (pt, seq, payload)
         self.sources: set = set()
+        self.seq, self.ts, self.ssrc = random.randint(0, 1000), random.getrandbits(31), random.getrandbits(32)
+        self.drop = None                                     # n -> True when talk()'s n-th packet is lost
 
     def _drain(self) -> None:
         while True:
@@ -114,24 +120,52 @@ class OpusPeer:
                 self.got.append((data[1] & 0x7F, struct.unpack("!H", data[2:4])[0], data[12:]))
 
     def talk(self, target: tuple[str, int], pcm8k: bytes, tail: float = 2.0) -> None:
-        """Send ``pcm8k`` (with 0.5 s of silence before) to ``target``, then listen ``tail`` s more."""
-        pcm8k = bytes(8000) + pcm8k + bytes(-len(pcm8k) % 320)
-        seq, ts, ssrc = random.randint(0, 1000), random.getrandbits(31), random.getrandbits(32)
+        """Send ``pcm8k`` (16-bit at ``rate``, with 0.5 s of silence before) to ``target`` in 20 ms
+        packets (none for the packets ``drop(n)`` says are lost), then listen ``tail`` s more."""
+        frame = self.rate // 50 * 2
+        pcm8k = bytes(self.rate) + pcm8k + bytes(-len(pcm8k) % frame)
         start = time.monotonic()
-        for i in range(0, len(pcm8k), 320):
-            payload = self.enc.encode(pcm8k[i:i + 320])
-            self.sock.sendto(struct.pack("!BBHII", 0x80, self.pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload, target)
-            seq, ts = seq + 1, ts + 960
-            while time.monotonic() < start + (i // 320 + 1) * 0.02:
-                self._drain()
-                time.sleep(0.002)
-        end = time.monotonic() + tail
+        for n, i in enumerate(range(0, len(pcm8k), frame)):
+            payload = self.enc.encode(pcm8k[i:i + frame])
+            if not (self.drop and self.drop(n)):
+                self._send(target, self.pt, payload, self.ts)
+            self.seq, self.ts = self.seq + 1, self.ts + self.step
+            self._pace(start + (n + 1) * 0.02)
+        self.listen(tail)
+
+    def _send(self, target: tuple[str, int], pt: int, payload: bytes, ts: int, marker: bool = False) -> None:
+        head = struct.pack("!BBHII", 0x80, pt | (0x80 if marker else 0), self.seq & 0xFFFF, ts & 0xFFFFFFFF, self.ssrc)
+        self.sock.sendto(head + payload, target)
+
+    def _pace(self, until: float) -> None:
+        while time.monotonic() < until:
+            self._drain()
+            time.sleep(0.002)
+
+    def listen(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
         while time.monotonic() < end:
             self._drain()
             time.sleep(0.005)
 
+    def digit(self, target: tuple[str, int], digit: str, pt: int, rate: int, ms: int = 200) -> None:
+        """One RFC 4733 event (``digit``, payload type ``pt`` at clock ``rate``) of ``ms``, in
+        20 ms packets in place of audio: the first marked, the last three with the E bit."""
+        event = "0123456789*#".index(digit)
+        step, ts = rate // 50, self.ts * rate // (self.step * 50)     # the event's own clock
+        start = time.monotonic()
+        packets = ms // 20
+        for n in range(packets + 2):
+            end = n >= packets - 1
+            payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, min(n + 1, packets) * step)
+            self._send(target, pt, payload, ts, marker=n == 0)
+            self.seq += 1
+            if n < packets:
+                self.ts += self.step
+                self._pace(start + (n + 1) * 0.02)
+
     def heard(self) -> np.ndarray:
-        """What came back, decoded (8 kHz), in arrival order (loopback does not reorder)."""
+        """What came back, decoded (at ``rate``), in arrival order (loopback does not reorder)."""
         pcm = b"".join(self.dec.decode(p) for pt, _, p in self.got if pt == self.pt)
         return np.frombuffer(pcm, "<i2").astype(float)
 
@@ -173,13 +207,14 @@ def _other_speech() -> bytes:
     return voice.say("The weather will be cold and windy over the weekend, with rain on Sunday night.")
 
 
-def _box(tmp_path, cells: int, far: dict, codecs: str = '["opus", "PCMU"]', extra: str = "") -> BoxProcess:
-    """A box of echo cells with two trunks: "carrier" (127.0.0.1, ``codecs``) and "plain"
-    (127.0.0.2, no codecs: today's behaviour, no relay), and the ``extra`` ones."""
+def _box(tmp_path, cells: int, far: dict, codecs: str = '["opus", "PCMU"]', extra: str = "",
+         carrier: str = "") -> BoxProcess:
+    """A box of echo cells with two trunks: "carrier" (127.0.0.1, ``codecs``, and the ``carrier``
+    lines) and "plain" (127.0.0.2, no codecs: today's behaviour, no relay), and the ``extra`` ones."""
     b = BoxProcess(tmp_path, cells, "", cells_extra=f"front_port = {next_ports()['sip']}\n")
     edge = next_ports()["sip"]
     trunks = (f'[models]\nload = "never"\n[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:{far["sipp"]}"\n'
-              f'allow = ["127.0.0.1/32"]\ncodecs = {codecs}\n'
+              f'allow = ["127.0.0.1/32"]\ncodecs = {codecs}\n{carrier}'
               f'[[trunks]]\nname = "plain"\naddress = "sip:127.0.0.2:{far["sipp"]}"\nallow = ["127.0.0.2/32"]\n' + extra)
     b.config_path.write_text(trunks + b.config_path.read_text()
                              + f'rtpengine_ng_port = {edge}\nrtpengine_ports = "{edge + 2}-{edge + 38}"\n')
@@ -338,4 +373,380 @@ def test_outbound_call_to_an_opus_only_carrier(tmp_path):
             uas.kill()
         if peer:
             peer.close()
+        b.stop(40) if b.alive() else None
+
+
+def _events(tmp_path: Path) -> tuple[int | None, int | None]:
+    """(payload type, rate) of the telephone-event in the carrier's answer (opus_dtmf.xml), or Nones."""
+    m = re.search(r"EVENTS ([0-9]*) ([0-9]*)", sipp_file(tmp_path, "_logs.log"))
+    assert m, sipp_file(tmp_path, "_logs.log")[-1500:]
+    return (int(m.group(1)), int(m.group(2))) if m.group(1) else (None, None)
+
+
+def _digits(b: BoxProcess) -> list[tuple[str, str]]:
+    """(method, digit) of every DTMF event the cells reported."""
+    return [(e.get("method"), e.get("digit")) for i in range(b.n) for e in b.cell_events(i, "dtmf")]
+
+
+def _dtmf_scenario(tmp_path: Path, rates: list[int]) -> str:
+    """opus_dtmf.xml offering telephone-event at each of ``rates`` (payload types 101, 102, ...)."""
+    text = (ROOT / "sipp-scenarios" / "opus_dtmf.xml").read_text()
+    pts = [101 + i for i in range(len(rates))]
+    text = text.replace("RTP/AVP 111 101", "RTP/AVP 111 " + " ".join(map(str, pts)))
+    text = text.replace("      a=rtpmap:101 telephone-event/48000\n      a=fmtp:101 0-16\n", "".join(
+        f"      a=rtpmap:{pt} telephone-event/{rate}\n      a=fmtp:{pt} 0-16\n" for pt, rate in zip(pts, rates)))
+    path = tmp_path / ("opus_dtmf_" + "_".join(map(str, rates)) + ".xml")
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_rfc4733_digits_cross_the_opus_transcoding(tmp_path):
+    """The Opus carrier offers telephone-event next to Opus and presses a digit as RFC 4733
+    events mid-call: at 48 kHz (RFC 7587's clock, what RFC 4733 asks: the audio's clock), and at
+    48 and 8 kHz both (as WebRTC stacks offer). The answer it gets keeps telephone-event/48000,
+    and the cell (G.711/G.722, telephone-event/8000 only: rtpengine rescales the events) reports
+    that very digit as rfc4733, once, in its events and in the call record; speech before and
+    after it still echoes. A carrier offering telephone-event/8000 only beside Opus (a clock
+    that is not its audio's) either gets telephone-event in the answer and its digit arrives the
+    same way, or gets none, and so knows not to send events (rtpengine 10.5 does the latter)."""
+    far = next_ports()
+    b = _box(tmp_path, 1, far, extra="[pii]\nshow_dtmf = true\n[records]\nlog_words = true\n")
+    words = _speech()[:2 * 8000 * 2]                       # 2 s of 16-bit speech
+    peer = None
+    try:
+        b.start()
+        peer = OpusPeer(far["rtp_peer"])
+        calls = 0
+        for rates, digit in [([48000], "5"), ([48000, 8000], "#"), ([8000], "9")]:
+            run = tmp_path / ("te" + "_".join(map(str, rates)))
+            run.mkdir()
+            peer.got.clear()
+            call = sipp(_dtmf_scenario(run, rates), f"127.0.0.1:{b.ports['sip']}", run, "-d", "7000", "-s", "100",
+                        local_port=far["sipp"], rtpport=far["rtp_peer"], background=True, timeout=40)
+            ip, port, pt = _logged(run, "ANSWER")
+            te_pt, te_rate = _events(run)
+            assert pt == 111, pt
+            if rates != [8000]:
+                assert (te_pt, te_rate) == (101, 48000), (rates, te_pt, te_rate)
+            peer.talk((ip, port), words, tail=0.2)
+            if te_pt is not None:
+                peer.digit((ip, port), digit, te_pt, te_rate)
+            peer.talk((ip, port), words, tail=0.5)
+            out, _ = call.communicate(timeout=40)
+            assert call.returncode == 0, out.decode()[-2000:]
+            calls += 1
+            ended = [e for e in b.wait_cell_events(0, "call_ended", calls) if e.get("trunk") == "carrier"]
+            assert len(ended) == calls, ended
+            if te_pt is not None:
+                assert _digits(b)[-1:] == [("rfc4733", digit)] and len(_digits(b)) == calls, (rates, _digits(b))
+                assert ended[-1].get("dtmf") == digit, ended[-1]
+            else:
+                print(f"telephone-event/{rates[0]} only beside Opus: the answer has none "
+                      "(RFC 4733 2.1: the audio's clock)")
+            heard = peer.heard()
+            assert len(heard) > 8000 * 4.5 and np.sqrt((heard ** 2).mean()) > 300    # the echo went on
+    finally:
+        if peer:
+            peer.close()
+        b.stop(40) if b.alive() else None
+
+
+@pytest.mark.slow
+def test_carrier_reinvite_keeps_the_opus_call(tmp_path):
+    """Mid-call the Opus carrier re-INVITEs (same codec, new SDP version, its RTP moved to another
+    port): the re-offer crosses rtpengine like the first (the cell is offered what it speaks, the
+    carrier answered in Opus), the call survives on the same relay session, and speech sent from
+    the new port comes back there like before the re-INVITE."""
+    far = next_ports()
+    b = _box(tmp_path, 1, far)
+    sent = _speech()
+    peer, moved = None, None
+    try:
+        b.start()
+        peer, moved = OpusPeer(far["rtp_peer"]), OpusPeer(far["rtp_peer"] + 2)
+        call = sipp("opus_reinvite.xml", f"127.0.0.1:{b.ports['sip']}", tmp_path, "-d", "7500", "-s", "100",
+                    "-set", "rtpport2", str(far["rtp_peer"] + 2), local_port=far["sipp"], rtpport=far["rtp_peer"],
+                    background=True, timeout=60)
+        ip, port, pt = _logged(tmp_path, "ANSWER")
+        assert pt == 111
+        peer.talk((ip, port), sent, tail=1.0)
+        ip2, port2, pt2 = _logged(tmp_path, "ANSWER2")
+        assert pt2 == 111 and ip2 == "127.0.0.1"
+        assert len(_relay_calls(b)) == 1                     # the same relay session, not a second one
+        moved.talk((ip2, port2), sent)
+        out, _ = call.communicate(timeout=40)
+        assert call.returncode == 0, out.decode()[-2000:]
+        reanswer = sipp_file(tmp_path, "_messages.log").split("CSeq: 2 INVITE")[-1]
+        assert not re.search(r"a=rtpmap:\d+ (PCMU|PCMA|G722)", reanswer), reanswer
+        before, _ = _check_echo(peer, sent)
+        after, _ = _check_echo(moved, sent)
+        print(f"opus re-INVITE: median correlation {before:.3f} before, {after:.3f} after")
+        ended = [e for e in b.wait_cell_events(0, "call_ended", 1) if e.get("trunk") == "carrier"]
+        assert len(ended) == 1 and ended[0]["reason"] == "remote bye", ended
+        _no_relay_calls(b)
+    finally:
+        for p in (peer, moved):
+            if p:
+                p.close()
+        b.stop(40) if b.alive() else None
+
+
+@pytest.mark.slow
+def test_late_offer_from_an_opus_carrier(tmp_path):
+    """The Opus carrier sends an INVITE without SDP: the cell's offer (G.711/G.722) crosses
+    rtpengine in the 200 and reaches the carrier with Opus in it and none of the cells' codecs
+    the trunk does not list; the carrier's Opus answer in the ACK is translated back for the
+    cell; speech comes back from the echo cell through the relay."""
+    far = next_ports()
+    b = _box(tmp_path, 1, far)
+    sent = _speech()
+    peer = None
+    try:
+        b.start()
+        peer = OpusPeer(far["rtp_peer"])
+        call = sipp("opus_late_offer.xml", f"127.0.0.1:{b.ports['sip']}", tmp_path, "-d", "7000", "-s", "100",
+                    local_port=far["sipp"], rtpport=far["rtp_peer"], background=True, timeout=40)
+        try:
+            ip, port, pt = _logged(tmp_path, "OFFER")
+        except AssertionError:
+            call.kill()
+            raise AssertionError("no Opus in the 200's offer: " + sipp_file(tmp_path, "_logs.log")[-800:])
+        peer.pt = pt
+        assert len(_relay_calls(b)) == 1
+        peer.talk((ip, port), sent)
+        out, _ = call.communicate(timeout=40)
+        assert call.returncode == 0, out.decode()[-2000:]
+        offer = sipp_file(tmp_path, "_messages.log").split("SIP/2.0 200 OK")[1].split("\n\n")[1]
+        assert not re.search(r"a=rtpmap:\d+ (PCMA|G722)", offer), offer            # the trunk lists opus, PCMU
+        corr, lag = _check_echo(peer, sent)
+        print(f"opus late offer: median correlation {corr:.3f} per 0.25 s, delay {lag * 1000:.0f} ms")
+        codecs = _cell_codecs(b)
+        assert len(codecs) == 1 and codecs[0].split("/")[0].upper() in ("PCMU", "PCMA", "G722"), codecs
+        _no_relay_calls(b)
+    finally:
+        if peer:
+            peer.close()
+        b.stop(40) if b.alive() else None
+
+
+# -- SRTP and Opus on one call -------------------------------------------------------------------------
+class Srtp:
+    """SRTP with AES_CM_128_HMAC_SHA1_80 (RFC 3711, SDES keys as RFC 4568 sends them), one
+    direction: ``protect`` the packets we send with our key, ``unprotect`` (authenticate, then
+    decrypt) the ones rtpengine sends with its key. Plain AES-CTR and HMAC-SHA1 from
+    ``cryptography``; the rollover counter follows the sequence numbers."""
+
+    def __init__(self, inline: str):
+        import base64
+        raw = base64.b64decode(inline.split("|")[0])
+        key, salt = raw[:16], raw[16:30]
+        self.enc, self.auth = self._kdf(key, salt, 0, 16), self._kdf(key, salt, 1, 20)
+        self.salt = self._kdf(key, salt, 2, 14)
+        self.roc, self.last = 0, None
+
+    @staticmethod
+    def _ctr(key: bytes, iv: int, data: bytes) -> bytes:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        return Cipher(algorithms.AES(key), modes.CTR(iv.to_bytes(16, "big"))).encryptor().update(data)
+
+    @classmethod
+    def _kdf(cls, key: bytes, salt: bytes, label: int, n: int) -> bytes:
+        return cls._ctr(key, (int.from_bytes(salt, "big") ^ (label << 48)) << 16, bytes(n))
+
+    def _crypt(self, head: bytes, payload: bytes, index: int) -> bytes:
+        ssrc = struct.unpack("!I", head[8:12])[0]
+        iv = (int.from_bytes(self.salt, "big") << 16) ^ (ssrc << 64) ^ (index << 16)
+        return self._ctr(self.enc, iv, payload)
+
+    def _tag(self, data: bytes, roc: int) -> bytes:
+        import hashlib
+        import hmac
+        return hmac.new(self.auth, data + struct.pack("!I", roc), hashlib.sha1).digest()[:10]
+
+    @staticmethod
+    def _split(packet: bytes) -> int:
+        n = 12 + 4 * (packet[0] & 0x0F)
+        if packet[0] & 0x10:
+            n += 4 + 4 * struct.unpack("!H", packet[n + 2:n + 4])[0]
+        return n
+
+    def protect(self, packet: bytes) -> bytes:
+        seq = struct.unpack("!H", packet[2:4])[0]
+        if self.last is not None and seq < self.last and self.last - seq > 0x8000:
+            self.roc += 1
+        self.last = seq
+        n = self._split(packet)
+        out = packet[:n] + self._crypt(packet[:n], packet[n:], (self.roc << 16) | seq)
+        return out + self._tag(out, self.roc)
+
+    def unprotect(self, packet: bytes) -> bytes | None:
+        """The plain RTP packet, or None when its authentication tag is wrong."""
+        body, tag = packet[:-10], packet[-10:]
+        seq = struct.unpack("!H", packet[2:4])[0]
+        roc = self.roc + (1 if self.last is not None and seq < self.last and self.last - seq > 0x8000 else 0)
+        if self._tag(body, roc) != tag:
+            return None
+        self.roc, self.last = roc, seq if self.last is None or roc > self.roc or seq > self.last else self.last
+        n = self._split(body)
+        return body[:n] + self._crypt(body[:n], body[n:], (roc << 16) | seq)
+
+
+class SrtpOpusPeer(OpusPeer):
+    """OpusPeer over SRTP: what it sends is protected with its own key, what comes back must
+    authenticate with the answer's key (``bad`` counts the packets that did not)."""
+
+    def __init__(self, port: int, key: str):
+        super().__init__(port)
+        self.tx, self.rx, self.bad, self.sizes = Srtp(key), None, 0, []
+
+    def _send(self, target, pt, payload, ts, marker=False):
+        head = struct.pack("!BBHII", 0x80, pt | (0x80 if marker else 0), self.seq & 0xFFFF, ts & 0xFFFFFFFF, self.ssrc)
+        self.sock.sendto(self.tx.protect(head + payload), target)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+            if len(data) > 22 and data[0] >> 6 == 2:
+                plain = self.rx.unprotect(data) if self.rx else None
+                if plain is None:
+                    self.bad += 1
+                    continue
+                self.sources.add(addr)
+                self.sizes.append(len(data) - len(plain))
+                self.got.append((plain[1] & 0x7F, struct.unpack("!H", plain[2:4])[0], plain[12:]))
+
+
+class TlsCaller:
+    """The carrier's signalling over TLS (Python's ssl, its client certificate): one INVITE with
+    the given SDP, the route set from the 200's Record-Route, ACK and BYE on the same connection."""
+
+    def __init__(self, port: int, pki: dict):
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cafile=str(pki["ca"]))
+        ctx.load_cert_chain(str(pki["far"][0]), str(pki["far"][1]))
+        self.port = port
+        self.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 5), server_hostname="127.0.0.1")
+        self.sock.settimeout(10)
+        self.local = self.sock.getsockname()[1]
+        self.buf = b""
+        self.call_id, self.tag = f"{random.getrandbits(64):x}@opus-srtp", f"{random.getrandbits(32):x}"
+        self.to = self.target = ""
+        self.routes: list[str] = []
+
+    def _request(self, method: str, uri: str, cseq: int, body: str = "", to: str = "", routes: list[str] = ()) -> None:
+        head = [f"{method} {uri} SIP/2.0",
+                f"Via: SIP/2.0/TLS 127.0.0.1:{self.local};branch=z9hG4bK{random.getrandbits(48):x};rport",
+                "Max-Forwards: 70", f"From: <sip:carrier@127.0.0.1>;tag={self.tag}",
+                f"To: {to or '<sip:100@127.0.0.1>'}", f"Call-ID: {self.call_id}", f"CSeq: {cseq} {method}",
+                f"Contact: <sip:carrier@127.0.0.1:{self.local};transport=tls>", *[f"Route: {r}" for r in routes]]
+        if body:
+            head.append("Content-Type: application/sdp")
+        body = body.replace("\n", "\r\n")
+        self.sock.sendall(("\r\n".join(head) + f"\r\nContent-Length: {len(body.encode())}\r\n\r\n" + body).encode())
+
+    def _response(self) -> tuple[int, dict, str]:
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(65536)
+        head, rest = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        length = int(next((ln.split(":", 1)[1] for ln in lines
+                           if ln.lower().startswith(("content-length:", "l:"))), "0"))
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        self.buf = rest[length:]
+        hdrs: dict = {}
+        for ln in lines[1:]:
+            k, _, v = ln.partition(":")
+            hdrs.setdefault(k.strip().lower(), []).append(v.strip())
+        return int(lines[0].split()[1]), hdrs, rest[:length].decode()
+
+    def invite(self, sdp: str) -> tuple[int, str]:
+        """(final status, its SDP); a 2xx sets up the dialog for ``ack`` and ``bye``."""
+        self._request("INVITE", f"sip:100@127.0.0.1:{self.port};transport=tls", 1, sdp)
+        while True:
+            status, hdrs, body = self._response()
+            if status >= 200:
+                break
+        if status < 300:
+            self.to = hdrs["to"][0]
+            self.target = re.search(r"<([^>]+)>", hdrs["contact"][0]).group(1)
+            self.routes = [r.strip() for rr in reversed(hdrs.get("record-route", [])) for r in reversed(rr.split(","))]
+        else:
+            self._request("ACK", f"sip:100@127.0.0.1:{self.port};transport=tls", 1, to=hdrs["to"][0])
+        return status, body
+
+    def ack(self) -> None:
+        self._request("ACK", self.target, 1, to=self.to, routes=self.routes)
+
+    def bye(self) -> int:
+        self._request("BYE", self.target, 2, to=self.to, routes=self.routes)
+        while True:
+            status, _, _ = self._response()
+            if status >= 200:
+                return status
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _opus_sdp(port: int, key: str = "") -> str:
+    proto, crypto = ("RTP/SAVP", f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{key}\n") if key else ("RTP/AVP", "")
+    return (f"v=0\no=carrier 1 1 IN IP4 127.0.0.1\ns=-\nc=IN IP4 127.0.0.1\nt=0 0\nm=audio {port} {proto} 111\n"
+            f"a=rtpmap:111 opus/48000/2\na=fmtp:111 minptime=10;useinbandfec=1\n{crypto}a=ptime:20\na=sendrecv\n")
+
+
+@pytest.mark.slow
+def test_srtp_mandatory_and_opus_on_one_call(tmp_path):
+    """One TLS trunk with ``srtp = "mandatory"`` and ``codecs = ["opus", "PCMU"]``: the carrier
+    calls over TLS offering Opus only over SRTP (SDES); rtpengine answers SRTP and Opus, with
+    its own key, and gives the echo cell plain G.711. Every packet the carrier gets back
+    authenticates with the answer's key (SRTP, 10-byte tag) and its speech comes back like the
+    plain-RTP Opus call's. The same Opus offer over plain RTP is refused with 488."""
+    import base64
+    from tls_peer import make_ca
+    ca = make_ca(tmp_path / "pki")
+    pki = {"ca": ca.ca, "box": ca.issue("box"), "far": ca.issue("far")}
+    far = next_ports()
+    tls_port = far["sipp"] + 3
+    sip = (f'[sip]\ntls_listen = "127.0.0.1:{tls_port}"\ntls_cert = "{pki["box"][0]}"\ntls_key = "{pki["box"][1]}"\n'
+           f'tls_ca = "{pki["ca"]}"\n')
+    b = _box(tmp_path, 1, far, carrier='transport = "tls"\nsrtp = "mandatory"\n', extra=sip)
+    sent = _speech()
+    key = base64.b64encode(random.randbytes(30)).decode()
+    peer, caller = None, None
+    try:
+        b.start()
+        peer = SrtpOpusPeer(far["rtp_peer"], key)
+        caller = TlsCaller(tls_port, pki)
+        status, answer = caller.invite(_opus_sdp(far["rtp_peer"], key))
+        assert status == 200, (status, answer)
+        caller.ack()
+        m = re.search(r"m=audio (\d+) RTP/SAVP (\d+)", answer)
+        crypto = re.search(r"a=crypto:\d+ AES_CM_128_HMAC_SHA1_80 inline:(\S+)", answer)
+        assert m and crypto and m.group(2) == "111" and "opus/48000" in answer, answer
+        assert not re.search(r"a=rtpmap:\d+ (PCMU|PCMA|G722)", answer), answer
+        assert len(_relay_calls(b)) == 1
+        peer.rx = Srtp(crypto.group(1))
+        peer.talk(("127.0.0.1", int(m.group(1))), sent)
+        assert caller.bye() == 200
+        assert peer.bad == 0 and set(peer.sizes) == {10}, (peer.bad, set(peer.sizes))   # all SRTP, all authentic
+        corr, lag = _check_echo(peer, sent)
+        print(f"opus over SRTP: median correlation {corr:.3f} per 0.25 s, delay {lag * 1000:.0f} ms")
+        codecs = _cell_codecs(b)
+        assert len(codecs) == 1 and codecs[0].split("/")[0].upper() in ("PCMU", "PCMA", "G722"), codecs
+        _no_relay_calls(b)
+        caller.close()
+        caller = TlsCaller(tls_port, pki)
+        status, _ = caller.invite(_opus_sdp(far["rtp_peer"]))
+        assert status == 488, status
+    finally:
+        for x in (peer, caller):
+            if x:
+                x.close()
         b.stop(40) if b.alive() else None

@@ -3,8 +3,9 @@ one cell (cell.json), the voice agent (agent.json), many cells behind Kamailio
 (box.json), the agent's tool choice (tools.json), media streams per encoding
 (streams.json), the built-in agent against a Pipecat bot on the same models
 (pipecat.json), TLS handshakes at the front (tls.json), call quality and STT under
-network impairment (impair.json).
-`--only cell|agent|box|tools|streams|pipecat|tls|impair` runs one part; `--only longcall`
+network impairment (impair.json), PESQ MOS of an Opus call through the edge against G.711 at
+0 and 1 % loss (opusmos.json).
+`--only cell|agent|box|tools|streams|pipecat|tls|impair|opusmos` runs one part; `--only longcall`
 (a long agent call, ~10 minutes, longcall.json) runs only on request.
 
 Everything runs on 127.0.0.1 with real peers: a `trunkline serve` cell, SIPp
@@ -136,7 +137,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "cell.json"))
     ap.add_argument("--only", choices=["cell", "agent", "box", "idle", "tools", "streams", "pipecat", "tls",
-                                       "longcall", "impair"],
+                                       "longcall", "impair", "opusmos"],
                     help="run one part only (idle: the idle-cell and bridge-rate figures, also part of box)")
     args = ap.parse_args()
     if args.only in (None, "cell"):
@@ -166,6 +167,9 @@ def main() -> int:
     if args.only in (None, "impair"):            # loss, jitter, reorder, outage (userspace impairer)
         import impair
         impair.main(str(HERE / "results" / "impair.json"))
+    if args.only in (None, "opusmos"):           # Opus at the edge vs G.711, 0 and 1 % loss (PESQ)
+        import opusmos
+        opusmos.main(str(HERE / "results" / "opusmos.json"))
     if args.only == "longcall":                  # ~10 minutes: on request only (issue 14's long call)
         import longcall
         longcall.main(str(HERE / "results" / "longcall.json"))
