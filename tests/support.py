@@ -43,6 +43,21 @@ def next_ports() -> dict:
             "rtp_lo": base + 10, "rtp_hi": base + 38}
 
 
+def build_clockstep(tmp: Path) -> Path:
+    """``tests/clockstep.c`` built into ``tmp``: LD_PRELOAD it with CLOCKSTEP_FILE naming a file of
+    one int64 (nanoseconds) to step a process tree's wall clock (``step_clock``)."""
+    out = tmp / "clockstep.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "clockstep.c"), "-ldl"],
+                   check=True, capture_output=True, timeout=60)
+    return out
+
+
+def step_clock(path: Path, seconds: float) -> None:
+    """Set the wall-clock offset of the processes that preloaded ``clockstep.so`` with ``path``."""
+    with open(path, "wb" if not path.exists() else "r+b") as f:
+        f.write(struct.pack("<q", int(seconds * 1e9)))
+
+
 class CellProcess:
     def __init__(self, tmp: Path, config: str = "", args: tuple = (), env: dict | None = None):
         self.ports = next_ports()

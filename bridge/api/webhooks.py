@@ -127,6 +127,13 @@ class WebhookDispatcher:
         while True:
             self.wake.clear()
             now = time.time()
+            # retries are scheduled on the wall clock (they outlive a restart); no retry is ever set
+            # further ahead than max_delay, so one that is was set before the clock stepped back
+            # (an NTP correction): it would otherwise wait out the step, an hour for an hour
+            moved = self.store.pull_forward_deliveries(now + self.max_delay + 1.0, now)
+            if moved:
+                log.warning("%d webhook deliveries were due further ahead than max_delay (%.0f s): the wall "
+                            "clock went back; they are due now", moved, self.max_delay)
             for d in self.store.due_deliveries(now):
                 if d["id"] not in self._inflight:
                     self._inflight.add(d["id"])

@@ -424,7 +424,7 @@ class Cell:
         event(calls_log, "call_ended", **rec)
         if s is not None:
             s.state = CallState.ENDED
-            self._record(s, ended=time.time(), result=result, reason=e.reason,
+            self._record(s, ended=s.wall(time.monotonic()), result=result, reason=e.reason,
                          quality=q.as_dict() if q.rx_packets else None, codec=q.codec or s.codec)
             self.bus.publish("call_hangup", e.call_id, {"reason": e.reason, "result": result, "status": e.status,
                                                         "duration": round(e.duration, 3),

@@ -78,9 +78,15 @@ class Session:
             self.media.tap_out = False
             self.media.sent.clear()
 
+    def wall(self, mono: float) -> float:
+        """The wall-clock time of monotonic time ``mono`` on this call's own timeline (its creation's
+        wall time plus monotonic seconds since): the record's times keep their true distances when
+        the wall clock is stepped mid-call (an NTP correction), so ended - answered is the talk time."""
+        return self.created + (mono - self.started)
+
     @property
     def answered_wall(self) -> float | None:
-        return self.created + (self.answered_at - self.started) if self.answered_at else None
+        return self.wall(self.answered_at) if self.answered_at else None
 
     def emit(self, etype: str, data: dict) -> None:
         """Publish an event about this call on the bus (stored, then sent)."""

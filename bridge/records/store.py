@@ -379,6 +379,12 @@ class Store:
             return self._all("SELECT * FROM deliveries WHERE status = ? ORDER BY created DESC LIMIT ?", status, limit)
         return self._all("SELECT * FROM deliveries ORDER BY created DESC LIMIT ?", limit)
 
+    def pull_forward_deliveries(self, beyond: float, now: float) -> int:
+        """Pending deliveries due after ``beyond`` (later than any retry is ever scheduled: the wall
+        clock went back since) become due at ``now``; returns how many."""
+        return self.db.execute("UPDATE deliveries SET next_at = ? WHERE status = 'pending' AND next_at > ?",
+                               (now, beyond)).rowcount
+
     def due_deliveries(self, now: float) -> list[dict]:
         return self._all("SELECT * FROM deliveries WHERE status = 'pending' AND next_at <= ? ORDER BY next_at",
                          now)

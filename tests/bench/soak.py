@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support import Api, BoxProcess, create_key, serve_on_loopback, sipp  # noqa: E402
+from support import Api, BoxProcess, build_clockstep, create_key, serve_on_loopback, sipp, step_clock  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -286,6 +286,8 @@ def schedule(duration: float, disk: bool) -> list[Fault]:
          Fault("db_locked", 0.72 * d, 5.0, "records wait for the lock; nothing lost")]
     if disk:
         f.append(Fault("disk_full", 0.82 * d, min(30.0, 0.1 * d), "records kept in memory and written after"))
+    # the box's wall clock an hour ahead, then back (an NTP correction): nothing may fail or stall
+    f.append(Fault("clock_step", 0.90 * d, min(30.0, 0.05 * d), "calls go on; no record an hour long; retries on time"))
     return f
 
 
@@ -318,9 +320,16 @@ class Soak:
         slots = 3 * self.cells
         long_limit = max(1, round(0.5 * slots))         # ~19 s calls
         short_limit = max(1, round(0.8 * slots) - long_limit)
+        # webhook retries back off up to max_delay: the default 300 s in a long run, less in a short one
+        # (the verdict waits for the last retry after the receiver's outage)
+        max_delay = min(300.0, max(10.0, self.duration / 10))
         cfg = ('[models]\nload = "never"\n[sip]\nrtp_timeout = 0\n[http]\noutbound_allow = ["127.0.0.1/32"]\n'
-               f'[recordings]\nenabled = true\nkey_file = "{keys}"\ncurrent_key = "k1"\n')
+               f'[recordings]\nenabled = true\nkey_file = "{keys}"\ncurrent_key = "k1"\n'
+               f'[webhooks]\nmax_delay = {max_delay}\n')
         box = BoxProcess(tmp, self.cells, cfg)
+        self.clock = tmp / "clock-offset"                 # the clock_step fault: every box process preloads
+        step_clock(self.clock, 0.0)                        # tests/clockstep.c (the harness and SIPp do not)
+        box.env.update(LD_PRELOAD=str(build_clockstep(tmp)), CLOCKSTEP_FILE=str(self.clock))
         hook = WebhookReceiver()
         hook.up()
         procs: list[subprocess.Popen] = []
@@ -456,6 +465,10 @@ class Soak:
                 self.restarts.setdefault("kamailio", []).append(f.at)
                 f.note = f"kamailio pid {k[0]}"
             return None
+        if f.kind == "clock_step":
+            step_clock(self.clock, 3600.0)
+            f.note = "wall clock of every box process +1 h, then back"
+            return lambda: step_clock(self.clock, 0.0)
         if f.kind == "db_locked":
             db = sqlite3.connect(data / "trunkline.db", timeout=10, isolation_level=None)
             db.execute("BEGIN IMMEDIATE")
@@ -564,7 +577,11 @@ class Soak:
         db = sqlite3.connect(f"file:{data / 'trunkline.db'}?mode=ro", uri=True, timeout=30)
         ended = {r[0] for r in db.execute("SELECT seq FROM events WHERE type = 'call_hangup'")}
         answered_rows = db.execute("SELECT COUNT(*) FROM calls WHERE answered IS NOT NULL").fetchone()[0]
+        # the clock_step fault: a record's times keep their true distances (no call an hour long)
+        hour_long = db.execute("SELECT COUNT(*) FROM calls WHERE ended - answered > 1800").fetchone()[0]
         db.close()
+        if hour_long:
+            problems.append(f"{hour_long} call records over half an hour long (the wall clock step went into them)")
         sipp_ok = sum(c["successful"] for c in calls.values())
         if answered_rows < sipp_ok:
             problems.append(f"{sipp_ok} calls answered at the caller, {answered_rows} answered calls in the store")
