@@ -116,3 +116,15 @@ class Caller:
         self.peer.close()
         return self.proc.returncode
 
+
+def agent_call(tmp, config: str, seconds: float):
+    """An agent cell (``config``, bundled models) started in ``tmp`` and a ``Caller`` on it from
+    ports of its own (a bench's long call): ``(cell, caller)``; the caller has not waited yet."""
+    from support import CellProcess, next_ports
+    cell = CellProcess(tmp, config, args=("--app", "agent")).start(wait=False)
+    cell.wait_healthy(timeout=180)
+    ports = next_ports()
+    view = type("CellView", (), {"ports": dict(cell.ports, rtp_peer=ports["rtp_peer"], sipp=ports["sipp"]),
+                                 "sip": cell.sip})()
+    (tmp / "caller").mkdir()
+    return cell, Caller(view, tmp / "caller", seconds=seconds)

@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import voice  # noqa: E402
-from support import CellProcess, next_ports  # noqa: E402
 
 ASK = "Tell me about your cleaning and whitening services."
 BARGE = "Wait, stop. I have another question."
@@ -79,14 +78,8 @@ def run(rounds: int = 6, backchannels: int | None = None, keep_log: str | None =
     not_over = {"barge": 0, "backchannel": 0}
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        cell = CellProcess(tmp, PROMPT, args=("--app", "agent")).start(wait=False)
-        cell.wait_healthy(timeout=180)
-        ports = next_ports()
-        view = type("CellView", (), {"ports": dict(cell.ports, rtp_peer=ports["rtp_peer"], sipp=ports["sipp"]),
-                                     "sip": cell.sip})()
-        (tmp / "caller").mkdir()
         total = rounds + want_bc
-        caller = voice.Caller(view, tmp / "caller", seconds=40 * (total + rounds) + 60)
+        cell, caller = voice.agent_call(tmp, PROMPT, seconds=40 * (total + rounds) + 60)
         try:
             caller.wait_reply(time.monotonic())
             i = 0

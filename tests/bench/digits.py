@@ -30,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import voice  # noqa: E402
-from support import CellProcess, next_ports  # noqa: E402
 
 WORDS = "zero one two three four five six seven eight nine".split()
 PROMPT = ('[agent]\nsystem_prompt = "You are the receptionist of Acme Dental. Answer in one short sentence."\n'
@@ -83,13 +82,7 @@ def run(count: int = 10, seed: int = 7, keep_log: str | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        cell = CellProcess(tmp, PROMPT, args=("--app", "agent")).start(wait=False)
-        cell.wait_healthy(timeout=180)
-        ports = next_ports()
-        view = type("CellView", (), {"ports": dict(cell.ports, rtp_peer=ports["rtp_peer"], sipp=ports["sipp"]),
-                                     "sip": cell.sip})()
-        (tmp / "caller").mkdir()
-        caller = voice.Caller(view, tmp / "caller", seconds=30 * count + 60)
+        cell, caller = voice.agent_call(tmp, PROMPT, seconds=30 * count + 60)
         try:
             caller.wait_reply(time.monotonic())           # the greeting
             for phrases, pauses, groups in plan:
