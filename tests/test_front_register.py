@@ -214,6 +214,83 @@ def test_a_lost_registration_is_reported_and_comes_back(front):
     assert again["status"] == 200 and again["since"] > v1["since"], again
 
 
+class _Answerer:
+    """A registrar on 127.0.0.1:``port`` that answers every REGISTER 200 (expires 3600) without a
+    challenge, from ``source`` (an address of its own, or another loopback address: someone on
+    the path answering first)."""
+
+    def __init__(self, port: int):
+        import socket
+        import threading
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.other.bind(("127.0.0.2", 0))
+        self.source = self.other
+        self.answered = {"127.0.0.1": 0, "127.0.0.2": 0}
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            text = data.decode(errors="replace")
+            if not text.startswith("REGISTER "):
+                continue
+            head = text.split("\r\n\r\n", 1)[0].split("\r\n")
+            keep = [h for h in head[1:] if re.match(r"(Via|v|From|f|Call-ID|i|CSeq):", h, re.I)]
+            to = next(h for h in head[1:] if re.match(r"(To|t):", h, re.I))
+            contact = next(h for h in head[1:] if re.match(r"(Contact|m):", h, re.I))
+            reply = "\r\n".join(["SIP/2.0 200 OK", *keep, to + ";tag=onpath", contact + ";expires=3600",
+                                  "Expires: 3600", "Content-Length: 0", "", ""])
+            self.source.sendto(reply.encode(), addr)
+            self.answered[self.source.getsockname()[0]] += 1
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(5)
+        self.sock.close()
+        self.other.close()
+
+
+@pytest.mark.slow
+def test_an_answer_to_the_fronts_register_counts_only_from_the_registrar(tmp_path):
+    """Someone on the path sees the REGISTER's branch and answers first (200, a day's expires) from
+    another address: the front drops it (the trunk stays unregistered); the same answer from the
+    registrar's address registers."""
+    box = BoxProcess(tmp_path, 2)                        # (one cell alone runs without the front)
+    carrier = box.ports["sipp"]
+    config = (f'drain_timeout = 5\n[models]\nload = "never"\n[[trunks]]\nname = "carrier"\n'
+              f'address = "sip:127.0.0.1:{carrier}"\nusername = "trunkuser"\npassword = "pw"\n'
+              f'realm = "trunk.test"\nregister = true\nexpires = 60\nregister_retry = {RETRY}\n')
+    box.config_path.write_text(config + box.config_path.read_text())
+    registrar = _Answerer(carrier)
+    box.start()
+    try:
+        # its first REGISTER answered from elsewhere, the front must still be waiting for the registrar:
+        # it times out and tries again (answered from elsewhere again), and is never registered
+        _wait(lambda: registrar.answered["127.0.0.2"] >= 2 or _gauge(box) == 1, 40, "the front never registered")
+        assert _gauge(box) == 0 and _v1(box)["registered"] is False, f"an on-path answer registered it: {_v1(box)}"
+        log = (box.run_dir / "kamailio.log").read_text(errors="replace")
+        assert "answer to the front's REGISTER from 127.0.0.2" in log, log[-2000:]
+        registrar.source = registrar.sock               # now the registrar itself answers
+        _wait(lambda: _gauge(box) == 1, 40, "the registrar's own answer did not register")
+        assert _v1(box)["registered"] is True
+    finally:
+        registrar.close()
+        try:
+            box.stop(40)
+        finally:
+            if box.alive():
+                box.proc.kill()
+                box.proc.wait(10)
+
+
 # -- the rendered config and the poller's reading, without a box ------------------------------
 
 def _cfg(tmp_path, trunk_extra: str, sip: str = ""):
@@ -240,6 +317,9 @@ def test_rendered_front_registers_only_register_trunks(tmp_path, monkeypatch):
     assert f'modparam("uac", "reg_db_url", "text://{sup.run_dir}/db")' in text
     assert "Zq7" not in text
     assert "route(REGCONTACT)" in text and "uac_reg_lookup" in text
+    # an answer to the front's REGISTER counts only from the registrar's address
+    assert ('if ($fu == "sip:trunkuser@127.0.0.1:5090") { if (is_in_subnet("$si", "127.0.0.1/32")) return 1; '
+            'return -1; }') in text
     [r] = sup.front_registrations
     assert (r.contact, r.socket, r.proxy, r.domain) == ("203.0.113.5:5060", "udp:127.0.0.1:5060",
                                                           "sip:127.0.0.1:5090", "127.0.0.1:5090")

@@ -249,7 +249,8 @@ class Supervisor:
                                srtp=[self.cfg.srtp_mode(t.name) for t in self.cfg.trunks], media=media,
                                advertise=self.cfg.raw["sip"]["public_address"], registrations=regs,
                                codecs=[self.cfg.trunk_codecs(t.name) for t in self.cfg.trunks],
-                               cell_codecs=list(self.cfg.raw["sip"]["codecs"]))
+                               cell_codecs=list(self.cfg.raw["sip"]["codecs"]),
+                               topology_hiding=self.cfg.raw["sip"]["topology_hiding"])
         self.front_registrations = regs
         return text, tls, inner
 

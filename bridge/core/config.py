@@ -35,7 +35,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "trusted_proxies": _cidrs, "outbound_proxy": _str, "allowed_destinations": _str_list,
             "tcp": _auto_bool, "require_guard": _auto_bool, "trusted_proxy_port": _int(0, 65535),
             "tls_listen": _str, "tls_cert": _str, "tls_key": _str, "tls_ca": _str, "tls_verify": _bool,
-            "tls_require_client_cert": _bool, "tls_server_name": _str},
+            "tls_require_client_cert": _bool, "tls_server_name": _str,
+            "topology_hiding": _bool},      # the front masks the cells' addresses toward trunks
     "media": {"rtp_ports": _port_range, "clock_rate": _clock_rate,
               "realtime_clock": _bool, "jitter_init_ms": _int(-1, 360), "jitter_min_ms": _int(-1, 360),
               "jitter_max_ms": _int(-1, 360)},
@@ -104,7 +105,7 @@ DEFAULTS: dict[str, Any] = {
             "codecs": ["PCMU", "PCMA", "G722"], "log_level": 1, "trusted_proxies": [], "outbound_proxy": "",
             "allowed_destinations": [], "tcp": "auto", "require_guard": "auto", "trusted_proxy_port": 0,
             "tls_listen": "", "tls_cert": "", "tls_key": "", "tls_ca": "", "tls_verify": True,
-            "tls_require_client_cert": True, "tls_server_name": ""},
+            "tls_require_client_cert": True, "tls_server_name": "", "topology_hiding": True},
     "media": {"rtp_ports": "10000-10999", "clock_rate": "auto", "realtime_clock": True,
               "jitter_init_ms": 40, "jitter_min_ms": 40, "jitter_max_ms": -1},
     "http": {"listen": "127.0.0.1:8080", "ops_listen": "", "ws_heartbeat": 15.0,
