@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from support import BoxProcess, sipp
+from support import Api, BoxProcess, create_key, sipp
 
 
 def _kamailios(config_path: str) -> list[int]:
@@ -47,6 +47,62 @@ def test_front_killed_by_sigkill_comes_back_and_takes_calls(tmp_path):
     finally:
         box.stop(timeout=60)
     assert not _kamailios(cfg)
+
+
+def _kill_front(box) -> None:
+    cfg = str(box.run_dir / "kamailio.cfg")
+    main = [p for p in _kamailios(cfg) if int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            == box.proc.pid]
+    assert len(main) == 1
+    os.kill(main[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = [p for p in _kamailios(cfg) if p != main[0]]
+        if now and "front_started" in box.log_path.read_text(errors="replace").split("kamailio exited")[-1]:
+            time.sleep(1.0)                                   # its workers are up
+            return
+    raise AssertionError("the front did not come back")
+
+
+def test_calls_up_across_a_front_restart_still_end_from_either_side(tmp_path):
+    """Dialog state lives in the front's memory: after a kill -9 the new front did not know the
+    calls in progress, answered their BYEs 481, and the cells kept them (with no RTP timeout: for
+    ever), until every cell was full (the soak: minutes of 503s after the fault). Now a BYE from
+    the carrier reaches the cell its Request-URI names, and a cell's BYE reaches the trunk."""
+    box = BoxProcess(tmp_path, 2, '[models]\nload = "never"\n[sip]\nrtp_timeout = 0\n').start(wait=False)
+    try:
+        box.wait_healthy(timeout=60)
+        api = Api(box, create_key(box.data, "control"))
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        # b: the carrier waits for the box to hang up; a: the carrier hangs up after 6 s
+        b = sipp("wait_bye.xml", box.sip, tmp_path / "b", local_port=box.ports["sipp"] + 1, background=True,
+                 timeout=40)
+        deadline = time.monotonic() + 15
+        active = []
+        while time.monotonic() < deadline and not active:
+            time.sleep(0.3)
+            active = api.get("/v1/calls?state=active")[1].get("calls", [])
+        assert len(active) == 1, active
+        call_b = active[0]["id"]
+        a = sipp("call_pcmu.xml", box.sip, tmp_path / "a", "-d", "6000", local_port=box.ports["sipp"],
+                 background=True, timeout=40)
+        time.sleep(1.5)
+        assert len(api.get("/v1/calls?state=active")[1]["calls"]) == 2
+        _kill_front(box)
+        assert a.wait(40) == 0, a.stdout.read().decode(errors="replace")[-1500:]     # its BYE got 200
+        status, _, _ = api.post(f"/v1/calls/{call_b}/hangup")
+        assert status in (200, 202), status
+        assert b.wait(40) == 0, b.stdout.read().decode(errors="replace")[-1500:]     # the cell's BYE arrived
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and api.get("/v1/calls?state=active")[1]["calls"]:
+            time.sleep(0.3)
+        assert api.get("/v1/calls?state=active")[1]["calls"] == []                  # no call held in a cell
+        log = (box.run_dir / "kamailio.log").read_text(errors="replace")
+        assert "a dialog from before the front restarted" in log
+    finally:
+        box.stop(timeout=60)
 
 
 def test_front_socket_is_never_one_of_the_cells_rtp_ports(tmp_path):
