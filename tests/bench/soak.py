@@ -322,7 +322,7 @@ class Soak:
         short_limit = max(1, round(0.8 * slots) - long_limit)
         # webhook retries back off up to max_delay: the default 300 s in a long run, less in a short one
         # (the verdict waits for the last retry after the receiver's outage)
-        max_delay = min(300.0, max(10.0, self.duration / 10))
+        max_delay = self.max_delay = min(300.0, max(10.0, self.duration / 10))
         cfg = ('[models]\nload = "never"\n[sip]\nrtp_timeout = 0\n[http]\noutbound_allow = ["127.0.0.1/32"]\n'
                f'[recordings]\nenabled = true\nkey_file = "{keys}"\ncurrent_key = "k1"\n'
                f'[webhooks]\nmax_delay = {max_delay}\n')
@@ -585,7 +585,7 @@ class Soak:
         sipp_ok = sum(c["successful"] for c in calls.values())
         if answered_rows < sipp_ok:
             problems.append(f"{sipp_ok} calls answered at the caller, {answered_rows} answered calls in the store")
-        deadline = time.time() + 45                     # the last retry waits up to webhooks.max_delay
+        deadline = time.time() + self.max_delay + 15    # the last retry waits up to webhooks.max_delay
         while time.time() < deadline and not ended <= set(hook.got):
             time.sleep(0.5)
         missing_hook = ended - set(hook.got)
