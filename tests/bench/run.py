@@ -4,8 +4,9 @@ one cell (cell.json), the voice agent (agent.json), many cells behind Kamailio
 (streams.json), the built-in agent against a Pipecat bot on the same models
 (pipecat.json), TLS handshakes at the front (tls.json), call quality and STT under
 network impairment (impair.json), PESQ MOS of an Opus call through the edge against G.711 at
-0 and 1 % loss (opusmos.json), digit strings read slowly, cut off or not at the caller (digits.json).
-`--only cell|agent|box|tools|streams|pipecat|tls|impair|opusmos|digits` runs one part; `--only longcall`
+0 and 1 % loss (opusmos.json), digit strings read slowly, cut off or not at the caller (digits.json),
+the box's concurrent calls with SRTP on against plain RTP (srtpbox.json).
+`--only cell|agent|box|tools|streams|pipecat|tls|impair|opusmos|digits|srtpbox` runs one part; `--only longcall`
 (a long agent call, ~10 minutes, longcall.json) runs only on request.
 
 Everything runs on 127.0.0.1 with real peers: a `trunkline serve` cell, SIPp
@@ -137,7 +138,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "cell.json"))
     ap.add_argument("--only", choices=["cell", "agent", "box", "idle", "tools", "streams", "pipecat", "tls",
-                                       "longcall", "impair", "opusmos", "digits"],
+                                       "longcall", "impair", "opusmos", "digits", "srtpbox"],
                     help="run one part only (idle: the idle-cell and bridge-rate figures, also part of box)")
     args = ap.parse_args()
     if args.only in (None, "cell"):
@@ -173,6 +174,9 @@ def main() -> int:
     if args.only in (None, "digits"):            # slowly read digit strings: cut-offs at the caller
         import digits
         digits.main(str(HERE / "results" / "digits.json"))
+    if args.only in (None, "srtpbox"):           # the box's concurrent calls with SRTP on vs plain RTP
+        import srtpbox
+        srtpbox.main(str(HERE / "results" / "srtpbox.json"))
     if args.only == "longcall":                  # ~10 minutes: on request only (issue 14's long call)
         import longcall
         longcall.main(str(HERE / "results" / "longcall.json"))
