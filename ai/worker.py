@@ -227,8 +227,8 @@ class Extra:
             _log("language_model_loaded", kind=self.kind, model=key[0], reason=reason,
                  seconds=round(time.perf_counter() - started, 2))
         ev.set()
-        for call, job in parked:
-            if self.requeue is not None:
+        for call, job in reversed(parked):       # each goes to the head of its queue: last first keeps
+            if self.requeue is not None:           # their order (a reply's sentences)
                 self.requeue(call, job)
 
     def loaded(self) -> list[str]:

@@ -319,6 +319,8 @@ def test_a_language_model_loading_never_holds_up_the_other_calls():
     try:
         w.handle(m.SttRequest(1, "de-call", b"", model="/de", language="de"), time.monotonic())
         w.handle(m.TtsRequest(2, "de-call", "Hallo", voice="/de.onnx"), time.monotonic())
+        w.handle(m.TtsRequest(5, "de-call", "Wie geht's", voice="/de.onnx"), time.monotonic())
+        w.handle(m.TtsRequest(6, "de-call", "Tschüss", voice="/de.onnx"), time.monotonic())
         w.handle(m.SttRequest(3, "en-call", b""), time.monotonic())
         w.handle(m.TtsRequest(4, "en-call", "Hello"), time.monotonic())
         # the English call is answered while the German models are still loading
@@ -328,6 +330,9 @@ def test_a_language_model_loading_never_holds_up_the_other_calls():
         gate.set()
         assert [x.text for x in conn.wait(1)] == ["/de"]
         assert [x.pcm for x in conn.wait(2) if isinstance(x, m.Pcm)] == [b"/de.onnx"]
+        conn.wait(6)
+        # the sentences that waited for the voice are spoken in the order they were asked for
+        assert [x.rid for x in conn.sent if isinstance(x, m.Pcm) and x.rid in (2, 5, 6)] == [2, 5, 6]
         assert sorted(loads) == [("/de",), ("/de.onnx", "/de.onnx.json")]
     finally:
         gate.set()
@@ -354,6 +359,10 @@ def test_configured_languages_and_voices_load_when_the_inference_process_starts(
                                    [f"{tmp_path}/fr/v.onnx", f"{tmp_path}/fr/v.json"],
                                    [f"{tmp_path}/sales.onnx", f"{tmp_path}/sales.onnx.json"]]}
     assert preload(load(None).raw) == {"preload_stt": [], "preload_tts": []}
+    # a language on the worker's own models is not loaded twice
+    mine = preload(load(str(cfg)).raw, f"{tmp_path}/de/whisper", (f"{tmp_path}/de/voice.onnx",
+                                                                  f"{tmp_path}/de/voice.onnx.json"))
+    assert mine["preload_stt"] == [f"{tmp_path}/fr/whisper"] and len(mine["preload_tts"]) == 2
 
     class Conn:
         def recv(self):

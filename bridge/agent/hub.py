@@ -50,18 +50,21 @@ def worker_config(cfg: Config) -> dict:
         "llm_api_key_env": m["llm_api_key_env"], "llm_url_context": m["llm_url_context"],
         "tts_model": tts, "tts_config": tts_cfg,
         "turn_model": a.get("turn_model", "none"),
-        **preload(cfg.raw),
+        **preload(cfg.raw, stt, (tts, tts_cfg)),
     }
 
 
-def preload(raw: dict) -> dict:
+def preload(raw: dict, default_stt: str = "", default_tts: tuple = ()) -> dict:
     """The models the configured languages and profiles name, loaded when the inference process
-    starts (not by the first call that needs one, in front of the other calls)."""
+    starts (not by the first call that needs one, in front of the other calls); the worker's own
+    (``default_stt``, ``default_tts``) is not loaded twice. Each stays loaded: its memory is the
+    price of a configured language."""
     cat = profiles.Catalog.of(raw)
-    stt = {lang.stt_model for lang in cat.languages.values() if lang.stt_model}
+    stt = {lang.stt_model for lang in cat.languages.values() if lang.stt_model} - {default_stt}
     tts = {(lang.tts_voice, profiles.voice_config(lang.tts_voice, lang.tts_config))
            for lang in cat.languages.values() if lang.tts_voice}
     tts |= {(p.voice, profiles.voice_config(p.voice)) for p in cat.profiles.values() if p.voice}
+    tts -= {tuple(default_tts)}
     return {"preload_stt": sorted(stt), "preload_tts": [list(v) for v in sorted(tts)]}
 
 

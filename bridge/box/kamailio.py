@@ -512,7 +512,8 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
            trunks: Trunks | None = None, tls: Tls | None = None, transports: list[str] | None = None,
            srtp: list[str] | None = None, media: MediaEdge | None = None, advertise: str = "",
            registrations: list[Registration] | None = None, codecs: list[list[str]] | None = None,
-           cell_codecs: list[str] | None = None, topology_hiding: bool = False) -> str:
+           cell_codecs: list[str] | None = None, topology_hiding: bool = False,
+           lost_dialog_window: int = 3660) -> str:
     """The front's config. ``listen``: the public sockets; ``trusted``: trunk source CIDRs
     (everything else is dropped); ``trunk_addresses``: where cells may send requests (with
     ``trusted``); ``trunks``: the same per trunk, (address, allow), so that a trunk acts
@@ -574,6 +575,7 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
         "TRUNKTRANSPORT": trunk_transport_lines(groups, transports + ["udp"] * (len(groups) - len(transports))),
         "MODULES": modules_dir(), "CELL_SOCKET": _quoted(cell_socket), "CELL_IP": _quoted(cell_ip),
         "CELL_PORT": str(cell_port), "PUBLIC_UDP": _quoted(public_udp), "PUBLIC_TCP": _quoted(public_tcp),
+        "LOST_DLG_WINDOW": str(int(lost_dialog_window)),
         "TRUSTED": trusted_lines(groups, transports), "RETRY_AFTER": str(retry_after), "PING": str(ping), "PIKE": str(pike),
         "CHILDREN": str(children), "TCP_CHILDREN": str(tcp_children), "DEBUG": str(debug), "FR_TIMER": str(fr_timer),
         "TRUNKDEST": trunk_dest_lines(trunk_addresses or [], trusted, groups),

@@ -250,7 +250,9 @@ class Supervisor:
                                advertise=self.cfg.raw["sip"]["public_address"], registrations=regs,
                                codecs=[self.cfg.trunk_codecs(t.name) for t in self.cfg.trunks],
                                cell_codecs=list(self.cfg.raw["sip"]["codecs"]),
-                               topology_hiding=self.cfg.raw["sip"]["topology_hiding"])
+                               topology_hiding=self.cfg.raw["sip"]["topology_hiding"],
+                               # a call set up before a restart lasts at most app.max_duration (0: no limit)
+                               lost_dialog_window=int(self.cfg.raw["app"]["max_duration"] or 86400) + 60)
         self.front_registrations = regs
         return text, tls, inner
 
