@@ -295,17 +295,19 @@ class Engine(EndpointSetup, OutboundCalls, SlotsAndPorts):
             self._seat(info.id, leg)
             self._emit(ev.CallRejected(source, info.remoteUri, info.localUri, status, reason))
             return
+        try:                                # carrier headers (trusted source only): bounded, cleaned
+            found = parse_headers(prm.rdata.wholeMsg)
+        except Exception:  # noqa: BLE001 - never lose a call over its headers
+            log.exception("call %s: could not read the INVITE's headers", info.callIdString)
+            found = None
+        if found is not None and found.front_trunk and self._from_front(source):
+            trunk = self._front_trunk(found.front_trunk) or trunk
         media = CallMedia(self.cfg.clock_rate, self.cfg.uplink_frames, self.cfg.downlink_frames)
         leg = _Leg(call, info.callIdString, "inbound", trunk, media, admitted=True)
         self._seat(info.id, leg)
         self.by_call_id[leg.call_id] = leg
         self._answer(call, pj.PJSIP_SC_RINGING)
         leg.answer_at = time.monotonic() + self.cfg.answer_delay
-        try:                                # carrier headers (trusted source only): bounded, cleaned
-            found = parse_headers(prm.rdata.wholeMsg)
-        except Exception:  # noqa: BLE001 - never lose a call over its headers
-            log.exception("call %s: could not read the INVITE's headers", leg.call_id)
-            found = None
         if found is not None and found.dropped:
             log.info("call %s: %d carrier header values over the limit dropped", leg.call_id, found.dropped)
         headers = MappingProxyType({k: tuple(v) for k, v in found.values.items()}) if found else MappingProxyType({})
@@ -313,6 +315,20 @@ class Engine(EndpointSetup, OutboundCalls, SlotsAndPorts):
                                   headers=headers))
         self._publish_snapshot(time.monotonic())
         self._answer_due(time.monotonic())
+
+    def _from_front(self, source: str) -> bool:
+        """Sent by the box's front (the "proxy" trunk: sip.trusted_proxies and the front's port)."""
+        return any(name == "proxy" and f.allows(source) and (not port or split_hostport(source)[1] == port)
+                   for name, f, port in self.filters)
+
+    def _front_trunk(self, tag: str) -> str | None:
+        """The configured trunk the front named for a call it relayed (``t<index>`` in the order of
+        ``[[trunks]]``, bridge/box/kamailio.py): behind the front every call comes from the front's
+        address, which names no trunk."""
+        names = [t.name for t in self.cfg.trunks if t.name != "proxy"]
+        if len(tag) > 1 and tag[0] == "t" and tag[1:].isdigit() and int(tag[1:]) < len(names):
+            return names[int(tag[1:])]
+        return None
 
     def _answer(self, call: _Call, status: int, headers: dict[str, str] | None = None) -> None:
         """Answer with ``status``; every response names the product, never a version."""

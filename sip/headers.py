@@ -43,6 +43,7 @@ class CarrierHeaders:
     """The kept headers: canonical name -> values, in the order received."""
     values: dict[str, list[str]] = field(default_factory=dict)
     dropped: int = 0                 # values over MAX_VALUES that were not kept
+    front_trunk: str = ""            # FRONT_TRUNK's value: the front's, never a carrier header
 
     def __bool__(self) -> bool:
         return bool(self.values)
@@ -137,6 +138,10 @@ def header_lines(message: str) -> list[tuple[str, str]]:
     return out
 
 
+FRONT_TRUNK = "x-trunkline-trunk"   # set by the Kamailio front on a trunk's INVITE (any sent by a carrier
+                                    # is removed there): which of the configured trunks it came from
+
+
 def parse(message: str) -> CarrierHeaders:
     """The carrier headers of an INVITE's text (see the module docstring for the limits)."""
     found = CarrierHeaders()
@@ -144,6 +149,9 @@ def parse(message: str) -> CarrierHeaders:
     for sent, value in header_lines(message):
         low = sent.lower()
         low = COMPACT.get(low, low)
+        if low == FRONT_TRUNK:
+            found.front_trunk = value.strip()[:16]
+            continue
         if low in IDENTITY:
             name, items = IDENTITY[low], split_list(value)
         elif low.startswith("x-") and len(low) > 2 and len(sent) <= MAX_NAME:
