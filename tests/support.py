@@ -43,6 +43,17 @@ def next_ports() -> dict:
             "rtp_lo": base + 10, "rtp_hi": base + 38}
 
 
+def wait_until(what, timeout: float, message: str, step: float = 0.1):
+    """``what()``'s first truthy value within ``timeout`` s, else AssertionError(``message``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(message)
+
+
 def build_clockstep(tmp: Path) -> Path:
     """``tests/clockstep.c`` built into ``tmp``: LD_PRELOAD it with CLOCKSTEP_FILE naming a file of
     one int64 (nanoseconds) to step a process tree's wall clock (``step_clock``)."""

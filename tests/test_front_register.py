@@ -25,7 +25,7 @@ import pytest
 from bridge.box import kamailio
 from bridge.box.registrations import RegState, changed, last_replies, read_states
 from media import g711
-from support import Api, BoxProcess, RtpPeer, create_key, sipp
+from support import Api, BoxProcess, RtpPeer, create_key, sipp, wait_until
 
 PASSWORD = "s3cret"
 CARRIER_EXPIRES = 6          # what the carrier grants: the front refreshes every ~2 s
@@ -66,13 +66,7 @@ def _v1(box: BoxProcess) -> dict:
 
 
 def _wait(what, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(message)
+    return wait_until(what, timeout, message, 0.2)
 
 
 def _reg_events(box: BoxProcess) -> list[dict]:
@@ -283,12 +277,7 @@ def test_an_answer_to_the_fronts_register_counts_only_from_the_registrar(tmp_pat
         assert _v1(box)["registered"] is True
     finally:
         registrar.close()
-        try:
-            box.stop(40)
-        finally:
-            if box.alive():
-                box.proc.kill()
-                box.proc.wait(10)
+        box.stop(40)                # (kills it when SIGTERM does not stop it)
 
 
 # -- the rendered config and the poller's reading, without a box ------------------------------

@@ -26,7 +26,7 @@ import pytest
 
 from bridge.box import kamailio
 from media import g711
-from support import Api, BoxProcess, RtpPeer, create_key, next_ports, sipp, sipp_file
+from support import Api, BoxProcess, RtpPeer, create_key, next_ports, sipp, sipp_file, wait_until
 
 PRODUCT = re.compile(r"pjsip|pjsua|pjmedia|pjproject", re.I)
 ROUTING = ("via", "v", "record-route", "route", "contact", "m")      # headers that carry addresses
@@ -43,12 +43,7 @@ def topo(tmp_path_factory):
     try:
         yield SimpleNamespace(box=box, far=far, api=Api(box, create_key(box.data)))
     finally:
-        try:
-            box.stop(40)
-        finally:
-            if box.alive():
-                box.proc.kill()
-                box.proc.wait(10)
+        box.stop(40)                # (kills it when SIGTERM does not stop it)
 
 
 def _inside(box: BoxProcess) -> set[str]:
@@ -114,13 +109,7 @@ def _noise(seed: int, packets: int) -> list[bytes]:
 
 
 def _wait(what, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(message)
+    return wait_until(what, timeout, message, 0.1)
 
 
 @pytest.mark.slow
