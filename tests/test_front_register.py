@@ -341,6 +341,15 @@ def test_a_tcp_trunk_registers_over_tcp_and_retry_is_validated(tmp_path):
             _cfg(tmp_path, reg + f"register_retry = {bad}\n")
 
 
+def test_two_trunks_registering_one_address_of_record_are_refused(tmp_path):
+    """The front tells its registrars' answers apart by their From (sip:username@domain): two
+    trunks registering the same one would share one state and one registrar's answers."""
+    reg = 'username = "trunkuser"\npassword = "p"\nrealm = "trunk.test"\nregister = true\n'
+    cfg = _cfg(tmp_path, reg + '[[trunks]]\nname = "again"\naddress = "sip:127.0.0.1:5090"\n' + reg)
+    with pytest.raises(ValueError, match="registers sip:trunkuser@127.0.0.1:5090 like trunk 'carrier'"):
+        _render(cfg, tmp_path)
+
+
 def test_rendered_front_without_register_trunks_has_no_uac(tmp_path):
     sup, text = _render(_cfg(tmp_path, 'username = "u"\npassword = "p"\nrealm = "r"\n'), tmp_path)
     assert "uac.so" not in text and "db_text" not in text and "WITH_UACREG" not in text.replace(

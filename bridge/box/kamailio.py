@@ -215,6 +215,7 @@ def registrations(cfg, listen: list[str], tls: "Tls | None" = None) -> list[Regi
     public_tcp = next((x for x in listen if x.lower().startswith("tcp:")), public_udp)
     out: list[Registration] = []
     seen: set[str] = set()
+    aors: dict[str, str] = {}
     for i, t in enumerate(cfg.trunks):
         if not t.register:
             continue
@@ -232,6 +233,10 @@ def registrations(cfg, listen: list[str], tls: "Tls | None" = None) -> list[Regi
         rh = f"[{rhost}]" if ":" in rhost else rhost
         domain = f"{rh}:{rport}" if rport else rh
         proxy = f"sip:{rh}:{rport or (5061 if transport == 'tls' else 5060)}{param}"
+        aor = f"sip:{t.username}@{domain}"
+        if aor in aors:       # the front tells the answers apart by their From: two would share one
+            raise ValueError(f"trunk {t.name!r} registers {aor} like trunk {aors[aor]!r}: one registration each")
+        aors[aor] = t.name
         uuid = t.username if set(t.username) <= _USER_SAFE else f"trunk{i}"
         if uuid in seen:
             uuid = f"{uuid}-{i}"
