@@ -88,10 +88,15 @@ def test_calls_up_across_a_front_restart_still_end_from_either_side(tmp_path):
         call_b = active[0]["id"]
         a = sipp("call_pcmu.xml", box.sip, tmp_path / "a", "-d", "6000", local_port=box.ports["sipp"],
                  background=True, timeout=40)
+        # c: SIPp's built-in uac sends its BYE to the front's own address (no Contact, no Route)
+        (tmp_path / "c").mkdir()
+        c = sipp("builtin:uac", box.sip, tmp_path / "c", "-d", "6000", local_port=box.ports["sipp"] + 2,
+                 background=True, timeout=40)
         time.sleep(1.5)
-        assert len(api.get("/v1/calls?state=active")[1]["calls"]) == 2
+        assert len(api.get("/v1/calls?state=active")[1]["calls"]) == 3
         _kill_front(box)
         assert a.wait(40) == 0, a.stdout.read().decode(errors="replace")[-1500:]     # its BYE got 200
+        assert c.wait(40) == 0, c.stdout.read().decode(errors="replace")[-1500:]
         status, _, _ = api.post(f"/v1/calls/{call_b}/hangup")
         assert status in (200, 202), status
         assert b.wait(40) == 0, b.stdout.read().decode(errors="replace")[-1500:]     # the cell's BYE arrived
