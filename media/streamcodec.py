@@ -70,13 +70,18 @@ class FrameEncoder:
     def _exact(self, pcm: bytes) -> bytes:
         """Exactly one wire frame of PCM: up-sampling by a fraction gives one
         sample less on the very first chunk, so the first frame is padded at the
-        front; any extra sample is carried to the next frame."""
+        front; any extra sample is carried to the next frame. A frame of another
+        size is padded or carried the same way (a media message to a bot always
+        holds 20 ms: an empty payload broke Twilio's format)."""
         if self._resampler is None:
-            return pcm
-        buf = self._carry + self._resampler.process(pcm)
+            if len(pcm) == self._frame_bytes and not self._carry:
+                return pcm
+            buf = self._carry + pcm                # an odd-sized frame (none at all: silence) still
+        else:                                      # makes exactly one wire frame
+            buf = self._carry + self._resampler.process(pcm)
         if len(buf) < self._frame_bytes:
             buf = bytes(self._frame_bytes - len(buf)) + buf
-        self._carry = buf[self._frame_bytes:]
+        self._carry = buf[self._frame_bytes:2 * self._frame_bytes]     # bounded: at most a frame waits
         return buf[:self._frame_bytes]
 
     def encode(self, pcm: bytes | None) -> bytes:

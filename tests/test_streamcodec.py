@@ -94,6 +94,15 @@ def test_silent_tick_encodes_as_silence():
         assert np.abs(got).max() <= 8, encoding
 
 
+@pytest.mark.parametrize("size", [0, 100, 400])
+def test_a_frame_of_another_size_still_makes_one_20ms_payload(size):
+    """Twilio's media messages hold 20 ms (160 bytes of mu-law at 8 kHz): a frame of another size
+    from the call (an empty one made an empty payload) is padded, or its excess carried."""
+    enc = FrameEncoder("mulaw", 8000)
+    got = [enc.encode(bytes(size)), enc.encode(bytes(320)), enc.encode(bytes(320))]
+    assert [len(p) for p in got] == [160, 160, 160]
+
+
 def test_unknown_encoding_refused():
     with pytest.raises(ValueError):
         FrameEncoder("gsm", 8000)

@@ -291,6 +291,23 @@ def schedule(duration: float, disk: bool) -> list[Fault]:
     return f
 
 
+def fd_targets(pid: int) -> dict[str, int]:
+    """The kinds of a process's open descriptors (socket, pipe, anon_inode:..., a path) and how many."""
+    out: dict[str, int] = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":[", 1)[0] if ":[" in target else target
+        out[kind] = out.get(kind, 0) + 1
+    return out
+
+
 # -- the run ---------------------------------------------------------------------------------
 @dataclass
 class Soak:
@@ -510,6 +527,9 @@ class Soak:
         wal = data / "trunkline.db-wal"
         row["wal_kb"] = (wal.stat().st_size // 1024) if wal.exists() else 0
         row["data_kb"] = dir_kb(data)
+        sup = box.proc.pid if box.proc is not None else None
+        if sup is not None:                   # what the supervisor holds open (FD growth is a verdict)
+            row["supervisor_fds"] = fd_targets(sup)
         self.samples.append(row)
 
     # -- verdict -----------------------------------------------------------------------------
@@ -607,6 +627,8 @@ class Soak:
                 "series": [{"t": x["t"], "db_kb": x["db_kb"], "wal_kb": x["wal_kb"], "data_kb": x["data_kb"],
                             **{r: [v["rss_kb"], v["pss_kb"], v["fds"], v["threads"]] for r, v in x["procs"].items()}}
                            for x in self.samples],
+                "supervisor_fds": {"first": next((x.get("supervisor_fds") for x in self.samples), None),
+                                   "last": self.samples[-1].get("supervisor_fds") if self.samples else None},
                 "problems": problems,
                 "ok": not problems}
 
