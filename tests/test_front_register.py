@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bridge.box import kamailio
+from bridge.box import kamailio, uacreg
 from bridge.box.registrations import RegState, changed, last_replies, read_states
 from media import g711
 from support import Api, BoxProcess, RtpPeer, create_key, sipp, wait_until
@@ -316,7 +316,7 @@ def test_rendered_front_registers_only_register_trunks(tmp_path, monkeypatch):
     # uac_reg sends again retry - timer - 3 s after a failure: the margin is added back
     timer = int(re.search(r'"reg_timer_interval", (\d+)', text).group(1))
     assert f'"reg_retry_interval", {7 + timer + 3})' in text
-    kamailio.write_uacreg(str(tmp_path / "run"), sup.front_registrations)
+    uacreg.write_uacreg(str(tmp_path / "run"), sup.front_registrations)
     table = (tmp_path / "run" / "db" / "uacreg").read_text()
     assert "Zq7" not in table and r.ha1 in table and "203.0.113.5\\:5060" in table
     assert stat.S_IMODE((tmp_path / "run" / "db" / "uacreg").stat().st_mode) == 0o600
@@ -462,7 +462,7 @@ def test_an_unreadable_front_never_leaves_a_stale_registered(tmp_path, monkeypat
 
 def test_no_digest_is_left_when_no_trunk_registers_any_more(tmp_path):
     run = tmp_path / "run"
-    reg = kamailio.Registration("carrier", "u", "u", "127.0.0.1:5090", "r", "0" * 32, "sip:127.0.0.1:5090",
+    reg = uacreg.Registration("carrier", "u", "u", "127.0.0.1:5090", "r", "0" * 32, "sip:127.0.0.1:5090",
                                 "127.0.0.1:5060", "udp:127.0.0.1:5060", 300, 30)
     kamailio.write(str(run), "cfg", "", regs=[reg])
     assert "0" * 32 in (run / "db" / "uacreg").read_text()

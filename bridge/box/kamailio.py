@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from sip.uri import host_port
+from bridge.box.sipaddr import primary_address, quoted, socket_parts, split_address
+from bridge.box.uacreg import Registration, registrar_lines, uac_lines, write_uacreg
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "kamailio" / "kamailio.cfg.tmpl"
 
@@ -27,23 +28,6 @@ def dispatcher_list(cells: list[tuple[str, int]], maxload: int, socket: str | No
         h = f"[{host}]" if ":" in host else host
         lines.append(f"1 sip:{h}:{port} 0 0 duid=cell{i};maxload={maxload}" + (f";socket={socket}" if socket else ""))
     return "\n".join(lines) + "\n"
-
-
-def _split_address(address: str) -> tuple[str, int | None]:
-    """``sip:host[:port][;params]`` / ``host:port`` / ``[v6]:port`` -> (host, port or None)."""
-    a = address.strip()
-    for scheme in ("sips:", "sip:"):
-        if a.lower().startswith(scheme):
-            a = a[len(scheme):]
-    return host_port(a.split(";", 1)[0].split("@")[-1])
-
-
-def _quoted(text: str) -> str:
-    """A value safe inside a double-quoted Kamailio string (config comes from the operator,
-    but a stray quote must not change the routing logic)."""
-    if any(ch in text for ch in '"\\\n\r$'):
-        raise ValueError(f"unsupported character in {text!r}")
-    return text
 
 
 Trunks = list[tuple[str | list[str], list[str]]]   # (address(es) or "", allow CIDRs) per trunk
@@ -175,142 +159,6 @@ def start_media(edge: MediaEdge, run_dir: str, preexec=None):
         return subprocess.Popen(edge.command(run_dir), stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
 
 
-@dataclass(frozen=True)
-class Registration:
-    """A ``register = true`` trunk registered by the front (Kamailio's ``uac`` module, ``uac_reg``):
-    one row of the ``uacreg`` table (``uacreg_table``). REGISTER goes to ``proxy`` from the public
-    ``socket`` with ``Contact: <sip:uuid@contact>``, the front's public address, so the carrier's
-    INVITEs reach the front and are dispatched to cells like any other call."""
-    trunk: str                  # the trunk's name (metrics, events)
-    uuid: str                   # the Contact's user (uac_reg's l_uuid): the trunk's username, made unique
-    username: str
-    domain: str                 # the registrar's host[:port]: Request-URI sip:domain, To/From sip:username@domain
-    realm: str
-    ha1: str = field(repr=False)  # MD5(username:realm:password): the table never holds the password itself
-    proxy: str                  # where REGISTER is sent: sip:host:port[;transport=tcp|tls]
-    contact: str                # host:port[;transport=..] of the front's public socket
-    socket: str                 # the public socket REGISTER leaves from (never the cells' one)
-    expires: int
-    retry: int                  # seconds before a failed registration is tried again
-
-
-_USER_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,;?/")
-
-
-def primary_address() -> str:
-    """The host's outgoing address (for a wildcard listen address)."""
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))          # no packet is sent: picks the outgoing address
-        return s.getsockname()[0]
-
-
-def registrations(cfg, listen: list[str], tls: "Tls | None" = None) -> list[Registration]:
-    """The trunks the front registers (``register = true``), with the front's public address in
-    Contact: ``sip.public_address`` when set, else the public socket's own address (the host's
-    primary address when that is a wildcard), and the port of the socket for the trunk's
-    transport. Digest credentials come from the trunk's ``password``/``password_env``."""
-    import hashlib
-    public_udp = next((x for x in listen if x.lower().startswith("udp:")), listen[0])
-    public_tcp = next((x for x in listen if x.lower().startswith("tcp:")), public_udp)
-    out: list[Registration] = []
-    seen: set[str] = set()
-    aors: dict[str, str] = {}
-    for i, t in enumerate(cfg.trunks):
-        if not t.register:
-            continue
-        transport = cfg.transport(t.name)
-        if transport == "tls" and tls is None:
-            raise ValueError(f"trunk {t.name!r}: transport = \"tls\" needs the front's TLS socket (sip.tls_listen)")
-        sock = {"udp": public_udp, "tcp": public_tcp, "tls": tls.socket if tls else ""}[transport]
-        _, sock_host, sock_port = _socket_parts(sock)
-        host = (cfg.raw["sip"]["public_address"] or "").strip().strip("[]") or sock_host
-        if host in ("", "0.0.0.0", "::"):
-            host = primary_address()
-        param = "" if transport == "udp" else f";transport={transport}"
-        contact = f"{f'[{host}]' if ':' in host else host}:{sock_port}{param}"
-        rhost, rport = _split_address(t.address)
-        rh = f"[{rhost}]" if ":" in rhost else rhost
-        domain = f"{rh}:{rport}" if rport else rh
-        proxy = f"sip:{rh}:{rport or (5061 if transport == 'tls' else 5060)}{param}"
-        aor = f"sip:{t.username}@{domain}"
-        if aor in aors:       # the front tells the answers apart by their From: two would share one
-            raise ValueError(f"trunk {t.name!r} registers {aor} like trunk {aors[aor]!r}: one registration each")
-        aors[aor] = t.name
-        uuid = t.username if set(t.username) <= _USER_SAFE else f"trunk{i}"
-        if uuid in seen:
-            uuid = f"{uuid}-{i}"
-        seen.add(uuid)
-        ha1 = hashlib.md5(f"{t.username}:{t.realm}:{t.password}".encode()).hexdigest()
-        retry = int(cfg.raw["trunks"][i].get("register_retry", 30)) if i < len(cfg.raw["trunks"]) else 30
-        _quoted(contact)                # the first one goes into kamailio.cfg (reg_contact_addr)
-        out.append(Registration(t.name, uuid, t.username, domain, t.realm, ha1, proxy, contact, sock,
-                                t.expires, retry))
-    return out
-
-
-def _dbtext(value: str) -> str:
-    """A db_text field: its separator and escapes written as db_text reads them back."""
-    return (value.replace("\\", "\\\\").replace(":", "\\:").replace("\n", "\\n").replace("\r", "\\r")
-            .replace("\t", "\\t").replace("\0", "\\0"))
-
-
-UACREG_COLUMNS = ("id(int,auto) l_uuid(string) l_username(string) l_domain(string) r_username(string) "
-                  "r_domain(string) realm(string,null) auth_username(string) auth_password(string,null) "
-                  "auth_ha1(string,null) auth_proxy(string) expires(int) flags(int) reg_delay(int) "
-                  "contact_addr(string,null) socket(string,null)")
-
-
-def uacreg_table(regs: list[Registration]) -> str:
-    """The ``uacreg`` table (db_text) uac_reg loads at start. It holds HA1 digests: ``write``
-    makes it readable by its owner only."""
-    rows = [UACREG_COLUMNS]
-    for n, r in enumerate(regs, 1):
-        rows.append(":".join([str(n), *(_dbtext(x) for x in (r.uuid, r.username, r.domain, r.username, r.domain,
-                                                            r.realm, r.username, "", r.ha1, r.proxy)),
-                              str(r.expires), "0", "0", _dbtext(r.contact), _dbtext(r.socket)]))
-    return "\n".join(rows) + "\n"
-
-
-def registrar_lines(regs: list[Registration]) -> str:
-    """route[REGISTRAR] body: an answer to the front's REGISTER for a registration (its From,
-    ``sip:username@domain``) is accepted only from that registration's registrar (``proxy``): its
-    IP address (any port), or when it is a host name one of the addresses it resolves to."""
-    import ipaddress
-    lines = []
-    for r in regs:
-        host, _ = _split_address(r.proxy)
-        aor = _quoted(f"sip:{r.username}@{r.domain}")
-        try:
-            ip = ipaddress.ip_address(host)
-            cond = f'is_in_subnet("$si", "{ip}/{ip.max_prefixlen}")'
-        except ValueError:
-            cond = f'dns_int_match_ip("{_quoted(host)}", "$si")'
-        lines.append(f'    if ($fu == "{aor}") {{ if ({cond}) return 1; return -1; }}')
-    return "\n".join(lines) or "    # no registration"
-
-
-def uac_lines(run_dir: str, regs: list[Registration], timer: int = 0) -> str:
-    """The ``uac`` module's settings when the front registers trunks (else a comment). uac_reg's
-    timer wakes every ``timer`` s (default: a third of the shortest retry, 1..10 s) and refreshes a
-    registration that expires within ``timer + 3`` s; after a failure it sends again once
-    ``retry - timer - 3`` s have passed, so its ``reg_retry_interval`` is the trunk's
-    ``register_retry`` plus that margin (the shortest one when trunks differ: it is global)."""
-    if not regs:
-        return "# no trunk registers through the front (register = true)\n"
-    retry = min(r.retry for r in regs)
-    timer = timer or max(1, min(10, retry // 3))
-    contact = regs[0].contact.split(";")[0]
-    return ("#!define WITH_UACREG\n"
-            'loadmodule "db_text.so"\nloadmodule "htable.so"\nloadmodule "uac.so"\n'
-            f'modparam("uac", "reg_db_url", "text://{_quoted(run_dir)}/db")\n'
-            f'modparam("uac", "reg_contact_addr", "{contact}")\n'
-            f'modparam("uac", "reg_timer_interval", {timer})\n'
-            f'modparam("uac", "reg_retry_interval", {retry + timer + 3})\n'
-            'modparam("uac", "restore_mode", "none")\n'
-            'modparam("htable", "htable", "uacreg=>size=4;")\n')
-
-
 TOPOH_FILE = "topoh.cfg"        # in the run directory: topoh's mask key, owner-only
 TOPOH_URI_PARAM = "tlh"         # the masked URIs' parameter (topoh's default "line" is a common Contact parameter)
 _KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
@@ -325,7 +173,7 @@ def mask_address(public_address: str, listen: list[str]) -> str:
     public Record-Route entry (address and port); one that ignores Record-Route and sends to the
     masked Contact reaches port 5060 of that address."""
     public_udp = next((x for x in listen if x.lower().startswith("udp:")), listen[0])
-    _, host, _ = _socket_parts(public_udp)
+    _, host, _ = socket_parts(public_udp)
     host = public_address.strip().strip("[]") or host
     if host in ("", "0.0.0.0", "::"):
         host = primary_address()
@@ -339,8 +187,8 @@ def topoh_lines(run_dir: str, mask_ip: str) -> str:
     in ``run_dir/topoh.cfg`` (``write_topoh``), readable by its owner only, and included."""
     return ("#!define WITH_TOPOH\n"
             'loadmodule "textopsx.so"\nloadmodule "topoh.so"\n'
-            f'include_file "{_quoted(run_dir)}/{TOPOH_FILE}"\n'
-            f'modparam("topoh", "mask_ip", "{_quoted(mask_ip)}")\n'
+            f'include_file "{quoted(run_dir)}/{TOPOH_FILE}"\n'
+            f'modparam("topoh", "mask_ip", "{quoted(mask_ip)}")\n'
             f'modparam("topoh", "uparam_name", "{TOPOH_URI_PARAM}")\n'
             'modparam("topoh", "mask_callid", 0)\n')
 
@@ -396,7 +244,7 @@ def trusted_lines(groups: list[tuple[str, str, list[str]]], transports: list[str
     ``tls`` trunk is trusted only over TLS: a spoofed UDP packet from its address is not it."""
     transports = list(transports or []) + ["udp"] * (len(groups) - len(transports or []))
     over_tls = '$pr == "tls" && '
-    lines = [f'    if ({over_tls if transport == "tls" else ""}is_in_subnet("$si", "{_quoted(c)}")) '
+    lines = [f'    if ({over_tls if transport == "tls" else ""}is_in_subnet("$si", "{quoted(c)}")) '
              f'{{ $var(trunk) = "{tag}"; return 1; }}'
              for (tag, _, allow), transport in zip(groups, transports) for c in allow]
     return "\n".join(lines) or "    # none"
@@ -451,8 +299,8 @@ def edge_flags(srtp: str, codecs: list[str], cell_codecs: list[str] | None = Non
 def edge_lines(groups: list[tuple[str, str, list[str]]], flags: list[tuple[str, str] | None]) -> str:
     """route[EDGEFLAGS] body: for a trunk whose media crosses rtpengine, ``$var(edge)`` = 1 and
     its offer flags toward the cell and toward the trunk (see ``edge_flags``)."""
-    lines = [f'    if ($var(trunk) == "{tag}") {{ $var(edge) = 1; $var(edge_cell) = "{_quoted(f[0])}"; '
-             f'$var(edge_trunk) = "{_quoted(f[1])}"; return 1; }}'
+    lines = [f'    if ($var(trunk) == "{tag}") {{ $var(edge) = 1; $var(edge_cell) = "{quoted(f[0])}"; '
+             f'$var(edge_trunk) = "{quoted(f[1])}"; return 1; }}'
              for (tag, _, _), f in zip(groups, flags) if f is not None]
     return "\n".join(lines) or "    # no trunk's media crosses the edge"
 
@@ -474,24 +322,17 @@ def trunk_dest_lines(trunk_addresses: list[str], trusted: list[str],
     for tag, addresses, _ in groups:
         # a trunk's address, or every address of its ordered failover list
         for address in ([addresses] if isinstance(addresses, str) else addresses):
-            host, port = _split_address(address) if address else ("", None)
+            host, port = split_address(address) if address else ("", None)
             if not host:
                 continue
-            host = _quoted(host)
+            host = quoted(host)
             rd = f"[{host}]" if ":" in host else host
             cond = f'$rd == "{rd}"' + (f" && $rp == {port}" if port else "")
             lines.append(f'    if ({cond}) {{ $var(trunk) = "{tag}"; return 1; }}')
     for tag, _, allow in groups:
         for c in allow:
-            lines.append(f'    if (is_ip("$rd") && is_in_subnet("$rd", "{_quoted(c)}")) {{ $var(trunk) = "{tag}"; return 1; }}')
+            lines.append(f'    if (is_ip("$rd") && is_in_subnet("$rd", "{quoted(c)}")) {{ $var(trunk) = "{tag}"; return 1; }}')
     return "\n".join(lines) or "    # no trunk addresses: cells may not send anywhere"
-
-
-def _socket_parts(sock: str) -> tuple[str, str, int]:
-    """``udp:ip:port`` -> (proto, ip, port)."""
-    proto, _, rest = sock.partition(":")
-    host, _, port = rest.rpartition(":")
-    return proto.lower(), host.strip("[]"), int(port)
 
 
 def listen_lines(public: list[str], cell_socket: str, advertise: str = "") -> str:
@@ -537,9 +378,9 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
     public_udp = next((x for x in listen if x.lower().startswith("udp:")), listen[0])
     public_tcp = next((x for x in listen if x.lower().startswith("tcp:")), public_udp)
     if cell_socket is None:
-        _, h, p = _socket_parts(public_udp)
+        _, h, p = socket_parts(public_udp)
         cell_socket = f"udp:{f'[{h}]' if ':' in h else h}:{p + 1000}"
-    proto, cell_ip, cell_port = _socket_parts(cell_socket)
+    proto, cell_ip, cell_port = socket_parts(cell_socket)
     if proto != "udp" or cell_socket in listen:
         raise ValueError(f"cell socket {cell_socket!r}: must be a UDP socket of its own")
     groups = _groups(trusted, trunk_addresses or [], trunks)
@@ -550,9 +391,9 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
         listen = [*listen, tls.socket]
         threads, tcp_children = tls_process_settings(kamailio_version(), children)
         tls_module = (threads + "enable_tls=yes\n"
-                      f'loadmodule "tls.so"\nmodparam("tls", "config", "{_quoted(run_dir)}/tls.cfg")\n'
+                      f'loadmodule "tls.so"\nmodparam("tls", "config", "{quoted(run_dir)}/tls.cfg")\n'
                       'modparam("tls", "connection_timeout", 600)\n')
-        to_tls = f'if ($nh(P) == "tls") {{\n        $fs = "{_quoted(tls.socket)}";\n    }} else '
+        to_tls = f'if ($nh(P) == "tls") {{\n        $fs = "{quoted(tls.socket)}";\n    }} else '
     else:
         tls_module, to_tls = "# no SIP over TLS configured ([sip] tls_listen)\n", ""
         tcp_children = children
@@ -578,8 +419,8 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
         "LISTEN": listen_lines(listen, cell_socket, advertise), "RUN_DIR": run_dir,
         "TLS_MODULE": tls_module, "TOTLS": to_tls,
         "TRUNKTRANSPORT": trunk_transport_lines(groups, transports + ["udp"] * (len(groups) - len(transports))),
-        "MODULES": modules_dir(), "CELL_SOCKET": _quoted(cell_socket), "CELL_IP": _quoted(cell_ip),
-        "CELL_PORT": str(cell_port), "PUBLIC_UDP": _quoted(public_udp), "PUBLIC_TCP": _quoted(public_tcp),
+        "MODULES": modules_dir(), "CELL_SOCKET": quoted(cell_socket), "CELL_IP": quoted(cell_ip),
+        "CELL_PORT": str(cell_port), "PUBLIC_UDP": quoted(public_udp), "PUBLIC_TCP": quoted(public_tcp),
         "LOST_DLG_WINDOW": str(int(lost_dialog_window)),
         "TRUSTED": trusted_lines(groups, transports), "RETRY_AFTER": str(retry_after), "PING": str(ping), "PIKE": str(pike),
         "CHILDREN": str(children), "TCP_CHILDREN": str(tcp_children), "DEBUG": str(debug), "FR_TIMER": str(fr_timer),
@@ -598,22 +439,6 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
     if "{{" in tpl:
         raise ValueError("unfilled placeholder in kamailio template")
     return tpl
-
-
-def write_uacreg(run_dir: str, regs: list[Registration]) -> None:
-    """uac_reg's db_text database in ``run_dir/db`` (directory 0700, files 0600: HA1 digests)."""
-    db = os.path.join(run_dir, "db")
-    os.makedirs(db, mode=0o700, exist_ok=True)
-    os.chmod(db, 0o700)
-    files = {"version": "id(int,auto) table_name(string) table_version(int)\n1:version:1\n2:uacreg:5\n",
-             "uacreg": uacreg_table(regs)}
-    for name, text in files.items():
-        path = os.path.join(db, name)
-        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(path + ".tmp", 0o600)
-        os.replace(path + ".tmp", path)
 
 
 def write(run_dir: str, cfg_text: str, dlist: str, tls: Tls | None = None,

@@ -7,7 +7,7 @@ public SIP address, restarts a cell that dies (backoff up to 1 s doubling to 30 
 (``bridge.core.backoff``), reset after a minute up), and on SIGTERM drains every cell before stopping
 Kamailio. It also serves the box's HTTP: one API, WebSocket, webhooks and
 /metrics for all cells (see ``bridge.box.api``). The front registers the ``register = true``
-trunks itself (uac_reg, ``bridge.box.kamailio.registrations``); the supervisor reads their state
+trunks itself (uac_reg, ``bridge.box.uacreg.registrations``); the supervisor reads their state
 over Kamailio's ctl socket every ``REG_POLL`` s (``bridge.box.registrations``).
 
 Cells are forked from a zygote (``bridge.box.zygote``) that the supervisor forks at start, so
@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from bridge.box import kamailio
+from bridge.box import kamailio, uacreg
 from bridge.box.registrations import RegState, changed, last_replies, read_states, registrar_net as _registrar_net
 from bridge.box.zygote import Zygote
 from bridge.core import backoff
@@ -141,7 +141,7 @@ class Supervisor:
         self.stopping = False
         self.zygote: Zygote | None = None     # forks the cells (shared imported code); None: exec
         self.registrations: dict[str, RegState] = {}    # trunk -> the front's registration (uac_reg)
-        self.front_registrations: list[kamailio.Registration] = []
+        self.front_registrations: list[uacreg.Registration] = []
 
     # -- cells -------------------------------------------------------------------------
     def _cell_cmd(self, c: CellProc) -> list[str]:
@@ -232,7 +232,7 @@ class Supervisor:
         fh = self._front_ip()
         inner = f"udp:{f'[{fh}]' if ':' in fh else fh}:{self.front_port}"
         tls = kamailio.Tls.from_sip(self.cfg.raw["sip"])
-        regs = kamailio.registrations(self.cfg, listen, tls)
+        regs = uacreg.registrations(self.cfg, listen, tls.socket if tls else "")
         allow = {t.name: list(t.allow) for t in self.cfg.trunks}
         for t in self.cfg.trunks:
             net = _registrar_net(t.address) if t.register else ""
