@@ -82,7 +82,7 @@ def front(tmp_path_factory):
               f'[sip]\nrtp_timeout = 0\n'
               f'[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:{carrier}"\nusername = "trunkuser"\n'
               f'password_env = "FRONTREG_PASS"\nrealm = "trunk.test"\nregister = true\nexpires = 60\n'
-              f'register_retry = {RETRY}\n')
+              f'register_retry = {RETRY}\nregister_retry_max = {2 * RETRY}\n')
     box.config_path.write_text(config + box.config_path.read_text())
     box.env["FRONTREG_PASS"] = PASSWORD
     registrar = _registrar("front_registrar.xml", tmp / "carrier1", carrier, "-set", "expires", str(CARRIER_EXPIRES))
@@ -209,9 +209,9 @@ def test_a_lost_registration_is_reported_and_comes_back(front):
 
 
 class _Answerer:
-    """A registrar on 127.0.0.1:``port`` that answers every REGISTER 200 (expires 3600) without a
-    challenge, from ``source`` (an address of its own, or another loopback address: someone on
-    the path answering first)."""
+    """A registrar on 127.0.0.1:``port`` that answers every REGISTER ``status`` (200: expires 3600,
+    without a challenge), from ``source`` (an address of its own, or another loopback address:
+    someone on the path answering first); ``times``: when each REGISTER came (monotonic)."""
 
     def __init__(self, port: int):
         import socket
@@ -223,6 +223,8 @@ class _Answerer:
         self.other.bind(("127.0.0.2", 0))
         self.source = self.other
         self.answered = {"127.0.0.1": 0, "127.0.0.2": 0}
+        self.status = 200
+        self.times: list[float] = []
         self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -236,12 +238,17 @@ class _Answerer:
             text = data.decode(errors="replace")
             if not text.startswith("REGISTER "):
                 continue
+            self.times.append(time.monotonic())
             head = text.split("\r\n\r\n", 1)[0].split("\r\n")
             keep = [h for h in head[1:] if re.match(r"(Via|v|From|f|Call-ID|i|CSeq):", h, re.I)]
             to = next(h for h in head[1:] if re.match(r"(To|t):", h, re.I))
             contact = next(h for h in head[1:] if re.match(r"(Contact|m):", h, re.I))
-            reply = "\r\n".join(["SIP/2.0 200 OK", *keep, to + ";tag=onpath", contact + ";expires=3600",
-                                  "Expires: 3600", "Content-Length: 0", "", ""])
+            if self.status == 200:
+                reply = "\r\n".join(["SIP/2.0 200 OK", *keep, to + ";tag=onpath", contact + ";expires=3600",
+                                      "Expires: 3600", "Content-Length: 0", "", ""])
+            else:
+                reply = "\r\n".join([f"SIP/2.0 {self.status} Refused", *keep, to + ";tag=onpath",
+                                      "Content-Length: 0", "", ""])
             self.source.sendto(reply.encode(), addr)
             self.answered[self.source.getsockname()[0]] += 1
 
@@ -278,6 +285,84 @@ def test_an_answer_to_the_fronts_register_counts_only_from_the_registrar(tmp_pat
     finally:
         registrar.close()
         box.stop(40)                # (kills it when SIGTERM does not stop it)
+
+
+@pytest.mark.slow
+def test_a_refused_registration_backs_off_and_comes_back(tmp_path):
+    """The registrar refuses every REGISTER (503): the waits between the front's attempts grow
+    (register_retry = 4, register_retry_max = 32: W = 4, 8, 16, 32 s, each W x U(0.5, 1), plus up
+    to ~3 s of polling and uac_reg's 1 s timer), where uac_reg alone retries at one interval (4 s here);
+    the failures in a row and the next attempt are on /metrics, /v1 and in the log; once the
+    registrar accepts, the trunk registers again and the count is reset."""
+    box = BoxProcess(tmp_path, 2)
+    carrier = box.ports["sipp"]
+    config = (f'drain_timeout = 5\n[models]\nload = "never"\n[[trunks]]\nname = "carrier"\n'
+              f'address = "sip:127.0.0.1:{carrier}"\nusername = "trunkuser"\npassword = "pw"\n'
+              f'realm = "trunk.test"\nregister = true\nexpires = 60\nregister_retry = 4\n'
+              f'register_retry_max = 32\n')
+    box.config_path.write_text(config + box.config_path.read_text())
+    registrar = _Answerer(carrier)
+    registrar.source, registrar.status = registrar.sock, 503
+    box.start()
+    try:
+        _wait(lambda: len(registrar.times) >= 5, 150, "the front stopped trying")
+        gaps = [round(b - a, 1) for a, b in zip(registrar.times, registrar.times[1:5])]
+        assert gaps[3] >= 14 and gaps[3] >= 2 * gaps[0], f"no backoff: {gaps}"     # uac_reg alone: 4 s each
+        assert max(gaps) <= 32 + 5, f"waited longer than register_retry_max: {gaps}"
+        v1 = _v1(box)
+        assert v1["registered"] is False and v1["status"] == 503 and v1["failures"] >= 4, v1
+        assert v1["next_attempt"] is None or 0 < v1["next_attempt"] - time.time() <= 32 + 1, v1
+        assert box.metrics()['trunkline_trunk_registration_failures{trunk="carrier"}'] >= 4
+        held = [e for e in box.events("registration_retry") if e.get("trunk") == "carrier"]
+        assert [e["failures"] for e in held[:4]] == [1, 2, 3, 4], held
+        assert all(0 < e["retry_in"] <= 32 for e in held), held
+        registrar.status = 200                          # the registrar is back
+        _wait(lambda: _gauge(box) == 1, 45, "the registration did not come back")
+        again = _wait(lambda: (r := _v1(box))["failures"] == 0 and r, 5, "the failures were not reset")
+        assert again["registered"] is True and again["next_attempt"] is None, again
+    finally:
+        registrar.close()
+        box.stop(40)
+
+
+def test_the_backoff_doubles_the_wait_after_each_failure_in_a_row():
+    """``Backoff`` on uac_reg's records as the front reports them: (flags, seconds until due)."""
+    from bridge.box.registrations import DISABLED, ONGOING, ONLINE, Backoff
+    b = Backoff({"carrier": (30, 100), "other": (5, 5)}, rand=lambda: 1.0)
+    failed, held, enabled = (0, 38), (DISABLED, 1), (0, 1)     # uac_reg after a 503 sets its own retry
+    assert b.step(0, {"carrier": (ONGOING, -5)}) == []                         # first REGISTER in flight
+    assert b.step(1, {"carrier": failed}) == [("disable", "carrier")]
+    assert (b.failures["carrier"], b.retry_in("carrier", 1)) == (1, 30)
+    assert b.step(20, {"carrier": held}) == []                                 # still held
+    assert b.step(31, {"carrier": held}) == [("enable", "carrier")] and b.retry_in("carrier", 31) is None
+    assert b.step(32, {"carrier": enabled}) == []                              # due in 1 s: not a failure
+    assert b.step(33, {"carrier": (ONGOING, 0)}) == []
+    assert b.step(34, {"carrier": failed}) == [("disable", "carrier")]         # the second one: 60 s
+    assert (b.failures["carrier"], b.retry_in("carrier", 34)) == (2, 60)
+    b.step(94, {"carrier": held})
+    b.step(96, {"carrier": failed})
+    assert (b.failures["carrier"], b.retry_in("carrier", 96)) == (3, 100)     # 120 capped at 100
+    # a front that restarts loads its table enabled and registers: the hold it lost is dropped
+    assert b.step(97, {"carrier": enabled}) == [] and b.retry_in("carrier", 97) is None
+    assert b.step(98, {"carrier": (ONLINE, 55)}) == [] and b.failures["carrier"] == 0
+    # a refresh that fails starts again from register_retry, and the jitter takes up to half off
+    b.rand = lambda: 0.0
+    assert b.step(99, {"carrier": (ONLINE, 0)}) == []                          # expired: uac_reg refreshes
+    assert b.step(100, {"carrier": failed}) == [("disable", "carrier")] and b.retry_in("carrier", 100) == 15
+    # disabled with no hold of ours (nothing else disables it): enabled again
+    assert b.step(0, {"other": (DISABLED, 1)}) == [("enable", "other")]
+    assert b.step(0, {"other": (0, 7), "unknown": (0, 7)}) == [("disable", "other")]
+
+
+def test_retry_max_below_retry_is_refused(tmp_path):
+    from bridge.core.config import ConfigError
+    reg = 'username = "u"\npassword = "p"\nrealm = "r"\nregister = true\n'
+    with pytest.raises(ConfigError, match="register_retry_max: 10 is below register_retry .30."):
+        _cfg(tmp_path, reg + "register_retry_max = 10\n")
+    sup, _ = _render(_cfg(tmp_path, reg + "register_retry = 5\nregister_retry_max = 600\n"), tmp_path)
+    assert [(r.retry, r.retry_max) for r in sup.front_registrations] == [(5, 600)]
+    sup, _ = _render(_cfg(tmp_path, reg), tmp_path)
+    assert [(r.retry, r.retry_max) for r in sup.front_registrations] == [(30, 300)]
 
 
 # -- the rendered config and the poller's reading, without a box ------------------------------

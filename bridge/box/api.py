@@ -253,7 +253,7 @@ class BoxApi(Api):
 
         async def list_registrations(request):
             """The front's trunk registrations (``register = true``): state, the registrar's last
-            answer and when it last changed."""
+            answer, when it last changed, failed attempts in a row and when the next one may go."""
             try:
                 self.auth(request, "read")
             except ApiError as e:
@@ -261,7 +261,8 @@ class BoxApi(Api):
             regs = getattr(self.sup, "registrations", {})
             return web.json_response({"registrations": [
                 {"trunk": t, "registered": r.registered, "status": r.status or None, "reason": r.reason or None,
-                 "since": r.since or None} for t, r in sorted(regs.items())]})
+                 "since": r.since or None, "failures": r.failures, "next_attempt": r.next_attempt or None}
+                for t, r in sorted(regs.items())]})
 
         app.router.add_get("/v1/cells", list_cells)
         app.router.add_get("/v1/registrations", list_registrations)
@@ -319,6 +320,9 @@ async def merged_metrics(sup, http: aiohttp.ClientSession, metrics: Metrics) -> 
         families["trunkline_trunk_registered"] = (
             "gauge", "1 while the front's registration of the trunk (register = true) is current",
             [("trunkline_trunk_registered", {"trunk": t}, int(r.registered)) for t, r in sorted(regs.items())])
+        families["trunkline_trunk_registration_failures"] = (
+            "gauge", "Failed registration attempts in a row (the wait before the next one doubles each time)",
+            [("trunkline_trunk_registration_failures", {"trunk": t}, r.failures) for t, r in sorted(regs.items())])
     for s in metrics.registry.collect():
         if s.name.startswith("trunkline_webhook"):
             families[s.name + "_total"] = ("counter", s.documentation,

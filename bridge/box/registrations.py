@@ -6,17 +6,23 @@ deploy/kamailio/kamailio.cfg.tmpl) and turns what it reads into one ``RegState``
 ``trunkline_trunk_registered`` on the box's /metrics and a ``registration`` event on each change
 (the same fields as a cell's: trunk, status, reason, registered).
 
-uac_reg's flags: 2 = a REGISTER is in progress, 4 = registered; it clears "registered" while it
-refreshes, so an in-progress record keeps the state it had. The dump also carries the digest
-(HA1) and is never logged.
+uac_reg's flags: 1 = disabled, 2 = a REGISTER is in progress, 4 = registered; it clears
+"registered" while it refreshes, so an in-progress record keeps the state it had. The dump also
+carries the digest (HA1) and is never logged.
+
+uac_reg retries a failed registration at one fixed interval; ``Backoff`` decides (no I/O) when
+the supervisor holds a failed one back (``uac.reg_disable``) and lets it try again
+(``uac.reg_enable``), so the waits grow after each failure in a row.
 """
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
 from dataclasses import dataclass
+from typing import Callable
 
-ONGOING, ONLINE = 1 << 1, 1 << 2
+DISABLED, ONGOING, ONLINE = 1 << 0, 1 << 1, 1 << 2
 
 
 @dataclass
@@ -28,6 +34,8 @@ class RegState:
     reason: str = ""
     known: bool = False           # set once a state was read (the first one is always reported)
     since: float = 0.0            # wall-clock time of the last change (0: not read yet)
+    failures: int = 0             # failed attempts in a row (Backoff)
+    next_attempt: float = 0.0     # wall-clock time the front may try again while held back (0: not held)
 
 
 def registrar_net(address: str) -> str:
@@ -152,3 +160,66 @@ def read_states(dump: str, replies: dict[str, tuple[int, str]], trunks: dict[str
 def changed(old: RegState | None, new: RegState) -> bool:
     """A ``registration`` event is due: the first state read, or a different one."""
     return new.known and (old is None or not old.known or (old.registered, old.status) != (new.registered, new.status))
+
+
+def records(dump: str, trunks: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """``uac.reg_dump`` as trunk -> (uac_reg flags, seconds until its timer is due: the refresh
+    when registered, its own retry after a failure, 1 right after an enable/disable)."""
+    out: dict[str, tuple[int, int]] = {}
+    for rec in parse_structs(dump):
+        trunk = trunks.get(rec.get("l_uuid", ""))
+        try:
+            if trunk is not None:
+                out[trunk] = (int(rec.get("flags", "0")), int(rec.get("diff_expires", "0")))
+        except ValueError:
+            continue
+    return out
+
+
+class Backoff:
+    """When a failed registration tries again: exponential backoff with jitter (RFC 5626 §4.5),
+    per trunk ``(base, cap)`` = (``register_retry``, ``register_retry_max``). After the n-th
+    failure in a row the front waits W·U(0.5, 1) s, W = min(cap, base·2^(n-1)); a registration
+    resets n. No I/O: ``step`` takes a monotonic ``now`` and ``records``' view of uac_reg and
+    returns the commands for the front, ``("disable" | "enable", trunk)``.
+
+    uac_reg marks its own retry right after a failure (its timer due more than 2 s ahead, not
+    registered, nothing in flight, not disabled): that failure is counted, the registration is
+    disabled and held until its time, then enabled (uac_reg sends on its next timer tick, which
+    also makes the timer due in 1 s: never taken for a failure). A front that restarts loads its
+    table enabled and registers at once: a hold it no longer has is dropped, the count kept."""
+
+    def __init__(self, limits: dict[str, tuple[float, float]], rand: Callable[[], float] = random.random):
+        self.limits = limits
+        self.failures = {t: 0 for t in limits}
+        self.until: dict[str, float] = {}          # trunk -> when its hold ends (monotonic)
+        self.rand = rand
+
+    def step(self, now: float, recs: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for trunk, (flags, left) in recs.items():
+            if trunk not in self.limits or flags & ONGOING:
+                continue
+            if flags & ONLINE and left > 0:
+                self.failures[trunk] = 0
+                self.until.pop(trunk, None)
+            elif trunk in self.until:
+                if not flags & DISABLED:
+                    del self.until[trunk]
+                elif now >= self.until[trunk]:
+                    del self.until[trunk]
+                    out.append(("enable", trunk))
+            elif flags & DISABLED:                  # held by no one here: let it try
+                out.append(("enable", trunk))
+            elif not flags & ONLINE and left > 2:
+                n = self.failures[trunk] = self.failures[trunk] + 1
+                base, cap = self.limits[trunk]
+                wait = min(cap, base * 2 ** min(n - 1, 30))
+                self.until[trunk] = now + wait * (0.5 + 0.5 * self.rand())
+                out.append(("disable", trunk))
+        return out
+
+    def retry_in(self, trunk: str, now: float) -> float | None:
+        """Seconds until a held registration may try again (None: not held)."""
+        until = self.until.get(trunk)
+        return None if until is None else max(0.0, until - now)

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 
 from bridge.box import kamailio, uacreg
-from bridge.box.registrations import RegState, changed, last_replies, read_states, registrar_net as _registrar_net
+from bridge.box.registrations import (Backoff, RegState, changed, last_replies, read_states, records,
+                                      registrar_net as _registrar_net)
 from bridge.box.zygote import Zygote
 from bridge.core import backoff
 from bridge.core.config import Config
@@ -303,15 +304,16 @@ class Supervisor:
         return False
 
     # -- the front's trunk registrations (uac_reg) ------------------------------------------
-    def read_registrations(self) -> dict[str, RegState]:
-        """Each registered trunk's state, read from Kamailio (``uac.reg_dump`` carries the HA1
-        digest: it is parsed here and never logged)."""
+    def read_registrations(self) -> tuple[dict[str, RegState], dict[str, tuple[int, int]]]:
+        """Each registered trunk's state and uac_reg record (flags, seconds until due), read from
+        Kamailio (``uac.reg_dump`` carries the HA1 digest: it is parsed here and never logged)."""
         dump = self.kamcmd("uac.reg_dump")
         try:
             replies = last_replies(self.kamcmd("htable.dump", "uacreg"))
         except RuntimeError:
             replies = {}
-        return read_states(dump, replies, {r.uuid: r.trunk for r in self.front_registrations}, self.registrations)
+        trunks = {r.uuid: r.trunk for r in self.front_registrations}
+        return read_states(dump, replies, trunks, self.registrations), records(dump, trunks)
 
     def update_registrations(self, states: dict[str, RegState]) -> None:
         """Keep the new states (the /metrics gauge) and log a ``registration`` event for each change."""
@@ -325,15 +327,40 @@ class Supervisor:
                 new.since = old.since
             self.registrations[trunk] = new
 
+    async def _hold_or_release(self, backoff: Backoff, recs: dict[str, tuple[int, int]]) -> None:
+        """Apply the backoff's decisions at the front: a failed registration is disabled until its
+        wait is over, then enabled (uac_reg sends on its next timer tick)."""
+        loop = asyncio.get_running_loop()
+        uuids = {r.trunk: r.uuid for r in self.front_registrations}
+        now = time.monotonic()
+        for verb, trunk in backoff.step(now, recs):
+            try:
+                await loop.run_in_executor(None, self.kamcmd, f"uac.reg_{verb}", "l_uuid", uuids[trunk])
+            except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError) as exc:
+                backoff.until.pop(trunk, None)      # not held after all: uac_reg's own retry stands
+                event(log, "registration_control_failed", trunk=trunk, action=verb, error=str(exc)[:200])
+                continue
+            if verb == "disable":
+                event(log, "registration_retry", trunk=trunk, failures=backoff.failures[trunk],
+                      retry_in=round(backoff.retry_in(trunk, now) or 0.0, 1))
+
     async def _poll_registrations(self) -> None:
         loop = asyncio.get_running_loop()
         failed = 0
+        backoff = Backoff({r.trunk: (r.retry, r.retry_max) for r in self.front_registrations})
         while not self.stopping:
-            await asyncio.sleep(REG_POLL)
+            now = time.monotonic()
+            await asyncio.sleep(max(0.05, min([REG_POLL, *(u - now for u in backoff.until.values())])))
             if self.kamailio is not None and self.kamailio.poll() is None:
                 try:
-                    states = await loop.run_in_executor(None, self.read_registrations)
+                    states, recs = await loop.run_in_executor(None, self.read_registrations)
                     failed = 0
+                    await self._hold_or_release(backoff, recs)
+                    now, wall = time.monotonic(), time.time()
+                    for trunk, st in states.items():
+                        st.failures = backoff.failures.get(trunk, 0)
+                        wait = backoff.retry_in(trunk, now)
+                        st.next_attempt = 0.0 if wait is None else round(wall + wait, 3)
                 except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError):
                     failed += 1                 # the front is (re)starting: its ctl socket is not there yet
                     if failed < REG_UNREADABLE:

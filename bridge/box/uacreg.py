@@ -25,7 +25,8 @@ class Registration:
     contact: str                # host:port[;transport=..] of the front's public socket
     socket: str                 # the public socket REGISTER leaves from (never the cells' one)
     expires: int
-    retry: int                  # seconds before a failed registration is tried again
+    retry: int                  # seconds before a failed registration is tried again (the first time)
+    retry_max: int = 300        # the longest wait between attempts (the backoff's cap)
 
 
 _USER_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,;?/")
@@ -68,10 +69,12 @@ def registrations(cfg, listen: list[str], tls_socket: str = "") -> list[Registra
             uuid = f"{uuid}-{i}"
         seen.add(uuid)
         ha1 = hashlib.md5(f"{t.username}:{t.realm}:{t.password}".encode()).hexdigest()
-        retry = int(cfg.raw["trunks"][i].get("register_retry", 30)) if i < len(cfg.raw["trunks"]) else 30
+        raw = cfg.raw["trunks"][i] if i < len(cfg.raw["trunks"]) else {}
+        retry = int(raw.get("register_retry", 30))
+        retry_max = max(retry, int(raw.get("register_retry_max", 300)))
         quoted(contact)                # the first one goes into kamailio.cfg (reg_contact_addr)
         out.append(Registration(t.name, uuid, t.username, domain, t.realm, ha1, proxy, contact, sock,
-                                t.expires, retry))
+                                t.expires, retry, retry_max))
     return out
 
 

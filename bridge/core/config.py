@@ -94,7 +94,8 @@ TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str
                 "addresses": _str_list, "cps": _float(0, 1000), "max_calls": _int(0, 100000),
                 "failover_timeout": _float(0.5, 120),
                 "codecs": _trunk_codecs,     # on the wire toward the trunk; "opus" is transcoded at the edge
-                "register_retry": _int(1, 3600)}   # the front's retry after a failed registration (s)
+                "register_retry": _int(1, 3600),      # the front's first retry after a failed registration (s)
+                "register_retry_max": _int(1, 86400)}  # ... doubling after each failure in a row up to this (s)
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",
@@ -267,7 +268,9 @@ def _trunk(i: int, t: Any) -> Trunk:
     if not out.get("name"):
         raise ConfigError(f"{where}.name: required")
     out.pop("transport", None)                   # the front's concern (Config.transports)
-    out.pop("register_retry", None)              # the front's too (bridge/box/kamailio.py, uac_reg)
+    retry, retry_max = out.pop("register_retry", 30), out.pop("register_retry_max", 300)
+    if retry_max < retry:                        # the front's too (bridge/box/uacreg.py, uac_reg)
+        raise ConfigError(f"{where}.register_retry_max: {retry_max} is below register_retry ({retry})")
     out.pop("codecs", None)                      # the front's too: rtpengine at the edge (Config.codecs)
     if out.pop("srtp", "off") != "off" and t.get("transport") != "tls":
         raise ConfigError(f"{where}.srtp: SRTP keys (SDES) travel in the SIP messages: "
