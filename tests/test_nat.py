@@ -11,6 +11,7 @@ where each address goes on a plain cell and in the front's and the cells' settin
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from media import g711
 from netns import BOX_IP, CARRIER_IP, PUBLIC_IP, Nat, NetnsUnavailable, exec_prefix, in_netns
-from support import SCENARIOS, Api, BoxProcess, RtpPeer, create_key, sipp, sipp_file
+from support import SCENARIOS, Api, BoxProcess, RtpPeer, create_key, next_ports, sipp, sipp_file
 
 PRIVATE = re.compile(r"10\.99\.\d+\.\d+")
 
@@ -97,6 +98,14 @@ def test_front_and_cells_settings_behind_nat(tmp_path, monkeypatch):
         "listen=udp:0.0.0.0:5060\nlisten=udp:127.0.0.1:6060"
     with pytest.raises(ValueError):
         kamailio.listen_lines(["udp:10.99.0.2:5060"], "udp:127.0.0.1:6060", "192.0.2.1\nlisten=udp:1.2.3.4:5")
+    # rtpengine behind NAT: the public address for trunks only, the cells get its own (no hairpin)
+    edge = kamailio.MediaEdge("rtpengine", "10.99.0.2", "192.0.2.1", 7000, (7002, 7038))
+    assert [a for a in edge.command("/run") if a.startswith("--interface")] == \
+        ["--interface=internal/10.99.0.2", "--interface=external/10.99.0.2!192.0.2.1"]
+    to_cell, to_trunk = kamailio.edge_flags("off", ["PCMU"], nat=True)
+    assert to_cell.endswith("direction=external direction=internal") and \
+        to_trunk.endswith("direction=internal direction=external")
+    assert "direction" not in "".join(kamailio.edge_flags("off", ["PCMU"]))
 
     def box(sip: str) -> Supervisor:
         path = tmp_path / "box.toml"
@@ -127,16 +136,32 @@ def test_front_and_cells_settings_behind_nat(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def natbox(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("nat")
-    box = BoxProcess(tmp, 2)                       # ports from this suite's TEST_PORT_BLOCK
+    yield from _natbox(tmp_path_factory.mktemp("nat"))
+
+
+@pytest.fixture(scope="module")
+def natedge(tmp_path_factory):
+    """The same NAT, with the trunk's media through rtpengine at the edge (``codecs`` on the trunk,
+    as ``srtp`` or Opus put it there): rtpengine binds the box's private address, advertises the
+    public one, and the router forwards its port range."""
+    edge = next_ports()["sip"]
+    yield from _natbox(tmp_path_factory.mktemp("natedge"), 'codecs = ["PCMU"]\n',
+                       f'rtpengine_ng_port = {edge}\nrtpengine_ports = "{edge + 2}-{edge + 38}"\n',
+                       [("udp", f"{edge + 2}:{edge + 38}")], tag="e")
+
+
+def _natbox(tmp: Path, trunk_extra: str = "", cells_extra: str = "", forward: list | None = None, tag: str = ""):
+    box = BoxProcess(tmp, 2, cells_extra=cells_extra)  # ports from this suite's TEST_PORT_BLOCK
     sip_port = box.ports["sip"]
     rtp = box.cmd[box.cmd.index("--rtp-ports") + 1]
     uas_port = box.ports["sipp"] + 1
     config = (f'drain_timeout = 5\n[models]\nload = "never"\n[media]\nclock_rate = 8000\n'
               f'[sip]\npublic_address = "{PUBLIC_IP}"\n'
-              f'[[trunks]]\nname = "carrier"\naddress = "sip:{CARRIER_IP}:{uas_port}"\nallow = ["{CARRIER_IP}/32"]\n')
+              f'[[trunks]]\nname = "carrier"\naddress = "sip:{CARRIER_IP}:{uas_port}"\nallow = ["{CARRIER_IP}/32"]\n'
+              + trunk_extra)
     box.config_path.write_text(config + box.config_path.read_text())
-    nat = Nat(forward=[("udp", str(sip_port)), ("udp", rtp.replace("-", ":"))])
+    nat = Nat(forward=[("udp", str(sip_port)), ("udp", rtp.replace("-", ":")), *(forward or [])],
+              tag=f"{os.getpid()}{tag}")                # namespaces of its own: both boxes may be up at once
     box.cmd[box.cmd.index("--sip") + 1] = f"{BOX_IP}:{sip_port}"
     box.cmd = [*exec_prefix(nat.box), *box.cmd]       # `trunkline serve --cells 2` inside the box's namespace
     try:
@@ -225,6 +250,45 @@ def test_inbound_call_through_nat_echoes_latches_and_hides_the_private_network(n
     assert f"c=IN IP4 {PUBLIC_IP}" in ok, ok                    # SDP: the public media address
     assert re.search(rf"^o=.* IN IP4 {re.escape(PUBLIC_IP)}\s*$", ok, re.M), ok
     assert re.search(rf"^Record-Route: <sip:{re.escape(PUBLIC_IP)}:{box.ports['sip']}\b", ok, re.M | re.I), ok
+
+
+@pytest.mark.slow
+def test_inbound_call_through_nat_with_rtpengine_at_the_edge(natedge, tmp_path):
+    """Media through rtpengine behind the NAT: the carrier is told the public address and an
+    rtpengine port, its RTP from another port than its SDP names (its own NAT) is answered there,
+    the echo is bit-exact, and nothing the carrier receives names the private network."""
+    nat, box, api, _ = natedge
+    edge = box.config_path.read_text()
+    lo, hi = map(int, re.search(r'rtpengine_ports = "(\d+)-(\d+)"', edge).groups())
+    sdp_port = box.ports["rtp_peer"]
+    announced = in_netns(nat.carrier, RtpPeer, sdp_port, CARRIER_IP)     # what its SDP names: never used
+    peer = in_netns(nat.carrier, RtpPeer, sdp_port + 8, CARRIER_IP)       # where its RTP really comes from
+    call = _carrier_sipp(nat, "call_pcmu.xml", f"{PUBLIC_IP}:{box.ports['sip']}", tmp_path / "in", "-d", "6000",
+                         local_port=box.ports["sipp"], rtpport=sdp_port)
+    try:
+        deadline = time.monotonic() + 15
+        while "v=0" not in sipp_file(tmp_path / "in", "_messages.log").split("SIP/2.0 200 OK", 1)[-1]:
+            assert time.monotonic() < deadline and call.poll() is None, "no answer to the INVITE"
+            time.sleep(0.1)
+        answer = sipp_file(tmp_path / "in", "_messages.log").split("SIP/2.0 200 OK", 1)[1]
+        port = int(re.search(r"^m=audio (\d+)", answer, re.M).group(1))
+        assert f"c=IN IP4 {PUBLIC_IP}" in answer and lo <= port <= hi, answer[:1500]
+        peer.remote = (PUBLIC_IP, port)
+        audio = _noise(4, 100)
+        peer.stream(audio)
+        peer.collect(1.0)
+        announced.collect(0.1)
+        assert _echoed(audio, peer) >= 0.8 * len(audio), \
+            f"the echo did not come back to the RTP's source through the NAT ({_echoed(audio, peer)} of 100)"
+        assert _echoed(audio, announced) == 0
+        out, _ = call.communicate(timeout=40)
+        assert call.returncode == 0, out.decode()[-3000:]
+    finally:
+        peer.close()
+        announced.close()
+        if call.poll() is None:
+            call.kill()
+    _wire_check(sipp_file(tmp_path / "in", "_messages.log"))
 
 
 @pytest.mark.slow

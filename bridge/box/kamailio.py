@@ -118,9 +118,13 @@ class MediaEdge:
     ports: tuple[int, int]
 
     def command(self, run_dir: str) -> list[str]:
-        iface = self.interface + (f"!{self.advertised}" if self.advertised else "")
+        # behind NAT two logical interfaces on one address: "external" advertises the public
+        # address to trunks, "internal" its own to the cells (which cannot reach the public one:
+        # routers rarely hairpin); the offers' direction flags pick them (EDGE_DIRECTIONS)
+        ifaces = ([f"--interface=internal/{self.interface}", f"--interface=external/{self.interface}!{self.advertised}"]
+                  if self.advertised else [f"--interface={self.interface}"])
         return [self.binary, "--config-file=none", "--foreground", "--log-stderr", "--table=-1",
-                f"--interface={iface}", f"--listen-ng=127.0.0.1:{self.ng_port}",
+                *ifaces, f"--listen-ng=127.0.0.1:{self.ng_port}",
                 f"--port-min={self.ports[0]}", f"--port-max={self.ports[1]}", "--log-level=5",
                 f"--pidfile={os.path.join(run_dir, 'rtpengine.pid')}", "--timeout=60", "--silent-timeout=3600",
                 "--delete-delay=0"]
@@ -137,10 +141,7 @@ def media_edge(cfg, public_host: str, front_port: int) -> MediaEdge | None:
     c = cfg.raw["cells"]
     host = public_host.strip("[]")
     if host in ("", "0.0.0.0", "::"):
-        import socket
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))          # no packet is sent: picks the outgoing address
-            host = s.getsockname()[0]
+        host = primary_address()
     lo, _, hi = c["rtpengine_ports"].partition("-")
     sip = cfg.raw["sip"]
     return MediaEdge(c["rtpengine"], host, sip["media_public_address"] or sip["public_address"],
@@ -273,15 +274,20 @@ SRTP_FLAGS = {   # rtpengine_manage() flags: toward the cell always plain RTP; t
 
 
 CELL_CODECS = ("PCMU", "PCMA", "G722")    # what cells speak that rtpengine can transcode to and from
+# behind NAT (MediaEdge with an advertised address): an offer's (from, to) logical interfaces,
+# toward the cell and toward the trunk; answers keep the offer's
+EDGE_DIRECTIONS = (" direction=external direction=internal", " direction=internal direction=external")
 
 
-def edge_flags(srtp: str, codecs: list[str], cell_codecs: list[str] | None = None) -> tuple[str, str] | None:
+def edge_flags(srtp: str, codecs: list[str], cell_codecs: list[str] | None = None,
+               nat: bool = False) -> tuple[str, str] | None:
     """rtpengine_manage() flags for the offers of a trunk's calls, (toward the cell, toward the
     trunk), or None when its media does not cross the edge (no SRTP, no ``codecs``). ``codecs``
     (the trunk's, rtpengine's spelling) is what goes on the wire toward the trunk: a cell codec
     it does not list is masked there (still spoken on the cell's side), one the cells lack (Opus)
     is added and transcoded (codec-transcode). Toward the cell that codec is masked and the
-    cells' own are added, so an Opus-only offer still reaches a cell it can answer."""
+    cells' own are added, so an Opus-only offer still reaches a cell it can answer. ``nat``: rtpengine
+    has an internal and an external interface (``MediaEdge.command``), named by direction flags."""
     if srtp == "off" and not codecs:
         return None
     to_cell, to_trunk = SRTP_FLAGS["in"], SRTP_FLAGS[srtp if srtp != "off" else "in"]
@@ -293,6 +299,8 @@ def edge_flags(srtp: str, codecs: list[str], cell_codecs: list[str] | None = Non
         if foreign:
             to_cell += "".join(f" codec-mask-{c}" for c in foreign)
             to_cell += "".join(f" codec-transcode-{c}" for c in cells)
+    if nat:
+        to_cell, to_trunk = to_cell + EDGE_DIRECTIONS[0], to_trunk + EDGE_DIRECTIONS[1]
     return to_cell, to_trunk
 
 
@@ -405,7 +413,8 @@ def render(listen: list[str], run_dir: str, trusted: list[str], retry_after: int
         raise ValueError("a trunk with srtp needs rtpengine at the edge (media)")
     if any(trunk_codecs) and media is None:
         raise ValueError("a trunk with codecs needs rtpengine at the edge (media)")
-    flags = [edge_flags(m, c, cell_codecs) for m, c in zip(modes, trunk_codecs)]
+    nat = media is not None and bool(media.advertised)
+    flags = [edge_flags(m, c, cell_codecs, nat) for m, c in zip(modes, trunk_codecs)]
     if media is not None:
         # WITH_MEDIAEDGE guards the relay's routes; WITH_SRTP only marks that some trunk has SRTP
         media_module = ("#!define WITH_MEDIAEDGE\n" + ("#!define WITH_SRTP\n" if any(m != "off" for m in modes) else "")
