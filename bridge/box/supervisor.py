@@ -327,39 +327,39 @@ class Supervisor:
                 new.since = old.since
             self.registrations[trunk] = new
 
-    async def _hold_or_release(self, backoff: Backoff, recs: dict[str, tuple[int, int]]) -> None:
+    async def _hold_or_release(self, holds: Backoff, recs: dict[str, tuple[int, int]]) -> None:
         """Apply the backoff's decisions at the front: a failed registration is disabled until its
         wait is over, then enabled (uac_reg sends on its next timer tick)."""
         loop = asyncio.get_running_loop()
         uuids = {r.trunk: r.uuid for r in self.front_registrations}
         now = time.monotonic()
-        for verb, trunk in backoff.step(now, recs):
+        for verb, trunk in holds.step(now, recs):
             try:
                 await loop.run_in_executor(None, self.kamcmd, f"uac.reg_{verb}", "l_uuid", uuids[trunk])
             except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError) as exc:
-                backoff.until.pop(trunk, None)      # not held after all: uac_reg's own retry stands
+                holds.until.pop(trunk, None)        # not held after all: uac_reg's own retry stands
                 event(log, "registration_control_failed", trunk=trunk, action=verb, error=str(exc)[:200])
                 continue
             if verb == "disable":
-                event(log, "registration_retry", trunk=trunk, failures=backoff.failures[trunk],
-                      retry_in=round(backoff.retry_in(trunk, now) or 0.0, 1))
+                event(log, "registration_retry", trunk=trunk, failures=holds.failures[trunk],
+                      retry_in=round(holds.retry_in(trunk, now) or 0.0, 1))
 
     async def _poll_registrations(self) -> None:
         loop = asyncio.get_running_loop()
         failed = 0
-        backoff = Backoff({r.trunk: (r.retry, r.retry_max) for r in self.front_registrations})
+        holds = Backoff({r.trunk: (r.retry, r.retry_max) for r in self.front_registrations})
         while not self.stopping:
             now = time.monotonic()
-            await asyncio.sleep(max(0.05, min([REG_POLL, *(u - now for u in backoff.until.values())])))
+            await asyncio.sleep(max(0.05, min([REG_POLL, *(u - now for u in holds.until.values())])))
             if self.kamailio is not None and self.kamailio.poll() is None:
                 try:
                     states, recs = await loop.run_in_executor(None, self.read_registrations)
                     failed = 0
-                    await self._hold_or_release(backoff, recs)
+                    await self._hold_or_release(holds, recs)
                     now, wall = time.monotonic(), time.time()
                     for trunk, st in states.items():
-                        st.failures = backoff.failures.get(trunk, 0)
-                        wait = backoff.retry_in(trunk, now)
+                        st.failures = holds.failures.get(trunk, 0)
+                        wait = holds.retry_in(trunk, now)
                         st.next_attempt = 0.0 if wait is None else round(wall + wait, 3)
                 except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError):
                     failed += 1                 # the front is (re)starting: its ctl socket is not there yet
