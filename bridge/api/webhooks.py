@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 
 import aiohttp
@@ -27,6 +28,14 @@ from bridge.core import backoff
 from bridge.records.store import Store
 
 log = logging.getLogger("trunkline.webhooks")
+
+# Deliveries in flight at once (all receivers together). It also bounds the keep-alive pool: the
+# session never holds more connections to one receiver than were in flight at once. aiohttp reuses
+# its idle connections oldest first, so after a backlog (a receiver back from an outage, the
+# database locked for a while) the pool stays at that high-water mark while deliveries keep coming
+# faster than one per 15 s (its keep-alive timeout) per pooled connection, and shrinks when they slow.
+CONCURRENCY = 8
+STALE_AFTER = 60.0      # s past the attempt timeout before a delivery left 'sending' is sent again
 
 
 def sign(secret: str, ts: int, body: bytes) -> str:
@@ -64,7 +73,7 @@ def verify_signature(secret: str, header: str, body: bytes, tolerance: float = 3
 
 class WebhookDispatcher:
     def __init__(self, store: Store, metrics, max_attempts: int = 16, base_delay: float = 1.0,
-                 max_delay: float = 300.0, timeout: float = 5.0, concurrency: int = 8,
+                 max_delay: float = 300.0, timeout: float = 5.0, concurrency: int = CONCURRENCY,
                  guard: Policy = DEFAULT_POLICY):
         self.store = store
         self.guard = guard                    # the SSRF guard: where deliveries may connect
@@ -125,25 +134,41 @@ class WebhookDispatcher:
 
     async def _run(self) -> None:
         while True:
-            self.wake.clear()
-            now = time.time()
-            # retries are scheduled on the wall clock (they outlive a restart); no retry is ever set
-            # further ahead than max_delay, so one that is was set before the clock stepped back
-            # (an NTP correction): it would otherwise wait out the step, an hour for an hour
-            moved = self.store.pull_forward_deliveries(now + self.max_delay + 1.0, now)
-            if moved:
-                log.warning("%d webhook deliveries were due further ahead than max_delay (%.0f s): the wall "
-                            "clock went back; they are due now", moved, self.max_delay)
-            for d in self.store.due_deliveries(now):
-                if d["id"] not in self._inflight:
-                    self._inflight.add(d["id"])
-                    asyncio.create_task(self._deliver(d))
-            row = self.store._one("SELECT MIN(next_at) AS n FROM deliveries WHERE status = 'pending'")
-            wait = 5.0 if not row or row["n"] is None else max(0.01, min(5.0, row["n"] - time.time()))
             try:
-                await asyncio.wait_for(self.wake.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+                await self._round()
+            except sqlite3.OperationalError as exc:
+                # another process held the write lock past the store's busy timeout: the dispatcher
+                # must outlive it (this loop ending stopped every delivery until a restart)
+                log.warning("webhook dispatcher: %s; trying again in 1 s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _round(self) -> None:
+        """Start what is due, then wait until woken or the next retry is due."""
+        self.wake.clear()
+        now = time.time()
+        # retries are scheduled on the wall clock (they outlive a restart); no retry is ever set
+        # further ahead than max_delay, so one that is was set before the clock stepped back
+        # (an NTP correction): it would otherwise wait out the step, an hour for an hour
+        moved = self.store.pull_forward_deliveries(now + self.max_delay + 1.0, now)
+        if moved:
+            log.warning("%d webhook deliveries were due further ahead than max_delay (%.0f s): the wall "
+                        "clock went back; they are due now", moved, self.max_delay)
+        # an attempt lasts at most `timeout`: one still 'sending' long after had its outcome lost
+        # (a lock past the busy timeout); it is sent again rather than left until a restart
+        stale = self.store.requeue_stale_deliveries(now - self.timeout - STALE_AFTER, now)
+        if stale:
+            log.warning("%d webhook deliveries were left 'sending' (their outcome was not written); "
+                        "sending them again", stale)
+        for d in self.store.due_deliveries(now):
+            if d["id"] not in self._inflight:
+                self._inflight.add(d["id"])
+                asyncio.create_task(self._deliver(d))
+        row = self.store._one("SELECT MIN(next_at) AS n FROM deliveries WHERE status = 'pending'")
+        wait = 5.0 if not row or row["n"] is None else max(0.01, min(5.0, row["n"] - time.time()))
+        try:
+            await asyncio.wait_for(self.wake.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
 
     async def _deliver(self, d: dict) -> None:
         try:

@@ -389,6 +389,13 @@ class Store:
         return self._all("SELECT * FROM deliveries WHERE status = 'pending' AND next_at <= ? ORDER BY next_at",
                          now)
 
+    def requeue_stale_deliveries(self, before: float, now: float) -> int:
+        """Deliveries still 'sending' since before ``before`` (their outcome could not be written:
+        the database was locked past the busy timeout) are due again at ``now``, as after a
+        restart (at least once); returns how many."""
+        return self.db.execute("UPDATE deliveries SET status = 'pending', next_at = ?, updated = ? WHERE "
+                               "status = 'sending' AND updated < ?", (now, now, before)).rowcount
+
     def claim_delivery(self, did: str) -> bool:
         """Take a pending delivery for sending; False if another process took it."""
         return self.db.execute("UPDATE deliveries SET status = 'sending', updated = ? WHERE id = ? AND "

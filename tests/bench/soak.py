@@ -22,7 +22,12 @@ What runs (all on 127.0.0.1, bounded, stops by itself):
 
 Checks (``verdict``): every process alive at the end; growth after warm-up < 5 % (RSS; PSS is
 reported, since it also moves when a sibling sharing its pages dies or is forked again; FDs and
-threads within max(5 %, 4)) for every process over its last life, after its own warm-up; no failed call outside a fault's window; every answered call has its ``call_ended``
+threads within max(5 %, 4)) for every process over its last life, after its own warm-up; the
+supervisor's FDs counted without its keep-alive connections to the webhook receiver, which step
+up after a backlog of deliveries and stay at that high-water mark while deliveries keep coming,
+and are bounded instead: never more than ``bridge.api.webhooks.CONCURRENCY``, the deliveries in
+flight at once; the kinds of its descriptors are in ``supervisor_fds``, sockets by what they
+connect to); no failed call outside a fault's window; every answered call has its ``call_ended``
 record in the store, the WebSocket saw every stored ``call_ended`` event, and the webhook
 receiver got every one of them (after the receiver came back).
 """
@@ -48,6 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support import Api, BoxProcess, build_clockstep, create_key, serve_on_loopback, sipp, step_clock  # noqa: E402
+
+from bridge.api.webhooks import CONCURRENCY as WEBHOOK_CONCURRENCY  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -291,21 +298,71 @@ def schedule(duration: float, disk: bool) -> list[Fault]:
     return f
 
 
-def fd_targets(pid: int) -> dict[str, int]:
-    """The kinds of a process's open descriptors (socket, pipe, anon_inode:..., a path) and how many."""
+def _port(addr: str) -> int:
+    return int(addr.rsplit(":", 1)[1], 16)
+
+
+def socket_table() -> dict[str, tuple]:
+    """Socket inode -> ("tcp", local port, remote port, listening) | ("udp",) | ("unix",), from
+    /proc/net (this network namespace: the box's, all on loopback)."""
+    out: dict[str, tuple] = {}
+    for name in ("tcp", "tcp6"):
+        for line in _read(f"/proc/net/{name}").splitlines()[1:]:
+            f = line.split()
+            if len(f) > 9:
+                out[f[9]] = ("tcp", _port(f[1]), _port(f[2]), f[3] == "0A")
+    for name in ("udp", "udp6"):
+        for line in _read(f"/proc/net/{name}").splitlines()[1:]:
+            f = line.split()
+            if len(f) > 9:
+                out[f[9]] = ("udp",)
+    for line in _read("/proc/net/unix").splitlines()[1:]:
+        f = line.split()
+        if len(f) > 6:
+            out[f[6]] = ("unix",)
+    return out
+
+
+def fd_targets(pid: int, remote: dict[int, str] | None = None, local: dict[int, str] | None = None) -> dict[str, int]:
+    """The kinds of a process's open descriptors (pipe, anon_inode:..., a path, a socket) and how many.
+    A socket is ``socket:listen``, ``socket:unix``, ``socket:udp``, ``socket:<name>`` for a TCP
+    connection whose remote port ``remote`` names (the webhook receiver, a cell's HTTP) or whose
+    local port ``local`` names (a client of the box API), else ``socket:tcp`` (or ``socket`` when
+    /proc/net does not know it)."""
     out: dict[str, int] = {}
+    remote, local = remote or {}, local or {}
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return out
+    table = None
     for fd in fds:
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         kind = target.split(":[", 1)[0] if ":[" in target else target
+        if kind == "socket":
+            table = socket_table() if table is None else table
+            sk = table.get(target[8:-1])
+            if sk is None:
+                pass
+            elif sk[0] != "tcp":
+                kind = f"socket:{sk[0]}"
+            elif sk[3]:
+                kind = "socket:listen"
+            else:
+                kind = f"socket:{remote.get(sk[2]) or local.get(sk[1]) or 'tcp'}"
         out[kind] = out.get(kind, 0) + 1
     return out
+
+
+def _metric(p: dict, m: str) -> float:
+    """A sampled figure; the supervisor's FDs without its webhook keep-alive pool, which steps up
+    after any backlog of deliveries (a receiver outage, a locked database: many in flight at once,
+    each on a connection of its own) and stays at that high-water mark while deliveries keep
+    coming (aiohttp reuses its idle connections oldest first); ``_pool_problems`` bounds it."""
+    return p["fds"] - p.get("pool_fds", 0) if m == "fds" else p[m]
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -320,6 +377,8 @@ class Soak:
     restarts: dict[str, list[float]] = field(default_factory=dict)
     faults_on: bool = True
     api: object = None
+    remote_ports: dict[int, str] = field(default_factory=dict)     # a TCP peer's port -> what it is
+    local_ports: dict[int, str] = field(default_factory=dict)      # the supervisor's serving port -> ...
 
     def run(self) -> dict:
         tmp = self.tmp
@@ -360,6 +419,12 @@ class Soak:
             st, body, _ = api.post("/v1/webhooks", {"url": f"http://127.0.0.1:{hook.port}/hook",
                                                     "topics": ["event:call_hangup"]})
             assert st == 201, body
+            # what the supervisor's sockets connect to (its "supervisor_fds" by kind)
+            self.remote_ports = {hook.port: "webhook"}
+            st, body, _ = api.get("/v1/cells")
+            for c in body["cells"] if st == 200 else []:
+                self.remote_ports[int(c["http"].rsplit(":", 1)[1])] = "cell http"
+            self.local_ports = {box.ports["http"]: "api client"}
             sock = EventSocket(f"ws://127.0.0.1:{box.ports['http']}/v1/ws", key, period=20.0).start()
             t0 = time.time()
             self.faults = schedule(self.duration, disk) if self.faults_on else []
@@ -487,14 +552,19 @@ class Soak:
             f.note = "wall clock of every box process +1 h, then back"
             return lambda: step_clock(self.clock, 0.0)
         if f.kind == "db_locked":
-            db = sqlite3.connect(data / "trunkline.db", timeout=10, isolation_level=None)
+            # held on a thread of its own for exactly f.length: this loop's sampling asks the box API,
+            # which may wait on this very lock, so a release left to the loop could come 15 s late
+            db = sqlite3.connect(data / "trunkline.db", timeout=10, isolation_level=None, check_same_thread=False)
             db.execute("BEGIN IMMEDIATE")
             f.note = "write lock held by the soak"
 
-            def release():
+            def hold():
+                time.sleep(f.length)
                 db.execute("COMMIT")
                 db.close()
-            return release
+            holder = threading.Thread(target=hold, name="db_locked", daemon=True)
+            holder.start()
+            return lambda: holder.join(f.length + 5)
         if f.kind == "disk_full":
             filler = data / "filler"
             free = shutil.disk_usage(data).free
@@ -529,7 +599,9 @@ class Soak:
         row["data_kb"] = dir_kb(data)
         sup = box.proc.pid if box.proc is not None else None
         if sup is not None:                   # what the supervisor holds open (FD growth is a verdict)
-            row["supervisor_fds"] = fd_targets(sup)
+            kinds = row["supervisor_fds"] = fd_targets(sup, self.remote_ports, self.local_ports)
+            if "supervisor" in row["procs"]:      # its webhook keep-alive pool, bounded on its own
+                row["procs"]["supervisor"]["pool_fds"] = kinds.get("socket:webhook", 0)
         self.samples.append(row)
 
     # -- verdict -----------------------------------------------------------------------------
@@ -549,17 +621,31 @@ class Soak:
             first, last = pts[:k], pts[-k:]
             g = {}
             for m in ("pss_kb", "rss_kb", "fds", "threads"):
-                a = statistics.median(p[m] for _, p in first)
-                b = statistics.median(p[m] for _, p in last)
+                a = statistics.median(_metric(p, m) for _, p in first)
+                b = statistics.median(_metric(p, m) for _, p in last)
                 g[m] = {"from": a, "to": b, "growth_pct": round(100 * (b - a) / a, 1) if a else 0.0}
+            if any("pool_fds" in p for _, p in pts):
+                g["webhook_pool"] = {"from": statistics.median(p.get("pool_fds", 0) for _, p in first),
+                                     "to": statistics.median(p.get("pool_fds", 0) for _, p in last),
+                                     "max": max(p.get("pool_fds", 0) for _, p in life)}
             cpu = (last[-1][1]["cpu_s"] - first[0][1]["cpu_s"]) / max(1e-6, last[-1][0] - first[0][0])
             out[role] = {"samples": len(pts), "cpu_pct": round(100 * cpu, 2), **g}
         return out
+
+    def _pool_problems(self) -> list[str]:
+        """The supervisor's keep-alive connections to the webhook receiver: never more than the
+        dispatcher's deliveries in flight (``bridge.api.webhooks.CONCURRENCY``), at any sample."""
+        top = max((s["procs"]["supervisor"].get("pool_fds", 0) for s in self.samples
+                   if "supervisor" in s["procs"]), default=0)
+        if top > WEBHOOK_CONCURRENCY:
+            return [f"supervisor webhook connections reached {top} (bound {WEBHOOK_CONCURRENCY}: deliveries in flight)"]
+        return []
 
     def _verdict(self, box, hook, sock, tmp: Path, t0: float, data: Path) -> dict:
         problems: list[str] = []
         warmup = min(60.0, 0.25 * self.duration)
         growth = self._growth(warmup)
+        problems += self._pool_problems()
         for role, g in growth.items():
             if "note" in g:
                 continue
@@ -625,7 +711,8 @@ class Soak:
                 "growth_after_warmup": growth, "db_kb": last.get("db_kb"), "wal_kb": last.get("wal_kb"),
                 "data_kb": last.get("data_kb"), "samples": len(self.samples),
                 "series": [{"t": x["t"], "db_kb": x["db_kb"], "wal_kb": x["wal_kb"], "data_kb": x["data_kb"],
-                            **{r: [v["rss_kb"], v["pss_kb"], v["fds"], v["threads"]] for r, v in x["procs"].items()}}
+                            **{r: [v["rss_kb"], v["pss_kb"], v["fds"], v["threads"]] for r, v in x["procs"].items()},
+                            "supervisor_fds": x.get("supervisor_fds")}
                            for x in self.samples],
                 "supervisor_fds": {"first": next((x.get("supervisor_fds") for x in self.samples), None),
                                    "last": self.samples[-1].get("supervisor_fds") if self.samples else None},
@@ -661,7 +748,9 @@ def main(argv=None) -> int:
         else:
             print(f"  {role:10s} cpu {g['cpu_pct']:5.2f} %  PSS {g['pss_kb']['from']:.0f}->{g['pss_kb']['to']:.0f} kB "
                   f"({g['pss_kb']['growth_pct']:+.1f} %)  FDs {g['fds']['from']:.0f}->{g['fds']['to']:.0f}  "
-                  f"threads {g['threads']['from']:.0f}->{g['threads']['to']:.0f}")
+                  f"threads {g['threads']['from']:.0f}->{g['threads']['to']:.0f}"
+                  + (f"  webhook pool {g['webhook_pool']['from']:.0f}->{g['webhook_pool']['to']:.0f} "
+                     f"(max {g['webhook_pool']['max']})" if "webhook_pool" in g else ""))
     return 0 if res["ok"] else 1
 
 
