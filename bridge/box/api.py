@@ -195,31 +195,31 @@ class BoxApi(Api):
             return error_response(e.status, e.code, e.message, e.field)
         headers = {k: v for k, v in request.headers.items() if k == "Authorization"}
         http = aiohttp.ClientSession()          # its own: the box's client times whole requests out
-        try:
-            upstream = await http.ws_connect(cell.http.replace("http", "ws", 1) + request.path_qs, headers=headers,
-                                             max_msg_size=1 << 20)
-        except aiohttp.WSServerHandshakeError as e:
-            await http.close()
-            return error_response(e.status, "refused", f"the cell refused the stream: {e.message}")
-        except (aiohttp.ClientError, OSError) as e:
-            await http.close()
-            return error_response(503, "cell_down", f"cannot reach the call's cell: {e}")
-        ws = web.WebSocketResponse(max_msg_size=1 << 20)
-        await ws.prepare(request)
+        upstream = None
+        try:                                    # whatever happens below, the cell's side is closed
+            try:
+                upstream = await http.ws_connect(cell.http.replace("http", "ws", 1) + request.path_qs,
+                                                 headers=headers, max_msg_size=1 << 20)
+            except aiohttp.WSServerHandshakeError as e:
+                return error_response(e.status, "refused", f"the cell refused the stream: {e.message}")
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                return error_response(503, "cell_down", f"cannot reach the call's cell: {e}")
+            ws = web.WebSocketResponse(max_msg_size=1 << 20)
+            await ws.prepare(request)
 
-        async def pump(src, dst):
-            async for msg in src:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    await dst.send_str(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    await dst.send_bytes(msg.data)
-            await dst.close(code=1000 if src.close_code == 1000 else 1001)   # only 1000 ends the stream
-        try:
+            async def pump(src, dst):
+                async for msg in src:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        await dst.send_str(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        await dst.send_bytes(msg.data)
+                await dst.close(code=1000 if src.close_code == 1000 else 1001)   # only 1000 ends the stream
             await asyncio.gather(pump(ws, upstream), pump(upstream, ws), return_exceptions=True)
+            return ws
         finally:
-            await upstream.close()
+            if upstream is not None:
+                await upstream.close()
             await http.close()
-        return ws
 
     # cells
     def register(self, app: web.Application) -> None:
