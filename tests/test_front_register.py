@@ -10,6 +10,7 @@ share one box of 3 cells and run in file order (the last one breaks and restores
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import signal
@@ -352,6 +353,65 @@ def test_the_backoff_doubles_the_wait_after_each_failure_in_a_row():
     # disabled with no hold of ours (nothing else disables it): enabled again
     assert b.step(0, {"other": (DISABLED, 1)}) == [("enable", "other")]
     assert b.step(0, {"other": (0, 7), "unknown": (0, 7)}) == [("disable", "other")]
+    # the hold landed after uac_reg had sent a REGISTER that succeeded: registered but disabled, it
+    # would never refresh; it is enabled again at once
+    assert b.step(1, {"other": (ONLINE | DISABLED, 50)}) == [("enable", "other")] and b.failures["other"] == 0
+    # a hold the front did not take is undone: the same failure is not counted twice
+    b.step(2, {"other": (0, 7)})
+    b.undo("other")
+    assert b.failures["other"] == 0 and b.retry_in("other", 2) is None
+
+
+def test_the_supervisor_holds_a_phone_number_registration_as_a_string(tmp_path, monkeypatch):
+    """kamcmd sends an argument that parses as a number as an int (``0049301234567`` would reach
+    Kamailio as ``2056594311``) and reads one starting with "-" as its own option: the record id
+    goes as ``s:<id>``. A disable the front refuses leaves no hold and counts nothing."""
+    from bridge.box.registrations import Backoff
+    reg = 'username = "0049301234567"\npassword = "p"\nrealm = "r"\nregister = true\n'
+    sup, _ = _render(_cfg(tmp_path, reg), tmp_path)
+    assert [r.uuid for r in sup.front_registrations] == ["0049301234567"]
+    calls = []
+    monkeypatch.setattr(sup, "kamcmd", lambda *a: calls.append(a) or "")
+    holds = Backoff({"carrier": (30, 300)}, rand=lambda: 1.0)
+    asyncio.run(sup._hold_or_release(holds, {"carrier": (0, 38)}))
+    assert calls == [("uac.reg_disable", "l_uuid", "s:0049301234567")] and holds.failures["carrier"] == 1
+
+    def refuse(*a):
+        raise RuntimeError("kamcmd: 404 Record not found")
+    monkeypatch.setattr(sup, "kamcmd", refuse)
+    holds = Backoff({"carrier": (30, 300)}, rand=lambda: 1.0)
+    asyncio.run(sup._hold_or_release(holds, {"carrier": (0, 38)}))
+    assert holds.failures["carrier"] == 0 and holds.retry_in("carrier", 0) is None
+
+
+def test_a_front_that_cannot_take_holds_is_polled_calmly(tmp_path, monkeypatch):
+    """A hold that is due while the front is down (or restarting) is not applied in a tight loop:
+    the poller sleeps at least 1 s, and a front that is down drops the holds (a new one loads its
+    table enabled); the failures in a row stay on the state."""
+    from bridge.box import supervisor as sup_mod
+    reg = 'username = "u"\npassword = "p"\nrealm = "r"\nregister = true\n'
+    sup, _ = _render(_cfg(tmp_path, reg), tmp_path)
+    sup.kamailio = None                              # the front is down
+    sup.registrations["carrier"] = RegState("carrier")
+    sleeps = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(d):
+        sleeps.append(d)
+        if len(sleeps) >= 5:
+            sup.stopping = True
+        await real_sleep(0)
+    monkeypatch.setattr(sup_mod.asyncio, "sleep", sleep)
+    real_backoff = sup_mod.Backoff
+
+    def held(limits):                                # a hold already due when the front went down
+        b = real_backoff(limits)
+        b.failures["carrier"], b.until["carrier"] = 3, 0.0
+        return b
+    monkeypatch.setattr(sup_mod, "Backoff", held)
+    asyncio.run(sup._poll_registrations())
+    assert min(sleeps) >= 1.0, sleeps
+    assert sup.registrations["carrier"].failures == 3 and sup.registrations["carrier"].registered is False
 
 
 def test_retry_max_below_retry_is_refused(tmp_path):
@@ -359,6 +419,11 @@ def test_retry_max_below_retry_is_refused(tmp_path):
     reg = 'username = "u"\npassword = "p"\nrealm = "r"\nregister = true\n'
     with pytest.raises(ConfigError, match="register_retry_max: 10 is below register_retry .30."):
         _cfg(tmp_path, reg + "register_retry_max = 10\n")
+    with pytest.raises(ConfigError, match="register_retry_max"):
+        _cfg(tmp_path, reg + "register_retry_max = 86400\n")
+    # a config valid before the key existed still loads: the cap follows a longer register_retry
+    sup, _ = _render(_cfg(tmp_path, reg + "register_retry = 600\n"), tmp_path)
+    assert [(r.retry, r.retry_max) for r in sup.front_registrations] == [(600, 600)]
     sup, _ = _render(_cfg(tmp_path, reg + "register_retry = 5\nregister_retry_max = 600\n"), tmp_path)
     assert [(r.retry, r.retry_max) for r in sup.front_registrations] == [(5, 600)]
     sup, _ = _render(_cfg(tmp_path, reg), tmp_path)

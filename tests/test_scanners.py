@@ -79,16 +79,23 @@ def _table(report_text: str) -> list[list[str]]:
     return [r for r in rows if r and r[0] not in ("Extension", "SIP Device")]
 
 
-def enumerated(report_text: str, scanned: int) -> dict[str, str]:
-    """Extensions svwar could tell apart: none listed, or (nearly) every scanned one listed with
-    one verdict (a server answering all alike), tells a scanner nothing -> {}. Otherwise the
-    listed extensions and verdicts ('weird' ones count). "Nearly": from a trusted source the
-    INVITEs are calls, the first few (svwar's own reference request among them) are answered
-    while the cell has room and every later one gets 503 - svwar calls those 'weird', all
-    alike, whatever the number."""
+def enumerated(report_text: str, scanned: int, calls: bool = False) -> dict[str, str]:
+    """Extensions svwar could tell apart: none listed, or every scanned one listed with one
+    verdict (a server answering all alike), tells a scanner nothing -> {}. Otherwise the listed
+    extensions and verdicts ('weird' ones always count). ``calls``: the scan's INVITEs from a
+    trusted source are real calls: the first few (svwar's reference request among them) are
+    answered while the cell has room and every later one gets 503, which svwar calls 'weird',
+    all alike whatever the number; then only the first extensions of the range may be missing
+    (answered like svwar's reference), never any later one."""
     found = {r[0]: r[1] for r in _table(report_text) if len(r) >= 2 and r[0] not in ("None", "")}
-    if not found or (len(set(found.values())) == 1 and len(found) >= 0.9 * scanned):
+    if not found:
         return {}
+    if len(set(found.values())) == 1:
+        if len(found) >= scanned:
+            return {}
+        last = int(EXTENSIONS.split("-")[1])
+        if calls and len(found) >= scanned - 5 and set(found) == {str(e) for e in range(last - len(found) + 1, last + 1)}:
+            return {}                    # a run to the end of the range: only the first few missing
     return found
 
 
@@ -145,7 +152,7 @@ def _scan_everything(scan: Scan, tmp, invite: bool = True, crack: bool = True) -
         results[f"svmap {method} found"] = [r[0] for r in _table(out)]
     for method in ("REGISTER", "OPTIONS", "INVITE") if invite else ("REGISTER", "OPTIONS"):
         out = scan.run("svwar", "-m", method, "-e", EXTENSIONS, "--force", "--maximumtime", "3")
-        found = enumerated(out, n)
+        found = enumerated(out, n, calls=method == "INVITE" and scan.trusted_ip == SCANNER_IP)
         if found:
             results["enumerated"][method] = found
     if crack:
@@ -252,9 +259,11 @@ def test_the_verdict_checks_can_fail():
     assert enumerated("| Extension | Authentication |\n| 101 | reqauth |", 50) == {"101": "reqauth"}
     assert enumerated("| 105 | weird |", 50) == {"105": "weird"}
     weird = "\n".join(["| Extension | Authentication |"] + [row.format(e, "weird") for e in range(101, 150)])
-    assert enumerated(weird, 50) == {}                        # 49 of 50 alike: the full cell's 503s
-    assert enumerated(weird.replace("| 123 | weird |", "| 123 | reqauth |"), 50) != {}
-    assert enumerated("\n".join(weird.splitlines()[:40]), 50) != {}   # 39 of 50 told apart
+    assert enumerated(weird, 50, calls=True) == {}            # 101-149 alike: the full cell's 503s
+    assert enumerated(weird, 50) != {}                        # not from a trusted source's INVITEs
+    assert enumerated(weird.replace("| 123 | weird |", "| 123 | reqauth |"), 50, calls=True) != {}
+    assert enumerated(weird.replace("| 123 | weird |\n", ""), 50, calls=True) != {}   # a gap: 123 stood out
+    assert enumerated("\n".join(weird.splitlines()[:48]), 50, calls=True) != {}   # 148, 149 answered otherwise
     assert enumerated("WARNING:root:found nothing", 50) == {}
     msgs = [b"SIP/2.0 200 OK\r\nServer: Trunkline\r\n\r\n", b"SIP/2.0 200 OK\r\nUser-Agent: Trunkline 0.1.0\r\n\r\n"]
     assert _versions_in(msgs) == ["user-agent: Trunkline 0.1.0"]

@@ -187,7 +187,9 @@ class Backoff:
     registered, nothing in flight, not disabled): that failure is counted, the registration is
     disabled and held until its time, then enabled (uac_reg sends on its next timer tick, which
     also makes the timer due in 1 s: never taken for a failure). A front that restarts loads its
-    table enabled and registers at once: a hold it no longer has is dropped, the count kept."""
+    table enabled and registers at once: a hold it no longer has is dropped, the count kept. A
+    record disabled by anyone else (an operator's ``uac.reg_disable``) is enabled again: the
+    supervisor owns these records."""
 
     def __init__(self, limits: dict[str, tuple[float, float]], rand: Callable[[], float] = random.random):
         self.limits = limits
@@ -203,6 +205,8 @@ class Backoff:
             if flags & ONLINE and left > 0:
                 self.failures[trunk] = 0
                 self.until.pop(trunk, None)
+                if flags & DISABLED:                # held just after uac_reg had sent: it must refresh
+                    out.append(("enable", trunk))
             elif trunk in self.until:
                 if not flags & DISABLED:
                     del self.until[trunk]
@@ -218,6 +222,12 @@ class Backoff:
                 self.until[trunk] = now + wait * (0.5 + 0.5 * self.rand())
                 out.append(("disable", trunk))
         return out
+
+    def undo(self, trunk: str) -> None:
+        """The front did not take the hold (``step``'s disable failed): uac_reg's own retry stands,
+        and the failure is counted again when uac_reg reports its next one."""
+        if self.until.pop(trunk, None) is not None:
+            self.failures[trunk] = max(0, self.failures[trunk] - 1)
 
     def retry_in(self, trunk: str, now: float) -> float | None:
         """Seconds until a held registration may try again (None: not held)."""

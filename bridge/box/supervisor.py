@@ -335,9 +335,12 @@ class Supervisor:
         now = time.monotonic()
         for verb, trunk in holds.step(now, recs):
             try:
-                await loop.run_in_executor(None, self.kamcmd, f"uac.reg_{verb}", "l_uuid", uuids[trunk])
+                # "s:": kamcmd sends a value that parses as a number as an int (a phone-number
+                # username would reach Kamailio mangled) and reads one starting with "-" as an option
+                await loop.run_in_executor(None, self.kamcmd, f"uac.reg_{verb}", "l_uuid", f"s:{uuids[trunk]}")
             except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError) as exc:
-                holds.until.pop(trunk, None)        # not held after all: uac_reg's own retry stands
+                if verb == "disable":
+                    holds.undo(trunk)               # not held after all: uac_reg's own retry stands
                 event(log, "registration_control_failed", trunk=trunk, action=verb, error=str(exc)[:200])
                 continue
             if verb == "disable":
@@ -350,7 +353,9 @@ class Supervisor:
         holds = Backoff({r.trunk: (r.retry, r.retry_max) for r in self.front_registrations})
         while not self.stopping:
             now = time.monotonic()
-            await asyncio.sleep(max(0.05, min([REG_POLL, *(u - now for u in holds.until.values())])))
+            # wake for a hold that ends before the next poll, never sooner than 1 s (a hold that is
+            # due but cannot be applied yet must not spin the loop)
+            await asyncio.sleep(min([REG_POLL, *(max(1.0, u - now) for u in holds.until.values())]))
             if self.kamailio is not None and self.kamailio.poll() is None:
                 try:
                     states, recs = await loop.run_in_executor(None, self.read_registrations)
@@ -358,7 +363,6 @@ class Supervisor:
                     await self._hold_or_release(holds, recs)
                     now, wall = time.monotonic(), time.time()
                     for trunk, st in states.items():
-                        st.failures = holds.failures.get(trunk, 0)
                         wait = holds.retry_in(trunk, now)
                         st.next_attempt = 0.0 if wait is None else round(wall + wait, 3)
                 except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError):
@@ -370,6 +374,9 @@ class Supervisor:
                               for t in self.registrations}
             else:                               # no front, no registration
                 states = {t: RegState(t, False, 0, "the front is down", True) for t in self.registrations}
+                holds.until.clear()             # a new front loads its table enabled and registers at once
+            for trunk, st in states.items():    # (the failures in a row outlive an unreadable front)
+                st.failures = holds.failures.get(trunk, 0)
             self.update_registrations(states)
 
     def set_drained(self, c: CellProc, drained: bool) -> None:

@@ -123,11 +123,14 @@ def uac_lines(run_dir: str, regs: list[Registration], timer: int = 0) -> str:
     timer wakes every ``timer`` s (default: a third of the shortest retry, 1..10 s) and refreshes a
     registration that expires within ``timer + 3`` s; after a failure it sends again once
     ``retry - timer - 3`` s have passed, so its ``reg_retry_interval`` is the trunk's
-    ``register_retry`` plus that margin (the shortest one when trunks differ: it is global)."""
+    ``register_retry`` plus that margin (the shortest one when trunks differ: it is global), and
+    never under 5 s: after a failure the supervisor (polling every 2 s) takes the retries over with
+    its backoff (``registrations.Backoff``), and must see the failure before uac_reg retries."""
     if not regs:
         return "# no trunk registers through the front (register = true)\n"
     retry = min(r.retry for r in regs)
     timer = timer or max(1, min(10, retry // 3))
+    retry = max(5, retry)
     contact = regs[0].contact.split(";")[0]
     return ("#!define WITH_UACREG\n"
             'loadmodule "db_text.so"\nloadmodule "htable.so"\nloadmodule "uac.so"\n'

@@ -95,7 +95,7 @@ TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str
                 "failover_timeout": _float(0.5, 120),
                 "codecs": _trunk_codecs,     # on the wire toward the trunk; "opus" is transcoded at the edge
                 "register_retry": _int(1, 3600),      # the front's first retry after a failed registration (s)
-                "register_retry_max": _int(1, 86400)}  # ... doubling after each failure in a row up to this (s)
+                "register_retry_max": _int(1, 3600)}  # ... doubling after each failure in a row up to this (s)
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",
@@ -268,8 +268,8 @@ def _trunk(i: int, t: Any) -> Trunk:
     if not out.get("name"):
         raise ConfigError(f"{where}.name: required")
     out.pop("transport", None)                   # the front's concern (Config.transports)
-    retry, retry_max = out.pop("register_retry", 30), out.pop("register_retry_max", 300)
-    if retry_max < retry:                        # the front's too (bridge/box/uacreg.py, uac_reg)
+    retry, retry_max = out.pop("register_retry", 30), out.pop("register_retry_max", None)
+    if retry_max is not None and retry_max < retry:     # the front's too (bridge/box/uacreg.py, uac_reg)
         raise ConfigError(f"{where}.register_retry_max: {retry_max} is below register_retry ({retry})")
     out.pop("codecs", None)                      # the front's too: rtpengine at the edge (Config.codecs)
     if out.pop("srtp", "off") != "off" and t.get("transport") != "tls":
