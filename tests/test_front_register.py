@@ -317,8 +317,17 @@ def test_a_refused_registration_backs_off_and_comes_back(tmp_path):
         held = [e for e in box.events("registration_retry") if e.get("trunk") == "carrier"]
         assert [e["failures"] for e in held[:4]] == [1, 2, 3, 4], held
         assert all(0 < e["retry_in"] <= 32 for e in held), held
-        registrar.status = 200                          # the registrar is back
+        registrar.status = 200                          # the registrar is back: the operator asks now
+        held = _v1(box)
+        api = Api(box, create_key(box.data, "control"))
+        assert api.post("/v1/registrations/nosuch/register")[0] == 404
+        assert Api(box, create_key(box.data, "read")).post("/v1/registrations/carrier/register")[0] == 403
+        asked = time.time()
+        status, body, _ = api.post("/v1/registrations/carrier/register")
+        assert status == 202 and body == {"trunk": "carrier", "registering": True}, body
         _wait(lambda: _gauge(box) == 1, 45, "the registration did not come back")
+        if held["next_attempt"] and held["next_attempt"] - asked > 8:     # it did not wait for the hold
+            assert time.time() < held["next_attempt"] - 2, (held, time.time())
         again = _wait(lambda: (r := _v1(box))["failures"] == 0 and r, 5, "the failures were not reset")
         assert again["registered"] is True and again["next_attempt"] is None, again
     finally:
@@ -382,6 +391,25 @@ def test_the_supervisor_holds_a_phone_number_registration_as_a_string(tmp_path, 
     holds = Backoff({"carrier": (30, 300)}, rand=lambda: 1.0)
     asyncio.run(sup._hold_or_release(holds, {"carrier": (0, 38)}))
     assert holds.failures["carrier"] == 0 and holds.retry_in("carrier", 0) is None
+
+
+def test_register_now_drops_the_hold_and_enables_the_record(tmp_path, monkeypatch):
+    """``POST /v1/registrations/{trunk}/register`` (``Supervisor.register_now``): no waiting out the
+    backoff after a carrier's outage; an unknown trunk is a KeyError (404)."""
+    from bridge.box.registrations import DISABLED, Backoff
+    reg = 'username = "trunkuser"\npassword = "p"\nrealm = "r"\nregister = true\n'
+    sup, _ = _render(_cfg(tmp_path, reg), tmp_path)
+    calls = []
+    monkeypatch.setattr(sup, "kamcmd", lambda *a: calls.append(a) or "")
+    sup.reg_holds = Backoff({"carrier": (30, 300)}, rand=lambda: 1.0)
+    for now, rec in ((0, (0, 38)), (31, (DISABLED, 1)), (32, (0, 38))):    # failed, held, enabled, failed
+        sup.reg_holds.step(now, {"carrier": rec})
+    assert sup.reg_holds.failures["carrier"] == 2
+    asyncio.run(sup.register_now("carrier"))
+    assert calls == [("uac.reg_enable", "l_uuid", "s:trunkuser")]
+    assert sup.reg_holds.failures["carrier"] == 0 and sup.reg_holds.retry_in("carrier", 41) is None
+    with pytest.raises(KeyError):
+        asyncio.run(sup.register_now("nosuch"))
 
 
 def test_a_front_that_cannot_take_holds_is_polled_calmly(tmp_path, monkeypatch):

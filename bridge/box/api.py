@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 
 import aiohttp
 from aiohttp import web
@@ -264,8 +265,23 @@ class BoxApi(Api):
                  "since": r.since or None, "failures": r.failures, "next_attempt": r.next_attempt or None}
                 for t, r in sorted(regs.items())]})
 
+        async def register_now(request):
+            """Register a trunk at once (scope ``control``): after a carrier's outage, rather than
+            waiting out the backoff. 202: REGISTER goes out on the front's next timer tick."""
+            try:
+                self.auth(request, "control")
+                await self.sup.register_now(request.match_info["trunk"])
+            except ApiError as e:
+                return error_response(e.status, e.code, e.message)
+            except KeyError:
+                return error_response(404, "not_found", "no trunk the front registers by that name")
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                return error_response(502, "front_error", str(e)[:300])
+            return web.json_response({"trunk": request.match_info["trunk"], "registering": True}, status=202)
+
         app.router.add_get("/v1/cells", list_cells)
         app.router.add_get("/v1/registrations", list_registrations)
+        app.router.add_post("/v1/registrations/{trunk}/register", register_now)
         app.router.add_post("/v1/cells/{index}/drain", drain_handler(True))
         app.router.add_post("/v1/cells/{index}/undrain", drain_handler(False))
 

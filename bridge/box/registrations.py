@@ -223,6 +223,13 @@ class Backoff:
                 out.append(("disable", trunk))
         return out
 
+    def retry_now(self, trunk: str) -> None:
+        """An operator asks for a registration now (``POST /v1/registrations/{trunk}/register``):
+        no hold, and the count starts over."""
+        self.until.pop(trunk, None)
+        if trunk in self.failures:
+            self.failures[trunk] = 0
+
     def undo(self, trunk: str) -> None:
         """The front did not take the hold (``step``'s disable failed): uac_reg's own retry stands,
         and the failure is counted again when uac_reg reports its next one."""

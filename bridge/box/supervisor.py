@@ -143,6 +143,7 @@ class Supervisor:
         self.zygote: Zygote | None = None     # forks the cells (shared imported code); None: exec
         self.registrations: dict[str, RegState] = {}    # trunk -> the front's registration (uac_reg)
         self.front_registrations: list[uacreg.Registration] = []
+        self.reg_holds: Backoff | None = None           # the registrations' backoff, while polled
 
     # -- cells -------------------------------------------------------------------------
     def _cell_cmd(self, c: CellProc) -> list[str]:
@@ -347,10 +348,22 @@ class Supervisor:
                 event(log, "registration_retry", trunk=trunk, failures=holds.failures[trunk],
                       retry_in=round(holds.retry_in(trunk, now) or 0.0, 1))
 
+    async def register_now(self, trunk: str) -> None:
+        """Register ``trunk`` at once (an operator after a carrier's outage, rather than waiting out
+        the backoff): its hold is dropped, its count reset and its record enabled, which makes
+        uac_reg send on its next timer tick, registered or not. KeyError: not a trunk the front
+        registers; RuntimeError: the front did not take it."""
+        reg = {r.trunk: r for r in self.front_registrations}[trunk]
+        if self.reg_holds is not None:
+            self.reg_holds.retry_now(trunk)
+        await asyncio.get_running_loop().run_in_executor(None, self.kamcmd, "uac.reg_enable", "l_uuid",
+                                                         f"s:{reg.uuid}")
+        event(log, "registration_requested", trunk=trunk)
+
     async def _poll_registrations(self) -> None:
         loop = asyncio.get_running_loop()
         failed = 0
-        holds = Backoff({r.trunk: (r.retry, r.retry_max) for r in self.front_registrations})
+        holds = self.reg_holds = Backoff({r.trunk: (r.retry, r.retry_max) for r in self.front_registrations})
         while not self.stopping:
             now = time.monotonic()
             # wake for a hold that ends before the next poll, never sooner than 1 s (a hold that is
