@@ -257,6 +257,7 @@ def test_dispatcher_outlives_a_lock_longer_than_its_busy_timeout(tmp_path):
         port = await rx.start()
         d = WebhookDispatcher(store, Metrics(), guard=Policy.parse(["127.0.0.1/32"]))
         await d.start()
+        await d._q(lambda db: db.db.execute("PRAGMA busy_timeout=100"))     # its own connection's
         wh = store.add_webhook(f"http://127.0.0.1:{port}/hook", ["*"], "s3cret")
         locked, release = threading.Event(), threading.Event()
 
@@ -337,3 +338,65 @@ def test_a_delivery_whose_outcome_was_lost_is_sent_again(tmp_path):
     lost, fresh, got = asyncio.run(main())
     assert lost["status"] == "delivered" and got == 1, (lost, got)
     assert fresh["status"] == "sending", fresh
+
+
+def test_a_locked_database_never_stops_the_event_loop(tmp_path):
+    """The dispatcher writes on a thread and connection of its own: while another process holds
+    the database's write lock (2 s here; the cells of a box write the same file), the loop that
+    serves the API, the WebSocket and /healthz keeps running, events queue their deliveries, and
+    they are written and delivered once the lock is gone."""
+    import sqlite3
+    from bridge.api.webhooks import WebhookDispatcher
+    from bridge.core.metrics import Metrics
+    from bridge.core.netguard import Policy
+    from bridge.records.store import Store, new_id
+
+    async def run():
+        store = Store(str(tmp_path))
+        rx = Receiver(delay=0.0)
+        port = await rx.start()
+        d = WebhookDispatcher(store, Metrics(), guard=Policy.parse(["127.0.0.1/32"]))
+        await d.start()
+        store.add_webhook(f"http://127.0.0.1:{port}/hook", ["*"], "s3cret")
+        seqs = [store.add_event(new_id("evt"), "call_hangup", None, time.time(), {}) for _ in range(3)]
+        locked = threading.Event()
+
+        def hold():                                           # another writer, for 2 s
+            db = sqlite3.connect(store.path, timeout=10, isolation_level=None)
+            db.execute("BEGIN IMMEDIATE")
+            locked.set()
+            time.sleep(2.0)
+            db.execute("COMMIT")
+            db.close()
+        gaps = []
+
+        async def heartbeat(seconds):                         # the loop's own, through the lock
+            last = time.monotonic()
+            end = last + seconds
+            while time.monotonic() < end:
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+        beat = asyncio.create_task(heartbeat(3.0))            # from before the lock to after it
+        await asyncio.sleep(0.1)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            await asyncio.to_thread(locked.wait, 10)
+            for seq in seqs:                                  # the tailer hands new events over:
+                d.on_event({"seq": seq, "type": "call_hangup", "call_id": None})    # the dispatcher wakes
+            await beat
+            deadline = time.monotonic() + 15
+            while rx.got < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await asyncio.to_thread(holder.join, 10)
+            await d.stop()
+            await rx.runner.cleanup()
+            statuses = [r["status"] for r in store.deliveries()]
+            store.close()
+        return max(gaps), rx.got, statuses
+    worst, got, statuses = asyncio.run(run())
+    assert worst < 1.0, f"the event loop stopped for {worst:.2f} s while the database was locked"
+    assert got == 3 and statuses == ["delivered"] * 3, (got, statuses)

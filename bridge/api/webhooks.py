@@ -8,6 +8,12 @@ any other 4xx stops at once (``failed``); after ``max_attempts`` the delivery
 is ``dead`` and can be listed and replayed through the API. Deliveries are
 rows in the store, so a restart picks up where it left off, and the loop runs
 as its own task: a slow receiver never holds up a call.
+
+The dispatcher's reads and writes of the store run on a thread of its own, on a connection of its
+own: a write that waits for the database's lock (the cells of a box write the same file; another
+process may hold it for seconds) never stops the event loop, which serves the API, the WebSocket
+and /healthz. New events only queue their deliveries on the loop (``on_event``); the next round
+writes them.
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
@@ -88,6 +96,18 @@ class WebhookDispatcher:
         self._task: asyncio.Task | None = None
         self._hooks: list[dict] | None = None
         self._inflight: set[str] = set()
+        self._new: list[tuple[str, int]] = []          # (webhook id, event seq) not written yet
+        self._io: ThreadPoolExecutor | None = None      # the one thread that uses self._db
+        self._db: Store | None = None
+
+    async def _q(self, fn, *args):
+        """``fn(store, *args)`` on the dispatcher's own thread and connection."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="webhooks-db")
+        if self._db is None:
+            self._db = await asyncio.get_running_loop().run_in_executor(
+                self._io, Store, os.path.dirname(self.store.path), os.path.basename(self.store.path))
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, self._db, *args)
 
     def hooks_changed(self) -> None:
         self._hooks = None
@@ -103,13 +123,13 @@ class WebhookDispatcher:
         created = False
         for wh in self._hooks:
             if matches(wh["topics"], event):
-                self.store.add_delivery(wh["id"], event["seq"])
+                self._new.append((wh["id"], event["seq"]))
                 created = True
         if created:
             self.wake.set()
 
     async def start(self) -> None:
-        self.store.db.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'sending'")
+        await self._q(lambda db: db.db.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'sending'"))
         self.session = guarded_session(self.guard, metric=getattr(self.metrics, "outbound_refused", None),
                                        use="webhook", timeout=aiohttp.ClientTimeout(total=self.timeout))
         self._task = asyncio.create_task(self._run(), name="webhooks")
@@ -123,6 +143,31 @@ class WebhookDispatcher:
                 pass
         if self.session:
             await self.session.close()
+        if self._io is not None:
+            if self._new:                                   # queued, not written yet: keep them
+                try:
+                    await self._q(self._write_new, self._new)
+                    self._new = []
+                except sqlite3.OperationalError as exc:
+                    log.warning("webhook dispatcher: %d deliveries not written at stop: %s", len(self._new), exc)
+            if self._db is not None:
+                await asyncio.get_running_loop().run_in_executor(self._io, self._db.close)
+            self._io.shutdown(wait=True)
+            self._io, self._db = None, None
+
+    @staticmethod
+    def _write_new(db: Store, new: list[tuple[str, int]]) -> None:
+        """All or nothing: a batch that fails is queued again whole, never written twice."""
+        if not new:
+            return
+        db.db.execute("BEGIN IMMEDIATE")
+        try:
+            for wid, seq in new:
+                db.add_delivery(wid, seq)
+            db.db.execute("COMMIT")
+        except BaseException:
+            db.db.execute("ROLLBACK")
+            raise
 
     def replay(self, did: str) -> dict | None:
         d = self.store.delivery(did)
@@ -142,29 +187,41 @@ class WebhookDispatcher:
                 log.warning("webhook dispatcher: %s; trying again in 1 s", exc)
                 await asyncio.sleep(1.0)
 
-    async def _round(self) -> None:
-        """Start what is due, then wait until woken or the next retry is due."""
-        self.wake.clear()
-        now = time.time()
+    def _scan(self, db: Store, now: float, new: list[tuple[str, int]]) -> tuple[list[dict], float]:
+        """(On the dispatcher's thread.) Write the queued deliveries, put right what a clock step or a
+        lost outcome left, and return what is due now and the time until the next one is."""
+        self._write_new(db, new)
+        new.clear()                                 # written: not to be queued again if what follows fails
         # retries are scheduled on the wall clock (they outlive a restart); no retry is ever set
         # further ahead than max_delay, so one that is was set before the clock stepped back
         # (an NTP correction): it would otherwise wait out the step, an hour for an hour
-        moved = self.store.pull_forward_deliveries(now + self.max_delay + 1.0, now)
+        moved = db.pull_forward_deliveries(now + self.max_delay + 1.0, now)
         if moved:
             log.warning("%d webhook deliveries were due further ahead than max_delay (%.0f s): the wall "
                         "clock went back; they are due now", moved, self.max_delay)
         # an attempt lasts at most `timeout`: one still 'sending' long after had its outcome lost
         # (a lock past the busy timeout); it is sent again rather than left until a restart
-        stale = self.store.requeue_stale_deliveries(now - self.timeout - STALE_AFTER, now)
+        stale = db.requeue_stale_deliveries(now - self.timeout - STALE_AFTER, now)
         if stale:
             log.warning("%d webhook deliveries were left 'sending' (their outcome was not written); "
                         "sending them again", stale)
-        for d in self.store.due_deliveries(now):
+        due = db.due_deliveries(now)
+        row = db._one("SELECT MIN(next_at) AS n FROM deliveries WHERE status = 'pending'")
+        return due, (5.0 if not row or row["n"] is None else max(0.01, min(5.0, row["n"] - time.time())))
+
+    async def _round(self) -> None:
+        """Start what is due, then wait until woken or the next retry is due."""
+        self.wake.clear()
+        new, self._new = self._new, []
+        try:
+            due, wait = await self._q(self._scan, time.time(), new)
+        except sqlite3.OperationalError:
+            self._new[:0] = new                     # not written (all or nothing): the next round tries again
+            raise
+        for d in due:
             if d["id"] not in self._inflight:
                 self._inflight.add(d["id"])
                 asyncio.create_task(self._deliver(d))
-        row = self.store._one("SELECT MIN(next_at) AS n FROM deliveries WHERE status = 'pending'")
-        wait = 5.0 if not row or row["n"] is None else max(0.01, min(5.0, row["n"] - time.time()))
         try:
             await asyncio.wait_for(self.wake.wait(), wait)
         except asyncio.TimeoutError:
@@ -179,13 +236,15 @@ class WebhookDispatcher:
         finally:
             self._inflight.discard(d["id"])
 
+    async def _update(self, did: str, **fields) -> None:
+        await self._q(lambda db: db.update_delivery(did, **fields))
+
     async def _attempt(self, d: dict) -> None:
-        wh = self.store.webhook(d["webhook_id"])
-        row = self.store.event(d["event_seq"])
+        wh, row = await self._q(lambda db: (db.webhook(d["webhook_id"]), db.event(d["event_seq"])))
         if wh is None or row is None:
-            self.store.update_delivery(d["id"], status="failed", last_error="webhook or event gone")
+            await self._update(d["id"], status="failed", last_error="webhook or event gone")
             return
-        if not self.store.claim_delivery(d["id"]):
+        if not await self._q(lambda db: db.claim_delivery(d["id"])):
             return
         body = json.dumps(from_row(row)).encode()
         ts = int(time.time())
@@ -203,30 +262,30 @@ class WebhookDispatcher:
         if error in ("refused address", "redirect refused", "invalid URL") or (
                 status is not None and 300 <= status < 400):
             error = error or "redirect refused"
-            self.store.update_delivery(d["id"], status="failed", attempts=attempts, last_status=status,
-                                       last_error=error)
+            await self._update(d["id"], status="failed", attempts=attempts, last_status=status,
+                                last_error=error)
             self.metrics.webhook_deliveries.labels("failed").inc()
             log.warning("webhook delivery %s failed: %s", d["id"], error)
             return
         if status is not None and 200 <= status < 300:
-            self.store.update_delivery(d["id"], status="delivered", attempts=attempts, last_status=status,
-                                       last_error=None)
+            await self._update(d["id"], status="delivered", attempts=attempts, last_status=status,
+                                last_error=None)
             self.metrics.webhook_deliveries.labels("delivered").inc()
             return
         retry = status is None or status >= 500 or status in (408, 429)
         if not retry:
-            self.store.update_delivery(d["id"], status="failed", attempts=attempts, last_status=status,
-                                       last_error=f"HTTP {status}")
+            await self._update(d["id"], status="failed", attempts=attempts, last_status=status,
+                                last_error=f"HTTP {status}")
             self.metrics.webhook_deliveries.labels("failed").inc()
             return
         if attempts >= self.max_attempts:
-            self.store.update_delivery(d["id"], status="dead", attempts=attempts, last_status=status,
-                                       last_error=error or f"HTTP {status}")
+            await self._update(d["id"], status="dead", attempts=attempts, last_status=status,
+                                last_error=error or f"HTTP {status}")
             self.metrics.webhook_deliveries.labels("dead").inc()
             log.warning("webhook delivery %s to webhook %s dead after %d attempts", d["id"], wh["id"], attempts)
             return
         delay = backoff.delay(attempts - 1, self.base_delay, self.max_delay)
-        self.store.update_delivery(d["id"], status="pending", attempts=attempts, last_status=status,
+        await self._update(d["id"], status="pending", attempts=attempts, last_status=status,
                                    last_error=error or f"HTTP {status}", next_at=time.time() + delay)
         self.metrics.webhook_deliveries.labels("retried").inc()
         self.wake.set()
