@@ -97,6 +97,7 @@ class WebhookDispatcher:
         self._hooks: list[dict] | None = None
         self._inflight: set[str] = set()
         self._new: list[tuple[str, int]] = []          # (webhook id, event seq) not written yet
+        self._sending: set[asyncio.Task] = set()       # deliveries in flight
         self._io: ThreadPoolExecutor | None = None      # the one thread that uses self._db
         self._db: Store | None = None
 
@@ -141,6 +142,9 @@ class WebhookDispatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for t in list(self._sending):                  # attempts in flight: their rows stay 'sending'
+            t.cancel()                                 # and go out again after a restart
+        await asyncio.gather(*self._sending, return_exceptions=True)
         if self.session:
             await self.session.close()
         if self._io is not None:
@@ -221,7 +225,9 @@ class WebhookDispatcher:
         for d in due:
             if d["id"] not in self._inflight:
                 self._inflight.add(d["id"])
-                asyncio.create_task(self._deliver(d))
+                task = asyncio.create_task(self._deliver(d))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
         try:
             await asyncio.wait_for(self.wake.wait(), wait)
         except asyncio.TimeoutError:
