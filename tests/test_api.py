@@ -176,7 +176,7 @@ class Receiver:
 
 
 def test_webhooks_signed_retried_and_dead_lettered(cell_factory, tmp_path):
-    cell = cell_factory(ECHO + "[webhooks]\nmax_attempts = 3\nbase_delay = 0.05\n")
+    cell = cell_factory(ECHO + "[webhooks]\nmax_attempts = 3\nbase_delay = 0.05\nretry_for = 0\n")
     api = Api(cell, create_key(cell.data))
     rx = Receiver(cell.ports["sip"] + 30, {"/flaky": [500, 200], "/down": [503], "/gone": [410]})
     hooks = {}

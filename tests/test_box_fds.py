@@ -73,6 +73,7 @@ class Receiver:
         self.inflight = 0
         self.most = 0
         self.got = 0
+        self.status = 204
 
     async def start(self) -> int:
         from aiohttp import web
@@ -87,7 +88,7 @@ class Receiver:
             finally:
                 self.inflight -= 1
             self.got += 1
-            return web.Response(status=204)
+            return web.Response(status=self.status)
         app = web.Application()
         app.router.add_post("/hook", hook)
         self.runner = web.AppRunner(app)
@@ -400,3 +401,41 @@ def test_a_locked_database_never_stops_the_event_loop(tmp_path):
     worst, got, statuses = asyncio.run(run())
     assert worst < 1.0, f"the event loop stopped for {worst:.2f} s while the database was locked"
     assert got == 3 and statuses == ["delivered"] * 3, (got, statuses)
+
+
+def test_a_delivery_is_dead_only_after_its_attempts_and_its_retry_window(tmp_path):
+    """The hour-long soak lost one webhook: full-jitter waits made 16 attempts add up to less than
+    the receiver's 10-minute outage, and the delivery was dead before the receiver came back. A
+    delivery is now dead only after ``max_attempts`` and ``retry_for`` seconds since it was made
+    (here 2 attempts and 1.5 s; the default is 16 and 30 minutes); until then it is retried."""
+    from bridge.api.webhooks import WebhookDispatcher
+    from bridge.core.metrics import Metrics
+    from bridge.core.netguard import Policy
+    from bridge.records.store import Store, new_id
+
+    async def run():
+        store = Store(str(tmp_path))
+        rx = Receiver(delay=0.0)
+        rx.status = 503                                   # the receiver is down
+        port = await rx.start()
+        d = WebhookDispatcher(store, Metrics(), max_attempts=2, base_delay=0.01, max_delay=0.05,
+                              guard=Policy.parse(["127.0.0.1/32"]), retry_for=1.5)
+        await d.start()
+        wh = store.add_webhook(f"http://127.0.0.1:{port}/hook", ["*"], "s3cret")
+        did = store.add_delivery(wh["id"], store.add_event(new_id("evt"), "call_hangup", None, time.time(), {}))
+        made = time.monotonic()
+        d.wake.set()
+        try:
+            while rx.got < 4 and time.monotonic() - made < 1.0:
+                await asyncio.sleep(0.02)
+            early = dict(store.delivery(did))
+            while store.delivery(did)["status"] != "dead" and time.monotonic() - made < 10:
+                await asyncio.sleep(0.05)
+            return early, dict(store.delivery(did)), time.monotonic() - made
+        finally:
+            await d.stop()
+            await rx.runner.cleanup()
+            store.close()
+    early, late, after = asyncio.run(run())
+    assert early["status"] in ("pending", "sending") and early["attempts"] >= 3, early   # past max_attempts
+    assert late["status"] == "dead" and after >= 1.5, (late, after)

@@ -292,7 +292,7 @@ def _make_event(cell, tmp_path) -> None:
 
 
 def test_api_refuses_inward_webhook_urls_by_default(cell_factory, tmp_path):
-    cell = cell_factory(NEVER + '[webhooks]\nmax_attempts = 2\nbase_delay = 0.05\n')
+    cell = cell_factory(NEVER + '[webhooks]\nmax_attempts = 2\nbase_delay = 0.05\nretry_for = 0\n')
     api = Api(cell, create_key(cell.data))
     for url in ("http://127.0.0.1:9/x", "http://[::1]:9/", "http://169.254.169.254/latest/meta-data/",
                 "http://[::ffff:127.0.0.1]/", "http://0.0.0.0:9/", "http://2130706433/"):
@@ -319,7 +319,7 @@ def test_webhook_redirects_are_failures_and_errors_say_only_the_class(cell_facto
     rx = Receiver(redirect_to="/final")
     try:
         cell = cell_factory(NEVER + '[http]\noutbound_allow = ["127.0.0.1/32"]\n'
-                            '[webhooks]\nmax_attempts = 2\nbase_delay = 0.05\n')
+                            '[webhooks]\nmax_attempts = 2\nbase_delay = 0.05\nretry_for = 0\n')
         api = Api(cell, create_key(cell.data))
         _, redirected, _ = api.post("/v1/webhooks", {"url": f"http://127.0.0.1:{rx.port}/hook"})
         s = socket.socket()

@@ -82,7 +82,7 @@ def verify_signature(secret: str, header: str, body: bytes, tolerance: float = 3
 class WebhookDispatcher:
     def __init__(self, store: Store, metrics, max_attempts: int = 16, base_delay: float = 1.0,
                  max_delay: float = 300.0, timeout: float = 5.0, concurrency: int = CONCURRENCY,
-                 guard: Policy = DEFAULT_POLICY):
+                 guard: Policy = DEFAULT_POLICY, retry_for: float = 1800.0):
         self.store = store
         self.guard = guard                    # the SSRF guard: where deliveries may connect
         self.metrics = metrics
@@ -90,6 +90,9 @@ class WebhookDispatcher:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.timeout = timeout
+        # a delivery is dead after max_attempts AND retry_for seconds since it was made: the jittered
+        # waits of 16 attempts can add up to less than a 10-minute outage of the receiver
+        self.retry_for = retry_for
         self.sem = asyncio.Semaphore(concurrency)
         self.wake = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
@@ -284,7 +287,7 @@ class WebhookDispatcher:
                                 last_error=f"HTTP {status}")
             self.metrics.webhook_deliveries.labels("failed").inc()
             return
-        if attempts >= self.max_attempts:
+        if attempts >= self.max_attempts and time.time() - d["created"] >= self.retry_for:
             await self._update(d["id"], status="dead", attempts=attempts, last_status=status,
                                 last_error=error or f"HTTP {status}")
             self.metrics.webhook_deliveries.labels("dead").inc()

@@ -38,7 +38,7 @@ def box_services(sup) -> Services:
     tailer = Tailer(store)
     w = sup.cfg.raw["webhooks"]
     webhooks = WebhookDispatcher(store, metrics, w["max_attempts"], w["base_delay"], w["max_delay"], w["timeout"],
-                                 guard=sup.cfg.outbound)
+                                 guard=sup.cfg.outbound, retry_for=w["retry_for"])
     tailer.subscribe(webhooks.on_event)
     tailer.wanted = lambda: len(tailer.listeners) > 1 or webhooks.has_hooks()
     return Services(cfg=sup.cfg, store=store, metrics=metrics, tailer=tailer, webhooks=webhooks, cell_id="box")

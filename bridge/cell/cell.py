@@ -124,7 +124,8 @@ class Cell:
         self.bus = EventBus(self.store, self.metrics, self.writer)
         w = cfg.raw["webhooks"]
         self.webhooks = WebhookDispatcher(self.store, self.metrics, w["max_attempts"], w["base_delay"],
-                                          w["max_delay"], w["timeout"], guard=cfg.outbound)
+                                          w["max_delay"], w["timeout"], guard=cfg.outbound,
+                                          retry_for=w["retry_for"])
         self.tailer = Tailer(self.store)
         self.bus.on_stored = self.tailer.wake        # an event committed: tell its subscribers now
         if w["dispatch"]:
