@@ -122,3 +122,35 @@ def test_front_socket_is_never_one_of_the_cells_rtp_ports(tmp_path):
     sup = Supervisor(cfg, 3, None)
     assert not 20106 <= sup.front_port <= 20165
     assert sup.front_port not in {c.sip_port for c in sup.cells} | {c.http_port for c in sup.cells}
+
+
+def test_stopping_the_front_leaves_no_kamailio_behind(tmp_path):
+    """A stopped box once left three Kamailio workers running (their main process had exited;
+    they had SIGTERM blocked), holding the front's sockets until the next start. Stopping the
+    front now also kills whatever still runs on its config. Fakes named "kamailio" stand in:
+    the main process (it exits on SIGTERM) and a worker that ignores SIGTERM."""
+    import subprocess
+    import sys
+    from bridge.box.supervisor import Supervisor
+    from bridge.core import config
+
+    cfg_path = tmp_path / "box.toml"
+    cfg_path.write_text(f'data_dir = "{tmp_path}"\n[sip]\nlisten = "127.0.0.1:5060"\n')
+    sup = Supervisor(config.load(str(cfg_path), environ={}), 2, str(cfg_path))
+    front = str(tmp_path / "run" / "kamailio.cfg")
+    main = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+            "[time.sleep(0.05) for _ in range(1200)]")
+    worker = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    procs = [subprocess.Popen(["bash", "-c", f'exec -a kamailio {sys.executable} -c "$0" -DD -f {front}', code])
+             for code in (main, worker)]
+    try:
+        time.sleep(0.5)
+        sup.kamailio, sup.front_config = procs[0], front
+        sup.stop_front()
+        assert procs[0].wait(5) == 0
+        assert procs[1].wait(5) == -signal.SIGKILL, "a worker outlived the front"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
