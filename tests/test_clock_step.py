@@ -45,7 +45,10 @@ def test_a_wall_clock_step_keeps_the_call_and_does_not_stall_webhook_retries(cel
     assert caller.wait(40) == 0, caller.stdout.read().decode()[-2000:]
     length = time.monotonic() - t0
     # the hang-up's delivery failed once (500) at the stepped clock; its retry is set on that clock
+    # (wait for the failure to be recorded, not only for the request: stepping back between the two
+    # would set the retry on the corrected clock, and there would be nothing to correct)
     assert wait_for(lambda: len(rx.got) >= 1, 20)
+    assert wait_for(lambda: (api.get("/v1/webhook-deliveries")[1]["deliveries"] or [{}])[0].get("attempts") == 1, 10)
     step_clock(offset, 0)                                      # NTP corrects it: an hour back
     assert wait_for(lambda: len(rx.got) >= 2, 30), "the retry waits out the clock step"
     assert wait_for(lambda: api.get("/v1/webhook-deliveries")[1]["deliveries"][0]["status"] == "delivered", 10)
