@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from bridge.box.sipaddr import split_address
+
 DISABLED, ONGOING, ONLINE = 1 << 0, 1 << 1, 1 << 2
 
 
@@ -40,15 +42,7 @@ class RegState:
 
 def registrar_net(address: str) -> str:
     """The registrar's address as a /32 (/128) when ``address`` names an IP literal, else ""."""
-    a = address.strip()
-    for scheme in ("sips:", "sip:"):
-        if a.lower().startswith(scheme):
-            a = a[len(scheme):]
-    host = a.split(";", 1)[0].split("@")[-1]
-    if host.startswith("["):
-        host = host[1:].split("]", 1)[0]
-    elif host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
+    host, _ = split_address(address)
     try:
         ip = ipaddress.ip_address(host)           # one address: never a network written as "address"
     except ValueError:
