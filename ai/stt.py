@@ -33,6 +33,12 @@ class WhisperSTT:
         self.language = language
         self.beam_size = beam_size
 
+    def warm(self) -> None:
+        """One decode of a second of silence: CTranslate2 allocates its buffers and threads on the
+        first one (~57 MB and ~70 ms here), which would otherwise land on the first caller's turn
+        after every (re)start of the inference process, and look like growth to a soak."""
+        self.transcribe(bytes(32000))
+
     def transcribe(self, pcm16k: bytes, prompt: str | None = None, language: str | None = None) -> Transcript:
         """Decode mono s16le 16 kHz audio (in ``language``, else the one it was made with)."""
         start = time.perf_counter()

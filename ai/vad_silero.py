@@ -109,6 +109,17 @@ class SileroDetector:
 _warned = False
 
 
+def warm(kind: str) -> None:
+    """Load the shared ONNX session now (a cell that routes calls to the agent, at start, off its
+    loop): otherwise the first agent call of every cell loads onnxruntime (~50 MB, ~130 ms) on the
+    cell's event loop. A failure is left to ``detector()``, which falls back and says so."""
+    if kind == "silero":
+        try:
+            _session()
+        except Exception:  # noqa: BLE001 - detector() reports it on the first call
+            pass
+
+
 def detector(kind: str, rate: int, mode: int = 3):
     """The call's voice detector: ``"silero"`` (falls back to WebRTC if it cannot load) or ``"webrtc"``."""
     global _warned

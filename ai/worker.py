@@ -482,6 +482,13 @@ def main(conn, cfg: dict) -> None:
     except BaseException as exc:  # noqa: BLE001
         conn.send(m.Fatal(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
         return
+    if engines[0] is not None:
+        try:
+            engines[0].warm()
+        except Exception as exc:  # noqa: BLE001 - a call's first decode will say what is wrong
+            conn.send(m.Fatal(f"speech-to-text failed its first decode: {type(exc).__name__}: {exc}",
+                              traceback.format_exc(limit=3)))
+            return
     turn, turn_error = load_turn_model(cfg)
     conn.send(m.Ready({"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0,
                        "turn_model": turn.name if turn is not None else "", "turn_error": turn_error}))

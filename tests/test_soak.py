@@ -24,7 +24,7 @@ def test_two_minute_soak_with_faults(tmp_path):
                     "--keep", str(tmp_path / "run")])
     res = json.loads(out.read_text())
     kinds = {f["kind"] for f in res["faults"]}
-    assert {"webhook_down", "kill_cell", "stop_cell", "kill_front", "db_locked"} <= kinds
+    assert {"webhook_down", "kill_cell", "kill_inference", "stop_cell", "kill_front", "db_locked"} <= kinds
     if os.geteuid() == 0:
         assert "disk_full" in kinds
     for f in res["faults"]:
@@ -32,6 +32,14 @@ def test_two_minute_soak_with_faults(tmp_path):
             assert f["note"], f"fault {f['kind']} was not injected"
     # traffic really ran, through every fault
     assert res["calls"]["long"]["successful"] >= 5 and res["calls"]["short"]["successful"] >= 40
+    # agent calls ran with their models, had turns both ways, a summary and a clean media stream each
+    # (the verdict's problems list any that did not); the inference kill hit and was recovered from
+    a = res["agent"]
+    assert res["calls"]["agent"]["successful"] >= 3 and a["answered"] >= 3, (res["calls"]["agent"], a)
+    assert a["caller_turns"] >= 2 and a["agent_turns"] >= 2 and a["streams"]["clean"] >= 2, a
+    kill = next(f for f in res["faults"] if f["kind"] == "kill_inference")
+    assert kill["note"].startswith("inference") and kill["result"] == {"cell_same": True, "inference_back": True}, kill
+    assert res["transcript_rows"] == res["transcript_events"] > 0
     assert res["call_hangup_events"] >= res["calls"]["long"]["successful"] + res["calls"]["short"]["successful"]
     # Failed calls outside every fault's window: `make soak` counts any as a failure. This sample
     # shares 2 cores with the harness, SIPp and Kamailio (SIPp's own watchdog trips under that load

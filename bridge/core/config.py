@@ -224,12 +224,16 @@ class Config:
         from bridge.core.netguard import Policy
         return Policy.from_config(self.raw["http"])
 
+    def apps(self) -> set[str]:
+        """The apps this configuration routes calls to: the default and the numbers' (the
+        numbers the API adds at run time are not known here)."""
+        return {self.app, *(v if isinstance(v, str) else v.get("app") for v in self.raw["numbers"].values())}
+
     def needs_models(self) -> bool:
         load = self.raw["models"]["load"]
         if load != "auto":
             return load == "always"
-        return bool({self.app, *(v if isinstance(v, str) else v.get("app") for v in self.raw["numbers"].values())}
-                    & {"agent", "api"})
+        return bool(self.apps() & {"agent", "api"})
 
 
 def _check(section: str, key: str, value: Any) -> Any:

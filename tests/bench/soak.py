@@ -7,13 +7,19 @@ known times, sampled from /proc every INTERVAL seconds.
 What runs (all on 127.0.0.1, bounded, stops by itself):
 - ``trunkline serve --cells N`` (echo app, recordings on, sealed records) behind its Kamailio front.
 - Traffic through the front at ~80 % of the box's call slots (3 per cell): long calls
-  (SIPp ``bench_pcap.xml``: ~19 s of real speech RTP each) and short ones (SIPp's built-in
-  ``uac``, 2 s, no media), each SIPp run writing its counters every second (``-trace_stat``).
+  (SIPp ``bench_pcap.xml``: ~19 s of real speech RTP each), short ones (SIPp's built-in
+  ``uac``, 2 s, no media) and agent calls, one at a time (``agent_speech.xml`` to a number
+  routed to the agent app, with the bundled models loaded in every cell's inference process:
+  ~21 s, two spoken turns), each SIPp run writing its counters every second (``-trace_stat``).
+  ``--no-agent``: echo traffic only, models not loaded.
 - API clients on the box API: an event WebSocket that drops and resumes (``since``) every
-  20 s, and a webhook receiver (signed POSTs, all ``call_ended`` events).
+  20 s, a webhook receiver (signed POSTs, all ``call_ended`` events), and a media-stream tap on
+  every agent call (both directions, read through the box's relay until the bridge stops it).
 - Faults at fixed fractions of the run, each with the effect the soak checks:
   ``webhook_down`` (receiver gone; deliveries retried, none lost), ``kill_cell`` (kill -9; the
-  supervisor restarts it, new calls recover), ``stop_cell`` (SIGSTOP 5 s; the front fails
+  supervisor restarts it, new calls recover), ``kill_inference`` (kill -9 of the inference
+  process of the cell with a live agent call; the cell and the call stay up, the cell starts a
+  new one, later agent calls get turns), ``stop_cell`` (SIGSTOP 5 s; the front fails
   over, the cell resumes), ``kill_front`` (kill -9 of Kamailio; restarted), ``db_locked``
   (another process holds the SQLite write lock for 5 s), ``disk_full`` (root only: the data
   directory is a small tmpfs, filled for 30 s; records kept in memory and written after).
@@ -29,7 +35,11 @@ and are bounded instead: never more than ``bridge.api.webhooks.CONCURRENCY``, th
 flight at once; the kinds of its descriptors are in ``supervisor_fds``, sockets by what they
 connect to); no failed call outside a fault's window; every answered call has its ``call_ended``
 record in the store, the WebSocket saw every stored ``call_ended`` event, and the webhook
-receiver got every one of them (after the receiver came back).
+receiver got every one of them (after the receiver came back); every ``transcript_created``
+event has its transcript row and reached the WebSocket; every answered agent call outside a
+cell fault's window has a caller turn and an agent turn stored, a ``call_summary`` event and a
+clean media stream (``start`` first, ``stop`` with reason ``call_ended`` last, no gap in
+``sequence_number``, audio both ways).
 """
 from __future__ import annotations
 
@@ -57,6 +67,7 @@ from support import Api, BoxProcess, build_clockstep, create_key, serve_on_loopb
 from bridge.api.webhooks import CONCURRENCY as WEBHOOK_CONCURRENCY  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
+AGENT_NUMBER = "15550009000"        # routed to the agent app (the soak's share of agent calls)
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -106,16 +117,19 @@ def cmdline(pid: int) -> str:
 def roles(box_pid: int, cell_pids: dict[int, int] | None = None) -> dict[str, list[int]]:
     """The box's processes by role: supervisor, cellN (``cell_pids``: pid -> index, from the box
     API; else the TRUNKLINE_CELL of a cell started by exec), kamailio (all of Kamailio's
-    processes), zygote (the process cells are forked from) and the cells' own workers."""
+    processes), zygote (the process cells are forked from), inferenceN (cell N's inference
+    process) and the cells' other workers."""
     kids = children(box_pid)
     out: dict[str, list[int]] = {"supervisor": [box_pid]}
-    todo = list(kids.get(box_pid, []))
+    todo = [(k, "supervisor") for k in kids.get(box_pid, [])]
     while todo:
-        p = todo.pop()
+        p, parent = todo.pop()
         cl = cmdline(p)
         m = re.search(r"(?:^|\0)TRUNKLINE_CELL=(\d+)(?:\0|$)", _read(f"/proc/{p}/environ"))
         if "kamailio" in cl.split(" ")[0]:
             role = "kamailio"
+        elif "-m ai.worker" in cl and parent.startswith("cell"):
+            role = "inference" + parent[4:]          # a cell's inference process (STT, LLM, TTS)
         elif cell_pids is not None and p in cell_pids:
             role = f"cell{cell_pids[p]}"
         elif cell_pids is None and m:
@@ -127,7 +141,7 @@ def roles(box_pid: int, cell_pids: dict[int, int] | None = None) -> dict[str, li
         else:
             role = "other"
         out.setdefault(role, []).append(p)
-        todo += kids.get(p, [])
+        todo += [(k, role) for k in kids.get(p, [])]
     return out
 
 
@@ -270,6 +284,115 @@ class EventSocket:
             self.reconnects += 1
 
 
+
+class AgentStreams:
+    """A media-stream consumer on every agent call, as a customer's analytics or QA tap would be:
+    it follows the event WebSocket, and when a call on the ``agent`` app is answered it opens a
+    stream of both directions (``POST /v1/calls/{id}/streams``, G.711 µ-law) and reads it through
+    the box's relay until the bridge stops it. Per stream it keeps what the verdict checks: the
+    first message is ``start``, the last ``stop`` (its reason), ``sequence_number`` has no gap,
+    and the frames per direction with what the 20 ms timestamps say was lost."""
+
+    def __init__(self, http: str, key: str):
+        self.http, self.key = http, key
+        self.agent_calls: dict[str, float] = {}      # call id -> when it rang (agent app only)
+        self.ended: dict[str, float] = {}
+        self.streams: dict[str, dict] = {}           # call id -> what its stream delivered
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(20)
+
+    def live(self) -> list[str]:
+        return [c for c in self.agent_calls if c not in self.ended]
+
+    async def _run(self):
+        import aiohttp
+        last = None
+        taps: set[asyncio.Task] = set()
+        hdr = {"Authorization": f"Bearer {self.key}"}
+        async with aiohttp.ClientSession(headers=hdr) as http:
+            while not self._stop.is_set():
+                try:
+                    async with http.ws_connect(self.http.replace("http", "ws", 1) + "/v1/ws") as ws:
+                        await ws.send_json({"type": "subscribe", "topics": ["event:call_ringing",
+                                            "event:call_progressing", "event:call_hangup"],
+                                            **({"since": last} if last is not None else {})})
+                        while not self._stop.is_set():
+                            try:
+                                m = await asyncio.wait_for(ws.receive_json(), 0.5)
+                            except asyncio.TimeoutError:
+                                continue
+                            if m.get("type") != "event":
+                                continue
+                            ev = m["event"]
+                            last = max(last or 0, ev["seq"])
+                            cid, kind = ev["call_id"], ev["type"]
+                            if kind == "call_ringing" and ev["data"].get("app") == "agent":
+                                self.agent_calls.setdefault(cid, time.time())
+                            elif kind == "call_progressing" and cid in self.agent_calls and cid not in self.streams:
+                                self.streams[cid] = {"opened": False}
+                                t = asyncio.ensure_future(self._tap(http, cid))
+                                taps.add(t)
+                                t.add_done_callback(taps.discard)
+                            elif kind == "call_hangup" and cid in self.agent_calls:
+                                self.ended.setdefault(cid, time.time())
+                except Exception as exc:  # noqa: BLE001 - the box API may restart; count and resume
+                    self.errors.append(f"events: {type(exc).__name__}: {exc}"[:200])
+                    await asyncio.sleep(1.0)
+            for t in list(taps):
+                t.cancel()
+            await asyncio.gather(*taps, return_exceptions=True)
+
+    async def _tap(self, http, cid: str) -> None:
+        rec = self.streams[cid]
+        try:
+            for _ in range(20):                       # the call row may be a moment behind its event
+                async with http.post(f"{self.http}/v1/calls/{cid}/streams",
+                                     json={"direction": "both", "encoding": "mulaw"}) as r:
+                    body = await r.json(content_type=None)
+                    if r.status == 201:
+                        break
+                    rec["refused"] = f"{r.status} {body}"[:200]
+                    if r.status != 404:
+                        return
+                await asyncio.sleep(0.25)
+            else:
+                return
+            rec.update(opened=True, id=body["id"], first=None, stop=None, seq_gaps=0, media={"in": 0, "out": 0},
+                       lost={"in": 0, "out": 0}, connections=0)
+            last_seq, last_ts = 0, {}
+            async with http.ws_connect(self.http.replace("http", "ws", 1) + body["ws_path"]) as ws:
+                async for msg in ws:
+                    if msg.type != 1:                 # aiohttp.WSMsgType.TEXT
+                        break
+                    m = json.loads(msg.data)
+                    rec["first"] = rec["first"] or m.get("event")
+                    seq = m.get("sequence_number", 0)
+                    if last_seq and seq != last_seq + 1:
+                        rec["seq_gaps"] += 1
+                    last_seq = seq
+                    if m.get("event") == "start":
+                        rec["connections"] += 1
+                    elif m.get("event") == "media":
+                        d, ts = m["media"]["direction"], m["media"]["timestamp"]
+                        rec["media"][d] += 1
+                        if d in last_ts and ts - last_ts[d] > 20:
+                            rec["lost"][d] += (ts - last_ts[d]) // 20 - 1
+                        last_ts[d] = ts
+                    elif m.get("event") == "stop":
+                        rec["stop"] = m["stop"].get("reason")
+        except Exception as exc:  # noqa: BLE001 - recorded; the verdict reads it
+            rec["error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+
 # -- faults ----------------------------------------------------------------------------------
 @dataclass
 class Fault:
@@ -279,15 +402,21 @@ class Fault:
     expect: str
     done_at: float | None = None
     note: str = ""
+    call: str = ""             # the call it hit, when it aimed at one
+    result: dict | None = None   # what was found when it ended (kill_inference)
 
     def window(self, grace: float) -> tuple[float, float]:
         return self.at, self.at + self.length + grace
 
 
-def schedule(duration: float, disk: bool) -> list[Fault]:
+def schedule(duration: float, disk: bool, agent: bool = True) -> list[Fault]:
     d = duration
     f = [Fault("webhook_down", 0.15 * d, min(600.0, 0.2 * d), "deliveries retried, none lost"),
-         Fault("kill_cell", 0.30 * d, 0.0, "supervisor restarts the cell; new calls recover"),
+         Fault("kill_cell", 0.30 * d, 0.0, "supervisor restarts the cell; new calls recover")]
+    if agent:     # the inference process of the cell with a live agent call: the cell and its calls stay up
+        f.append(Fault("kill_inference", 0.38 * d, 30.0,
+                       "the cell restarts its inference process; its calls stay up; later agent calls get turns"))
+    f += [
          Fault("stop_cell", 0.45 * d, 5.0, "front fails over; the cell resumes"),
          Fault("kill_front", 0.60 * d, 0.0, "supervisor restarts Kamailio; new calls recover"),
          Fault("db_locked", 0.72 * d, 5.0, "records wait for the lock; nothing lost")]
@@ -376,7 +505,9 @@ class Soak:
     faults: list[Fault] = field(default_factory=list)
     restarts: dict[str, list[float]] = field(default_factory=dict)
     faults_on: bool = True
+    agent: bool = True                      # a share of agent calls (models loaded), streams tapped
     api: object = None
+    taps: object = None
     remote_ports: dict[int, str] = field(default_factory=dict)     # a TCP peer's port -> what it is
     local_ports: dict[int, str] = field(default_factory=dict)      # the supervisor's serving port -> ...
 
@@ -394,14 +525,18 @@ class Soak:
         keys.write_text(new_key_line("k1") + "\n")
         keys.chmod(0o600)
         slots = 3 * self.cells
-        long_limit = max(1, round(0.5 * slots))         # ~19 s calls
-        short_limit = max(1, round(0.8 * slots) - long_limit)
+        agent_limit = 1 if self.agent else 0             # ~21 s agent calls, one at a time (the LLM and
+        long_limit = max(1, round(0.5 * slots))         # STT share the 2 cores with everything else); ~19 s
+        short_limit = max(1, round(0.8 * slots) - long_limit - agent_limit)
         # webhook retries back off up to max_delay: the default 300 s in a long run, less in a short one
         # (the verdict waits for the last retry after the receiver's outage)
         max_delay = self.max_delay = min(300.0, max(10.0, self.duration / 10))
-        cfg = ('[models]\nload = "never"\n[sip]\nrtp_timeout = 0\n[http]\noutbound_allow = ["127.0.0.1/32"]\n'
+        cfg = (f'[models]\nload = "{"auto" if self.agent else "never"}"\n[sip]\nrtp_timeout = 0\n'
+               '[http]\noutbound_allow = ["127.0.0.1/32"]\n'
                f'[recordings]\nenabled = true\nkey_file = "{keys}"\ncurrent_key = "k1"\n'
                f'[webhooks]\nmax_delay = {max_delay}\n')
+        if self.agent:          # the bundled models in every cell's inference process; one number the agent's
+            cfg += f'[numbers]\n"{AGENT_NUMBER}" = "agent"\n'
         box = BoxProcess(tmp, self.cells, cfg)
         self.clock = tmp / "clock-offset"                 # the clock_step fault: every box process preloads
         step_clock(self.clock, 0.0)                        # tests/clockstep.c (the harness and SIPp do not)
@@ -412,6 +547,7 @@ class Soak:
         sock = None
         t0 = time.time()
         try:
+            self._box = box
             box.start(wait=False)
             box.wait_healthy(timeout=120 + 3 * self.cells)
             key = create_key(box.data, "control")
@@ -426,8 +562,10 @@ class Soak:
                 self.remote_ports[int(c["http"].rsplit(":", 1)[1])] = "cell http"
             self.local_ports = {box.ports["http"]: "api client"}
             sock = EventSocket(f"ws://127.0.0.1:{box.ports['http']}/v1/ws", key, period=20.0).start()
+            if self.agent:
+                self.taps = AgentStreams(f"http://127.0.0.1:{box.ports['http']}", key).start()
             t0 = time.time()
-            self.faults = schedule(self.duration, disk) if self.faults_on else []
+            self.faults = schedule(self.duration, disk, self.agent) if self.faults_on else []
             # SIPp: long calls at a rate that keeps long_limit up, short 2 s calls likewise: one call
             # every 1/rate s (`-r 1 -rp <ms>`). (It was `-r <rate x 1000> -rp 1000`, hundreds of calls
             # a second, so only -l paced the streams and after a fault SIPp's backlog met the front's 503s.)
@@ -435,7 +573,12 @@ class Soak:
             short_rate = short_limit / 2.6
             long_n = int(self.duration * long_rate)
             short_n = int(self.duration * short_rate)
-            for name, scen, args, n, lp in (
+            agent_rate = 1 / 24.0
+            streams = [("agent", "agent_speech.xml", ["-s", AGENT_NUMBER, "-l", "1", "-r", "1",
+                                                      "-rp", str(round(1000 / agent_rate)),
+                                                      "-mp", str(box.ports["sip"] + 600)],
+                        max(1, int(self.duration * agent_rate)), box.ports["sipp"] + 2)] if self.agent else []
+            for name, scen, args, n, lp in (*streams,
                     ("long", "bench_pcap.xml", ["-l", str(long_limit), "-r", "1", "-rp", str(round(1000 / long_rate)),
                                                 "-mp", str(box.ports["sip"] + 400)], long_n, box.ports["sipp"]),
                     ("short", "builtin:uac", ["-d", "2000", "-l", str(short_limit),
@@ -443,7 +586,7 @@ class Soak:
                      box.ports["sipp"] + 1)):
                 d = tmp / name
                 d.mkdir()
-                if name == "long":
+                if name in ("long", "agent"):
                     (d / "pcap").symlink_to("/usr/share/sip-tester")
                 procs.append(sipp(scen, box.sip, d, *args, "-trace_stat", "-fd", "1", local_port=lp, calls=n,
                                   background=True, timeout=self.duration + 120))
@@ -464,6 +607,8 @@ class Soak:
                     p.kill()
             if sock is not None:
                 sock.stop()
+            if self.taps is not None:
+                self.taps.stop()
             for f in self.faults:
                 if f.kind == "stop_cell" and f.note and f.done_at is None:
                     try:
@@ -539,6 +684,8 @@ class Soak:
             os.kill(pid, signal.SIGSTOP)
             f.note = f"cell{idx} pid {pid}"
             return lambda: os.kill(pid, signal.SIGCONT)
+        if f.kind == "kill_inference":
+            return self._kill_inference(f, r)
         if f.kind == "kill_front":
             k = [p for p in r.get("kamailio", []) if int(_read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()[1])
                  == box.proc.pid]
@@ -583,6 +730,36 @@ class Soak:
             f.note = f"filled {free >> 20} MB"
             return lambda: filler.unlink(missing_ok=True)
         raise ValueError(f.kind)
+
+    def _kill_inference(self, f: Fault, r: dict):
+        """kill -9 of the inference process of the cell that has a live agent call (cell 0's when
+        none is live). At the end of the fault's window: the cell is the same process, a new
+        inference process runs beside it, and the call that lost its models went on (the verdict)."""
+        idx = 0
+        live = list(reversed(self.taps.live())) if self.taps else []
+        if live:              # the cell of a call is in its row (the API does not show it)
+            db = sqlite3.connect(f"file:{self._box.data / 'trunkline.db'}?mode=ro", uri=True, timeout=10)
+            try:
+                for cid in live:
+                    row = db.execute("SELECT cell FROM calls WHERE id = ?", (cid,)).fetchone()
+                    if row and row[0] is not None:
+                        idx, f.call = int(row[0]), cid
+                        break
+            finally:
+                db.close()
+        cell, worker = r.get(f"cell{idx}", [None])[0], r.get(f"inference{idx}", [None])[0]
+        if cell is None or worker is None:
+            f.note = f"cell{idx} or its inference process not running"
+            return None
+        os.kill(worker, signal.SIGKILL)
+        f.note = f"inference{idx} pid {worker} (cell pid {cell}" + (f", live agent call {f.call})" if f.call else ")")
+
+        def check():
+            now = self.roles(self._box)
+            back = now.get(f"inference{idx}", [None])[0]
+            f.result = {"cell_same": now.get(f"cell{idx}", [None])[0] == cell,
+                        "inference_back": back is not None and back != worker}
+        return check
 
     def _sample(self, box, t0: float, data: Path) -> None:
         row = {"t": round(time.time() - t0, 1), "procs": {}}
@@ -641,6 +818,73 @@ class Soak:
             return [f"supervisor webhook connections reached {top} (bound {WEBHOOK_CONCURRENCY}: deliveries in flight)"]
         return []
 
+    def _agent_verdict(self, db, t0: float, problems: list[str]) -> dict:
+        """Agent calls: each answered one has turns both ways in the store, a ``call_summary``, and a
+        clean media stream (start first, stop ``call_ended`` last, no sequence gap, audio both ways);
+        the inference kill left its cell up, came back, and later agent calls still got turns.
+        Calls a cell fault ended (its window) are excused; the inference kill excuses nothing."""
+        cell_faults = [(t0 + f.at, t0 + f.at + f.length + 45) for f in self.faults
+                       if f.kind in ("kill_cell", "stop_cell", "kill_front")]
+        rows = db.execute("SELECT id, answered, ended FROM calls WHERE app = 'agent' AND answered IS NOT NULL").fetchall()
+        turns = {(c, d): n for c, d, n in db.execute(
+            "SELECT call_id, direction, COUNT(*) FROM transcripts GROUP BY call_id, direction").fetchall()}
+        summaries = {r[0] for r in db.execute("SELECT DISTINCT call_id FROM events WHERE type = 'call_summary'")}
+        out = {"answered": len(rows), "excused": 0, "caller_turns": 0, "agent_turns": 0, "summaries": 0,
+               "streams": {"opened": 0, "clean": 0, "frames_in": 0, "frames_out": 0, "lost_in": 0, "lost_out": 0},
+               "stream_errors": (self.taps.errors[:5] if self.taps else []),
+               "without_turns": [], "without_summary": [], "bad_streams": {}}
+        st = out["streams"]
+        for cid, answered, ended in rows:
+            # live during a cell fault or the 45 s after it (the fault may have ended it), or never ended
+            excused = ended is None or any(answered <= b and ended >= a for a, b in cell_faults)
+            caller, agent = turns.get((cid, "in"), 0), turns.get((cid, "out"), 0)
+            out["caller_turns"] += caller
+            out["agent_turns"] += agent
+            out["summaries"] += cid in summaries
+            rec = self.taps.streams.get(cid, {}) if self.taps else {}
+            if rec.get("opened"):
+                st["opened"] += 1
+                for d in ("in", "out"):
+                    st[f"frames_{d}"] += rec["media"][d]
+                    st[f"lost_{d}"] += rec["lost"][d]
+            clean = (rec.get("opened") and rec.get("first") == "start" and rec.get("stop") == "call_ended"
+                     and rec.get("seq_gaps") == 0 and rec["media"]["in"] > 0 and rec["media"]["out"] > 0
+                     and "error" not in rec)
+            st["clean"] += bool(clean)
+            if excused:
+                out["excused"] += 1
+                continue
+            if not (caller and agent):
+                out["without_turns"].append([cid, caller, agent])
+            if cid not in summaries:
+                out["without_summary"].append(cid)
+            if not clean:
+                out["bad_streams"][cid] = {k: v for k, v in rec.items() if k != "id"} or "no stream"
+        if not rows:
+            problems.append("no agent call was answered")
+        if out["without_turns"]:
+            problems.append(f"{len(out['without_turns'])} agent calls without a caller and an agent turn in the store "
+                            f"(call, caller turns, agent turns): {out['without_turns'][:5]}")
+        if out["without_summary"]:
+            problems.append(f"{len(out['without_summary'])} agent calls without a call_summary event")
+        if out["bad_streams"]:
+            problems.append(f"{len(out['bad_streams'])} agent calls without a clean media stream: "
+                            f"{dict(list(out['bad_streams'].items())[:3])}")
+        for f in self.faults:
+            if f.kind != "kill_inference" or not f.note.startswith("inference"):
+                if f.kind == "kill_inference":
+                    problems.append(f"kill_inference not injected: {f.note}")
+                continue
+            r = f.result or {}
+            if not r.get("cell_same"):
+                problems.append("the cell whose inference process was killed did not stay up")
+            if not r.get("inference_back"):
+                problems.append(f"no new inference process {f.length:.0f} s after the kill")
+            after = [cid for cid, answered, _ in rows if answered > t0 + f.at + f.length]
+            out["answered_after_inference_kill"] = len(after)
+            out["with_caller_turns_after_inference_kill"] = sum(1 for c in after if turns.get((c, "in")))
+        return out
+
     def _verdict(self, box, hook, sock, tmp: Path, t0: float, data: Path) -> dict:
         problems: list[str] = []
         warmup = min(60.0, 0.25 * self.duration)
@@ -669,7 +913,7 @@ class Soak:
                    if f.kind in ("kill_cell", "stop_cell", "kill_front", "disk_full", "db_locked")]
         calls = {}
         unexplained = 0
-        for name in ("long", "short"):
+        for name in ("long", "short", *(("agent",) if self.agent else ())):
             stat = next(iter(sorted((tmp / name).glob("*_.csv"))), tmp / name / "none.csv")
             ok, failed = totals(stat)
             fails = failures(stat)
@@ -685,7 +929,18 @@ class Soak:
         answered_rows = db.execute("SELECT COUNT(*) FROM calls WHERE answered IS NOT NULL").fetchone()[0]
         # the clock_step fault: a record's times keep their true distances (no call an hour long)
         hour_long = db.execute("SELECT COUNT(*) FROM calls WHERE ended - answered > 1800").fetchone()[0]
+        # every finished turn is in the store: a transcript row for each transcript_created event
+        lines = dict(db.execute("SELECT call_id, COUNT(*) FROM transcripts GROUP BY call_id").fetchall())
+        told = dict(db.execute("SELECT call_id, COUNT(*) FROM events WHERE type = 'transcript_created' "
+                               "GROUP BY call_id").fetchall())
+        turn_events = {r[0] for r in db.execute("SELECT seq FROM events WHERE type = 'transcript_created'")}
+        agent = self._agent_verdict(db, t0, problems) if self.agent else None
         db.close()
+        short_turns = {c: (told.get(c, 0), lines.get(c, 0)) for c in set(told) | set(lines)
+                       if told.get(c, 0) != lines.get(c, 0)}
+        if short_turns:
+            problems.append(f"{len(short_turns)} calls whose transcript rows and transcript_created events differ: "
+                            f"{dict(list(short_turns.items())[:5])}")
         if hour_long:
             problems.append(f"{hour_long} call records over half an hour long (the wall clock step went into them)")
         sipp_ok = sum(c["successful"] for c in calls.values())
@@ -701,13 +956,19 @@ class Soak:
         missing_ws = ended - ws_seen
         if missing_ws:
             problems.append(f"{len(missing_ws)} of {len(ended)} call_hangup events never reached the WebSocket")
+        missing_turns = turn_events - {s for s, t in sock.seen.items() if t == "transcript_created"}
+        if missing_turns:
+            problems.append(f"{len(missing_turns)} of {len(turn_events)} transcript_created events never reached "
+                            "the WebSocket")
         last = self.samples[-1] if self.samples else {}
         return {"duration_s": self.duration, "cells": self.cells, "interval_s": self.interval, "calls": calls,
                 "answered_in_store": answered_rows, "call_hangup_events": len(ended),
+                "transcript_rows": sum(lines.values()), "transcript_events": len(turn_events), "agent": agent,
                 "webhook_received": len(set(hook.got) & ended), "websocket_received": len(ws_seen & ended),
                 "websocket_reconnects": sock.reconnects,
                 "faults": [{"kind": f.kind, "at_s": round(f.at, 1), "length_s": f.length, "expect": f.expect,
-                            "note": f.note} for f in self.faults],
+                            "note": f.note, **({"result": f.result} if f.result is not None else {})}
+                           for f in self.faults],
                 "growth_after_warmup": growth, "db_kb": last.get("db_kb"), "wal_kb": last.get("wal_kb"),
                 "data_kb": last.get("data_kb"), "samples": len(self.samples),
                 "series": [{"t": x["t"], "db_kb": x["db_kb"], "wal_kb": x["wal_kb"], "data_kb": x["data_kb"],
@@ -728,6 +989,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "soak.json"))
     ap.add_argument("--samples-out", default="")
     ap.add_argument("--no-faults", action="store_true", help="traffic and sampling only")
+    ap.add_argument("--no-agent", action="store_true",
+                    help="echo traffic only (no agent calls, models not loaded, no stream taps)")
     ap.add_argument("--keep", default="", help="run in this directory and keep it (SIPp logs, cell logs)")
     a = ap.parse_args(argv)
     if a.cells < 2:     # `serve --cells 1` is a plain cell: no front, no supervisor, nothing to soak
@@ -735,7 +998,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as td:
         work = Path(a.keep or td)
         work.mkdir(parents=True, exist_ok=True)
-        soak = Soak(a.duration, a.interval, a.cells, work, faults_on=not a.no_faults)
+        soak = Soak(a.duration, a.interval, a.cells, work, faults_on=not a.no_faults, agent=not a.no_agent)
         res = soak.run()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
