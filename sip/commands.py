@@ -36,6 +36,8 @@ class MakeCall(Command):
     uri: str
     trunk: str | None = None
     app: str | None = None          # echoed in CallOffered so the application knows what to run
+    caller_id: str = ""             # the number presented (checked against the trunk's; "": its caller_id)
+    withhold: bool = False          # From anonymous, the number only in P-Asserted-Identity (Privacy: id)
 
 
 @dataclass

@@ -24,6 +24,10 @@ class TrunkSpec:
     cps: float = 0.0                  # outbound call attempts per second the carrier takes (0: no limit)
     max_calls: int = 0                # outbound calls at once through this trunk (0: no limit)
     failover_timeout: float = 8.0     # no 180/183 by then: the next address (only when there is one)
+    caller_id: str = ""               # the From user of outbound calls (the number the callee sees)
+    caller_ids: list[str] = field(default_factory=list)   # further numbers a call may present
+    from_domain: str = ""             # the From host (default: public_address, else the trunk's host)
+    asserted_identity: bool = False   # P-Asserted-Identity (RFC 3325) with the caller's number too
 
 
 @dataclass

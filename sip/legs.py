@@ -22,6 +22,8 @@ class _Outbound:
     index: int = 0
     deadline: float | None = None     # no provisional response by then: the next address
     retry: bool = False               # the attempt ended with a failover status: place the next now
+    caller_id: str = ""               # what every attempt presents (MakeCall's)
+    withhold: bool = False
 
     @property
     def address(self) -> str:

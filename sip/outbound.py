@@ -18,7 +18,7 @@ from sip.callbacks import _Call
 from sip.config import EngineError
 from sip.headers import clean as clean_header
 from sip.legs import _Leg, _Outbound
-from sip.uri import DestinationPolicy, _number_uri, _uri_host, check_destination
+from sip.uri import DestinationPolicy, _number_uri, _uri_host, caller_identity, check_destination
 
 FAILOVER_STATUSES = (408, 503)   # a final answer that moves an outbound call to the trunk's next address
 log = logging.getLogger("trunkline.sip")
@@ -37,13 +37,16 @@ class OutboundCalls:
             raise EngineError(f"unknown or unroutable trunk: {c.trunk}")
         self._check_destination(c.uri, c.trunk)
         spec = next((t for t in self.cfg.trunks if t.name == c.trunk), None)
+        if c.caller_id and (spec is None or c.caller_id not in (spec.caller_id, *spec.caller_ids)):
+            raise EngineError(f"caller id {c.caller_id!r} is not one of trunk {c.trunk!r}'s numbers")
         plan = None
         if spec is not None and len(spec.addresses) > 1:
-            plan = _Outbound(c.uri.strip(), spec.name, tuple(spec.addresses), spec.failover_timeout)
+            plan = _Outbound(c.uri.strip(), spec.name, tuple(spec.addresses), spec.failover_timeout,
+                             caller_id=c.caller_id, withhold=c.withhold)
         failed: list[ev.CallAttemptFailed] = []
         while True:
             try:
-                call = self._dial(c.uri.strip(), c.trunk, plan)
+                call = self._dial(c.uri.strip(), c.trunk, plan, c.caller_id, c.withhold)
                 break
             except pj.Error as exc:         # e.g. no transport to that address: the next one, if any
                 if plan is None or not plan.next_address:
@@ -62,16 +65,28 @@ class OutboundCalls:
         self._publish_snapshot(time.monotonic())
         return leg.call_id
 
-    def _dial(self, target: str, trunk: str | None, plan: _Outbound | None) -> _Call:
+    def _dial(self, target: str, trunk: str | None, plan: _Outbound | None, caller_id: str = "",
+              withhold: bool = False) -> _Call:
         """INVITE ``target`` through ``trunk`` (at the plan's current address, with that address's
-        account and route); raises ``pj.Error`` when pjsua cannot send it."""
+        account and route), presenting ``caller_id`` (or the trunk's); raises ``pj.Error`` when
+        pjsua cannot send it."""
         key = trunk if plan is None or plan.index == 0 else f"{trunk}#{plan.index}"
         acc = self.accounts[key] if trunk is not None else self.accounts[None]
         uri = target                        # checked: no parameters but transport/user, no headers
         if not uri.lower().startswith(("sip:", "sips:", "tel:")):
             uri = _number_uri(uri, trunk, self.cfg) if plan is None else f"sip:{uri}@{_uri_host(plan.address)}"
+        spec = next((t for t in self.cfg.trunks if t.name == trunk), None) if trunk is not None else None
+        ident = caller_identity(spec, caller_id, withhold, self.cfg.public_address,
+                                plan.address if plan is not None else (spec.address if spec else ""))
+        op = pj.CallOpParam(True)
+        if ident.from_uri:
+            op.txOption.localUri = ident.from_uri
+        for name, value in ident.headers:
+            h = pj.SipHeader()
+            h.hName, h.hValue = name, value
+            op.txOption.headers.append(h)
         call = _Call(self, acc)
-        call.makeCall(uri, pj.CallOpParam(True))
+        call.makeCall(uri, op)
         if plan is not None:
             plan.deadline = time.monotonic() + plan.timeout
         return call
@@ -123,7 +138,7 @@ class OutboundCalls:
             return
         while True:
             try:
-                leg.call = self._dial(plan.target, plan.trunk, plan)
+                leg.call = self._dial(plan.target, plan.trunk, plan, plan.caller_id, plan.withhold)
                 self.legs[leg.call.getId()] = leg
                 return
             except pj.Error as exc:

@@ -182,11 +182,16 @@ class EndpointSetup:
     def _add_account(self, name: str | None, trunk: TrunkSpec | None) -> None:
         c = self.cfg
         ac = pj.AccountConfig()
-        # the identity (From of calls on a trunk without a username): behind the front a cell has no
-        # SIP public address of its own (its Via/Contact name its socket), its media one stands in
-        host = c.public_address or c.media_public_address or c.host
+        # the identity (From of calls on a trunk without a username or caller_id): behind the front a
+        # cell has no SIP public address of its own (its Via/Contact name its socket), its media one
+        # stands in; without either, a trunk's calls name the trunk's host, never the cell's own
+        # address (on a box of several hosts that was a cell's private address, to the carrier)
+        public = c.public_address or c.media_public_address
+        host = public or c.host
         hostport = f"[{host}]" if ":" in host else host
         ac.idUri = f"sip:trunkline@{hostport}:{c.port}"
+        if trunk is not None and not public and _uri_host(trunk.address):
+            ac.idUri = f"sip:trunkline@{_uri_host(trunk.address)}"
         ac.mediaConfig.transportConfig = self._rtp_transport()
         ac.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
         ac.natConfig.sipStunUse = pj.PJSUA_STUN_USE_DISABLED

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sip.config import EngineConfig, EngineError
+from sip.config import EngineConfig, EngineError, TrunkSpec
 
 def _uri_host(address: str) -> str:
     a = address.split(":", 1)[1] if address.startswith("sip:") else address
@@ -26,6 +26,38 @@ def _number_uri(number: str, trunk: str | None, cfg: EngineConfig) -> str:
         if t.name == trunk and t.address:
             return f"sip:{number}@{_uri_host(t.address)}"
     raise EngineError(f"'{number}' is not a SIP URI and no trunk address to send it to")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who an outbound call says it is from: the From value (``""``: the trunk account's own) and
+    the identity headers that go with it."""
+    from_uri: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+ANONYMOUS = '"Anonymous" <sip:anonymous@anonymous.invalid>'      # RFC 3323 §4.1.1.3
+
+
+def caller_identity(trunk: TrunkSpec | None, caller: str, withheld: bool, public_address: str,
+                    address: str) -> Identity:
+    """The From and identity headers of an outbound call over ``trunk`` sent to ``address`` (this
+    attempt's). The number is ``caller`` (already checked against the trunk's numbers) or the
+    trunk's ``caller_id``; the host is the trunk's ``from_domain``, else ``public_address``, else
+    the host the call is sent to (never a cell's own address), without a port (pjsip drops a
+    From URI's port anyway; P-Asserted-Identity names the same URI). ``withheld``: From is anonymous and
+    the number rides in P-Asserted-Identity with ``Privacy: id`` (RFC 3325 §9.3), for the carrier
+    only; without a number, From is anonymous and nothing is asserted."""
+    number = caller or (trunk.caller_id if trunk is not None else "")
+    if not number:
+        return Identity(ANONYMOUS, (("Privacy", "id"),)) if withheld else Identity()
+    host = (trunk.from_domain if trunk is not None else "") or public_address or host_port(_uri_host(address))[0]
+    host = host_port(host)[0]
+    host = f"[{host}]" if ":" in host else host
+    uri = f"<sip:{number}@{host}>"
+    if withheld:
+        return Identity(ANONYMOUS, (("P-Asserted-Identity", uri), ("Privacy", "id")))
+    return Identity(uri, (("P-Asserted-Identity", uri),) if trunk is not None and trunk.asserted_identity else ())
 
 
 def user_part(uri: str) -> str:

@@ -290,7 +290,7 @@ def test_outbound_failover_and_trunk_limits(cell_factory, tmp_path):
     refuses = sipp("uas_503.xml", "", tmp_path, local_port=ports["first"], background=True, timeout=30)
     answers = sipp("uas_answer.xml", "", tmp_path, local_port=ports["second"], background=True, calls=4, timeout=40)
     time.sleep(0.3)
-    cell = cell_factory(ECHO + f'[[trunks]]\nname = "carrier"\naddresses = ["{a}", "{b}"]\n'
+    cell = cell_factory(ECHO + f'[[trunks]]\nname = "carrier"\naddresses = ["{a}", "{b}"]\ncaller_id = "+15550003333"\n'
                         f'[[trunks]]\nname = "deadfirst"\naddresses = ["{d}", "{b}"]\nfailover_timeout = 2.0\n'
                         f'[[trunks]]\nname = "capped"\naddress = "{b}"\nmax_calls = 1\n'
                         f'[[trunks]]\nname = "paced"\naddress = "{b}"\ncps = 1\n')
@@ -348,6 +348,8 @@ def test_outbound_failover_and_trunk_limits(cell_factory, tmp_path):
         assert refuses.returncode == 0, out.decode()[-3000:]
         msgs = sipp_file(tmp_path, "_messages.log")
         assert len(re.findall(r"INVITE sip:5551234@127\.0\.0\.1:\d+ SIP/2\.0", msgs)) == 2   # once at each address
+        # the caller ID goes with every attempt (the failed-over one too)
+        assert len(re.findall(r"INVITE sip:5551234@[^\n]*\n(?:[^\n]+\n)*?From: <sip:\+15550003333@127\.0\.0\.1>", msgs)) == 2
         assert f"INVITE sip:5551234@127.0.0.1:{ports['second']} SIP/2.0" in msgs
         assert "5551237" not in msgs and "5551239" not in msgs        # refused calls were never sent
         assert cell.alive() and "Assertion" not in cell.log_path.read_text()

@@ -1,6 +1,7 @@
 """Many cells behind a real Kamailio on 127.0.0.1, loaded by SIPp."""
 import os
 import signal
+import re
 import time
 
 import pytest
@@ -211,12 +212,15 @@ def test_nothing_outlives_a_killed_supervisor(box, tmp_path):
 def test_outbound_calls_leave_through_the_front(box, tmp_path):
     from support import next_ports
     far = next_ports()
-    trunk = f'[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:{far["sipp"]}"\n'
+    trunk = f'[[trunks]]\nname = "carrier"\naddress = "sip:127.0.0.1:{far["sipp"]}"\ncaller_id = "+15550004444"\n'
     b = box(2, '[models]\nload = "never"\n' + trunk)
     uas = sipp("uas_answer.xml", "", tmp_path, local_port=far["sipp"], background=True, timeout=30)
     time.sleep(0.3)
     api = Api(b, create_key(b.data))
-    status, body, _ = api.post("/v1/calls", {"to": "5551234", "trunk": "carrier", "app": "echo"})
+    status, err, _ = api.post("/v1/calls", {"to": "5551234", "trunk": "carrier", "from": "+15559999999"})
+    assert status == 400 and err["error"]["field"] == "from", err      # the box refuses a number not the trunk's
+    status, body, _ = api.post("/v1/calls", {"to": "5551234", "trunk": "carrier", "app": "echo",
+                                             "from": "+15550004444"})
     assert status == 201, body
     deadline = time.time() + 10
     while time.time() < deadline and api.get(f"/v1/calls/{body['id']}")[1].get("state") != "progressing":   # (404 until the cell has it)
@@ -228,5 +232,6 @@ def test_outbound_calls_leave_through_the_front(box, tmp_path):
     invite = msgs[msgs.index("INVITE sip:5551234@"):]
     top_via = next(l for l in invite.splitlines() if l.startswith("Via:"))
     assert f"127.0.0.1:{b.ports['sip']}" in top_via            # the trunk sees the front, not a cell
+    assert re.search(r"^From: <sip:\+15550004444@127\.0\.0\.1>;tag=", invite, re.M), invite    # the trunk's number
     head = invite.split("\n\n", 1)[0]
     assert not [l for l in head.splitlines() if l.startswith("Route:")], head    # no internal socket named

@@ -43,10 +43,14 @@ ROUTES = [
     Route("GET", "/v1/calls", "list_calls", "read", "List calls (active first, then recent)"),
     Route("POST", "/v1/calls", "create_call", "control",
           "Place an outbound call through a trunk; context: flat name -> string/number values the agent's "
-          "prompts and tools read as {context.NAME}; profile, language: the agent's",
+          "prompts and tools read as {context.NAME}; profile, language: the agent's; from: the number "
+          "presented (the trunk's caller_id or one of its caller_ids); withhold_caller_id: From anonymous, "
+          "the number only in P-Asserted-Identity with Privacy: id",
           obj(["to"], to=URI_OR_NUMBER, trunk={"type": "string"}, app={"type": "string", "enum": list(APPS)},
               context={"type": "object"}, profile={"type": "string", "maxLength": 64},
-              language={"type": "string", "maxLength": 16}), 201),
+              language={"type": "string", "maxLength": 16},
+              **{"from": {"type": "string", "pattern": r"^\+?[0-9]{3,20}$"}},
+              withhold_caller_id={"type": "boolean"}), 201),
     Route("GET", "/v1/calls/{call_id}", "get_call", "read", "One call: state, parties, codec, live quality"),
     Route("GET", "/v1/calls/{call_id}/transcript", "get_transcript", "read", "Transcript of a call"),
     Route("POST", "/v1/calls/{call_id}/hangup", "hangup", "control", "Hang up a call", obj()),
@@ -254,10 +258,12 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         if app == "agent" and self.services.hub is None:
             raise ApiError(409, "no_speech_engines", f"app {app!r} needs the models (models.load)", "app")
         self._check_destination(body["to"], trunk)
+        caller = self._check_caller(body.get("from", ""), trunk)
         # the limits of the trunk the call goes through, named or not (a URI at a trunk's address)
         with self.trunk_limits.placing(trunk_of(body["to"], trunk, self._policy())):  # 429 over cps, 409 over max_calls
             try:
-                call_id = await self.services.make_call(body["to"], trunk, app)
+                call_id = await self.services.make_call(body["to"], trunk, app, caller,
+                                                        bool(body.get("withhold_caller_id")))
             except Exception as exc:  # noqa: BLE001 - engine refusals
                 raise ApiError(409 if "full" in str(exc) or "draining" in str(exc) else 400, "call_failed", str(exc))
         s = self.services.calls.get(call_id)       # offered before the engine answered the command
@@ -266,6 +272,20 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
             s.profile, s.language = profile, language
         out = {"id": call_id, "state": CallState.RINGING, "app": app}
         return 201, {**out, "context": context} if context else out
+
+    def _check_caller(self, number: str, trunk: str | None) -> str:
+        """POST /v1/calls's ``from``: one of the named trunk's numbers (``caller_id``, ``caller_ids``);
+        a key cannot make the box present any number it likes (caller-ID spoofing)."""
+        if not number:
+            return ""
+        spec = next((t for t in self.services.cfg.trunks if t.name == trunk), None) if trunk else None
+        if spec is None:
+            raise ApiError(400, "invalid_field", "from needs a trunk whose numbers include it", "from")
+        allowed = [n for n in (spec.caller_id, *spec.caller_ids) if n]
+        if number not in allowed:
+            raise ApiError(400, "invalid_field", f"{number!r} is not one of trunk {trunk!r}'s numbers "
+                           f"(caller_id, caller_ids: {', '.join(allowed) or 'none configured'})", "from")
+        return number
 
     def _call_agent(self, body: dict, app: str) -> tuple[dict, str, str]:
         """POST /v1/calls's context, profile and language, checked (400 naming the field)."""

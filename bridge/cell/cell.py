@@ -247,8 +247,9 @@ class Cell:
         self.retention.run_once()
         self._retention_task = asyncio.create_task(self.retention.run(), name="records-retention")
 
-    async def make_call(self, uri: str, trunk: str | None = None, app: str | None = None) -> str:
-        fut = self.engine.submit(cmd.MakeCall(uri, trunk, app))
+    async def make_call(self, uri: str, trunk: str | None = None, app: str | None = None, caller_id: str = "",
+                        withhold: bool = False) -> str:
+        fut = self.engine.submit(cmd.MakeCall(uri, trunk, app, caller_id, withhold))
         return await asyncio.wrap_future(fut)
 
     # -- events from the engine thread ---------------------------------------

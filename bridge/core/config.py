@@ -15,7 +15,8 @@ from typing import Any
 
 from bridge.core import numbers, profiles
 from bridge.core.toolspec import ToolBox, ToolConfigError, load_toolbox
-from bridge.core.validators import (MEDIA_ONLY_APPS, WIDEBAND_CODECS, _address, _auto_bool, _bool, _choice,
+from bridge.core.validators import (MEDIA_ONLY_APPS, WIDEBAND_CODECS, _address, _auto_bool, _bool, _caller_number,
+                                    _caller_numbers, _sip_host, _choice,
                                      _cidrs, _clock_rate, _digit_map, _float, _hostport, _int, _number_flags,
                                      _outbound_allow, _port_range, _regex_list, _str, _str_list, _transfer_destinations,
                                      _trunk_codecs)
@@ -95,7 +96,11 @@ TRUNK_SCHEMA = {"name": _str, "address": _str, "allow": _cidrs, "username": _str
                 "failover_timeout": _float(0.5, 120),
                 "codecs": _trunk_codecs,     # on the wire toward the trunk; "opus" is transcoded at the edge
                 "register_retry": _int(1, 3600),      # the front's first retry after a failed registration (s)
-                "register_retry_max": _int(1, 3600)}  # ... doubling after each failure in a row up to this (s)
+                "register_retry_max": _int(1, 3600),  # ... doubling after each failure in a row up to this (s)
+                "caller_id": _caller_number,          # From user of outbound calls over this trunk
+                "caller_ids": _caller_numbers,        # further numbers a call may present (POST /v1/calls from)
+                "from_domain": _sip_host,             # From host (default: public_address, else the trunk's)
+                "asserted_identity": _bool}           # P-Asserted-Identity with the caller's number too
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",

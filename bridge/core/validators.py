@@ -120,6 +120,55 @@ def _str_list(v: Any) -> list[str]:
     return v
 
 
+CALLER_NUMBER = re.compile(r"^\+?[0-9]{3,20}$")
+
+
+def _caller_number(v: Any) -> str:
+    """A number presented as the caller (From user, P-Asserted-Identity): digits, an optional
+    leading ``+``; it goes into SIP headers, so nothing else may ride along."""
+    if not isinstance(v, str) or not (v == "" or CALLER_NUMBER.match(v)):
+        raise TypeError(f"expected a phone number (3-20 digits, optional leading +), got {v!r}")
+    return v
+
+
+def _caller_numbers(v: Any) -> list[str]:
+    v = _str_list(v)
+    for x in v:
+        if not CALLER_NUMBER.match(x):
+            raise TypeError(f"expected phone numbers (3-20 digits, optional leading +), got {x!r}")
+    return v
+
+
+def _sip_host(v: Any) -> str:
+    """A host, or host:port, for a SIP URI (``from_domain``): a name or an IP literal (IPv6 in
+    brackets with a port), nothing else."""
+    if not isinstance(v, str):
+        raise TypeError(f"expected a host name or address, got {v!r}")
+    if v == "":
+        return v
+    host, port, v6 = v, "", False
+    if v.startswith("["):
+        host, close, rest = v[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise TypeError(f"expected host[:port] (IPv6 as [addr]), got {v!r}")
+        port, v6 = rest[1:], True
+        if rest and not port:
+            raise TypeError(f"expected host[:port], got {v!r}")
+    elif v.count(":") == 1:
+        host, port = v.split(":")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise TypeError(f"expected host[:port], got {v!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if v6 or not _HOSTNAME.match(host):
+            raise TypeError(f"expected host[:port], got {v!r}") from None
+    else:
+        if ip.version == 6 and not v6:
+            raise TypeError(f"expected host[:port] (IPv6 as [addr]), got {v!r}")
+    return v
+
+
 TRUNK_CODECS = {"OPUS": "opus", "PCMU": "PCMU", "PCMA": "PCMA", "G722": "G722"}   # name -> rtpengine's spelling
 
 
