@@ -41,7 +41,7 @@ run: deps
 # The default suite: everything but the tests marked slow, plus the slow
 # tests also marked `sample` (a real load/fault sample in every CI run).
 test: test-deps
-	$(BIN)/python -m pytest -q -m "not slow or sample" $(ARGS)
+	$(BIN)/python -m pytest -q --durations=25 -m "not slow or sample" $(ARGS)
 
 test-all: test-deps
 	$(BIN)/python -m pytest -q $(ARGS)

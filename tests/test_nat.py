@@ -150,13 +150,22 @@ def natedge(tmp_path_factory):
                        [("udp", f"{edge + 2}:{edge + 38}")], tag="e")
 
 
-def _natbox(tmp: Path, trunk_extra: str = "", cells_extra: str = "", forward: list | None = None, tag: str = ""):
+def _natbox(tmp: Path, trunk_extra: str = "", cells_extra: str = "", forward: list | None = None, tag: str = "",
+            tls: dict | None = None):
+    """``tls``: {"cert", "key", "ca"} PEM paths: the front listens for TLS on the box's address at
+    SIP port + 5 (``box.tls_port``), forwarded by the router like the rest."""
     box = BoxProcess(tmp, 2, cells_extra=cells_extra)  # ports from this suite's TEST_PORT_BLOCK
     sip_port = box.ports["sip"]
     rtp = box.cmd[box.cmd.index("--rtp-ports") + 1]
     uas_port = box.ports["sipp"] + 1
+    sip_tls = ""
+    if tls:
+        box.tls_port = sip_port + 5
+        forward = [*(forward or []), ("tcp", str(box.tls_port))]
+        sip_tls = (f'tls_listen = "{BOX_IP}:{box.tls_port}"\ntls_cert = "{tls["cert"]}"\ntls_key = "{tls["key"]}"\n'
+                   f'tls_ca = "{tls["ca"]}"\n')
     config = (f'drain_timeout = 5\n[models]\nload = "never"\n[media]\nclock_rate = 8000\n'
-              f'[sip]\npublic_address = "{PUBLIC_IP}"\n'
+              f'[sip]\npublic_address = "{PUBLIC_IP}"\n{sip_tls}'
               f'[[trunks]]\nname = "carrier"\naddress = "sip:{CARRIER_IP}:{uas_port}"\nallow = ["{CARRIER_IP}/32"]\n'
               + trunk_extra)
     box.config_path.write_text(config + box.config_path.read_text())
@@ -347,3 +356,47 @@ def test_carrier_keepalive_options_to_the_public_address_are_answered(natbox):
     assert [status_of(m) for m in got] == [200], got
     assert not any(PRIVATE.search(m.decode(errors="replace")) for m in got), got
 
+
+
+@pytest.mark.slow
+def test_srtp_call_over_tls_through_nat(tmp_path_factory, tmp_path):
+    """An encrypted trunk behind the NAT: a pjsua2 carrier (TLS + SDES SRTP, mandatory on its side)
+    calls the box's public address over TLS; the front terminates TLS, rtpengine behind the NAT
+    terminates SRTP and advertises the public address; the carrier hears its own tone back (the
+    echo cell), so SRTP crossed the router both ways on the advertised address and port."""
+    import wave
+
+    from tls_peer import Peer, make_ca
+    d = tmp_path_factory.mktemp("natsrtp")
+    ca = make_ca(d / "pki")
+    (cert, key), (far_cert, far_key) = ca.issue("box"), ca.issue("far")
+    edge = next_ports()["sip"]
+    gen = _natbox(d, 'transport = "tls"\nsrtp = "mandatory"\n',
+                  f'rtpengine_ng_port = {edge}\nrtpengine_ports = "{edge + 2}-{edge + 38}"\n',
+                  [("udp", f"{edge + 2}:{edge + 38}")], tag="s", tls={"cert": cert, "key": key, "ca": ca.ca})
+    nat, box, api, far_port = next(gen)
+    try:
+        t = np.arange(8000 * 6) / 8000
+        wav, rec = tmp_path / "tone.wav", tmp_path / "heard.wav"
+        with wave.open(str(wav), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes((8000 * np.sin(2 * np.pi * 700 * t)).astype("<i2").tobytes())
+        far = in_netns(nat.carrier, Peer, [
+            "call", "--host", CARRIER_IP, "--listen", far_port, "--rtp", box.ports["rtp_peer"], "--cert", far_cert,
+            "--key", far_key,
+            "--ca", ca.ca, "--uri", f"sip:100@{PUBLIC_IP}:{box.tls_port};transport=tls", "--wav", wav,
+            "--record", rec, "--seconds", "4", "--srtp", "mandatory"], tmp_path / "far.log")
+        res = far.result(60)
+        assert res.get("confirmed") and res.get("media"), (res, box.log_path.read_text()[-3000:])
+        with wave.open(str(rec)) as w:
+            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(float)[4000:]
+        assert len(pcm) > 8000, "nothing recorded at the carrier"
+        spec = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+        rms, freq = float(np.sqrt((pcm ** 2).mean())), float(np.fft.rfftfreq(len(pcm), 1 / 8000)[spec.argmax()])
+        assert rms > 500 and abs(freq - 700) < 20, f"the carrier did not hear its tone back: rms {rms:.0f}, {freq:.0f} Hz"
+        ended = _ended(box, lambda e: e["direction"] == "inbound")
+        assert ended["result"] == "answered", ended
+    finally:
+        gen.close()

@@ -200,7 +200,7 @@ def _run(args) -> int:      # pragma: no cover - runs in the child process
     ep.audDevManager().setNullDev()
     tc = pj.TransportConfig()
     tc.port = args.listen
-    tc.boundAddress = "127.0.0.1"
+    tc.boundAddress = args.host
     tc.tlsConfig.CaListFile = args.ca
     tc.tlsConfig.certFile = args.cert
     tc.tlsConfig.privKeyFile = args.key
@@ -211,7 +211,7 @@ def _run(args) -> int:      # pragma: no cover - runs in the child process
     ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tc)
     rc = pj.TransportConfig()
     rc.port = args.rtp
-    rc.boundAddress = "127.0.0.1"
+    rc.boundAddress = args.host
     for codec in ep.codecEnum2():
         ep.codecSetPriority(codec.codecId, 255 if codec.codecId.startswith("PCMU/") else 0)
     ep.libStart()
@@ -296,6 +296,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["call", "answer"])
     ap.add_argument("--listen", type=int, required=True, help="our TLS port")
+    ap.add_argument("--host", default="127.0.0.1", help="the address we bind (SIP and RTP)")
     ap.add_argument("--rtp", type=int, required=True, help="first RTP port")
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
