@@ -271,6 +271,9 @@ class Worker:
         self.send_lock = threading.Lock()
         self.cancelled: dict[str, float] = {}        # call -> time of the last cancel
         self.stopping = False
+        self.warmed = threading.Event()              # the STT thread's first decode is done
+        self.warm_error: BaseException | None = None
+        self._started = False
 
     def q_put_front(self, engine: str):
         return lambda call, job: self.q[engine].put_front(call, job)
@@ -332,6 +335,16 @@ class Worker:
         return m.TurnResult(req.rid, p, secs)
 
     def stt_loop(self) -> None:
+        # One decode of a second of silence on this thread, before the worker says it is ready:
+        # CTranslate2 (and glibc, an arena per thread) allocate on a thread's first decode (~57 MB,
+        # ~70 ms here), which would otherwise land on the first caller's turn after every (re)start.
+        try:
+            if hasattr(self.stt, "warm"):
+                self.stt.warm()
+        except Exception as exc:  # noqa: BLE001 - reported by start(): a model that cannot decode did not load
+            self.warm_error = exc
+        finally:
+            self.warmed.set()
         self._serve("stt", self._transcribe, stt_key)
 
     def turn_loop(self) -> None:
@@ -448,7 +461,11 @@ class Worker:
             return False
         return True
 
-    def run(self) -> None:
+    def start(self) -> BaseException | None:
+        """Start the engine threads; return once the STT thread has warmed up (its error, if any)."""
+        if self._started:
+            return self.warm_error
+        self._started = True
         threads = [threading.Thread(target=f, name=n, daemon=True) for f, n, e in
                    ((self.stt_loop, "stt", self.stt), (self.llm_loop, "llm", self.llm),
                     (self.tts_loop, "tts", self.tts), (self.turn_loop, "turn", self.turn))
@@ -459,6 +476,12 @@ class Worker:
                     self.extra[kind].preload(key)
         for th in threads:
             th.start()
+        if self.stt is not None and hasattr(self.stt, "warm"):
+            self.warmed.wait()
+        return self.warm_error
+
+    def run(self) -> None:
+        self.start()
         while True:
             try:
                 msg = self.conn.recv()
@@ -482,17 +505,15 @@ def main(conn, cfg: dict) -> None:
     except BaseException as exc:  # noqa: BLE001
         conn.send(m.Fatal(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
         return
-    if engines[0] is not None:
-        try:
-            engines[0].warm()
-        except Exception as exc:  # noqa: BLE001 - a call's first decode will say what is wrong
-            conn.send(m.Fatal(f"speech-to-text failed its first decode: {type(exc).__name__}: {exc}",
-                              traceback.format_exc(limit=3)))
-            return
     turn, turn_error = load_turn_model(cfg)
+    worker = Worker(conn, *engines, turn=turn, cfg=cfg)
+    error = worker.start()
+    if error is not None:                    # a model that cannot decode is a model that did not load
+        conn.send(m.Fatal(f"speech-to-text failed its first decode: {type(error).__name__}: {error}", ""))
+        return
     conn.send(m.Ready({"pid": os.getpid(), "tts_rate": engines[2].rate if engines[2] else 0,
                        "turn_model": turn.name if turn is not None else "", "turn_error": turn_error}))
-    Worker(conn, *engines, turn=turn, cfg=cfg).run()
+    worker.run()
 
 
 if __name__ == "__main__":

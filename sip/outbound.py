@@ -18,7 +18,7 @@ from sip.callbacks import _Call
 from sip.config import EngineError
 from sip.headers import clean as clean_header
 from sip.legs import _Leg, _Outbound
-from sip.uri import DestinationPolicy, _number_uri, _uri_host, caller_identity, check_destination
+from sip.uri import DestinationPolicy, _number_uri, _uri_host, caller_identity, check_destination, trunk_of
 
 FAILOVER_STATUSES = (408, 503)   # a final answer that moves an outbound call to the trunk's next address
 log = logging.getLogger("trunkline.sip")
@@ -39,6 +39,8 @@ class OutboundCalls:
         spec = next((t for t in self.cfg.trunks if t.name == c.trunk), None)
         if c.caller_id and (spec is None or c.caller_id not in (spec.caller_id, *spec.caller_ids)):
             raise EngineError(f"caller id {c.caller_id!r} is not one of trunk {c.trunk!r}'s numbers")
+        if c.withhold and not (c.caller_id or (spec is not None and spec.caller_id)):
+            raise EngineError("withholding the caller id needs a number to assert to the carrier")
         plan = None
         if spec is not None and len(spec.addresses) > 1:
             plan = _Outbound(c.uri.strip(), spec.name, tuple(spec.addresses), spec.failover_timeout,
@@ -75,9 +77,16 @@ class OutboundCalls:
         uri = target                        # checked: no parameters but transport/user, no headers
         if not uri.lower().startswith(("sip:", "sips:", "tel:")):
             uri = _number_uri(uri, trunk, self.cfg) if plan is None else f"sip:{uri}@{_uri_host(plan.address)}"
-        spec = next((t for t in self.cfg.trunks if t.name == trunk), None) if trunk is not None else None
+        if trunk is not None:
+            spec, user = next((t for t in self.cfg.trunks if t.name == trunk), None), ""
+        else:                   # a URI: the trunk at its address (if any) says who the call is from
+            policy = DestinationPolicy.of(self.cfg.allowed_destinations, self.cfg.fixed_destinations, self.cfg.trunks)
+            at = trunk_of(uri, None, policy)
+            spec, user = next((t for t in self.cfg.trunks if t.name == at), None), "trunkline"
+            user = "" if self.cfg.public_address or self.cfg.media_public_address else user
         ident = caller_identity(spec, caller_id, withhold, self.cfg.public_address,
-                                plan.address if plan is not None else (spec.address if spec else ""))
+                                plan.address if plan is not None else (spec.address if spec and spec.address else uri),
+                                user)
         op = pj.CallOpParam(True)
         if ident.from_uri:
             op.txOption.localUri = ident.from_uri

@@ -40,20 +40,27 @@ ANONYMOUS = '"Anonymous" <sip:anonymous@anonymous.invalid>'      # RFC 3323 §4.
 
 
 def caller_identity(trunk: TrunkSpec | None, caller: str, withheld: bool, public_address: str,
-                    address: str) -> Identity:
+                    address: str, account_user: str = "") -> Identity:
     """The From and identity headers of an outbound call over ``trunk`` sent to ``address`` (this
     attempt's). The number is ``caller`` (already checked against the trunk's numbers) or the
     trunk's ``caller_id``; the host is the trunk's ``from_domain``, else ``public_address``, else
     the host the call is sent to (never a cell's own address), without a port (pjsip drops a
     From URI's port anyway; P-Asserted-Identity names the same URI). ``withheld``: From is anonymous and
     the number rides in P-Asserted-Identity with ``Privacy: id`` (RFC 3325 §9.3), for the carrier
-    only; without a number, From is anonymous and nothing is asserted."""
+    only; without a number, From is anonymous and nothing is asserted. ``account_user``: the call
+    leaves through the cell's default account (a URI at a trunk's address, no trunk named), whose
+    own From would name the cell's host: without a number, From is that user at the host above.
+    No host at all (no address to go by): the account's own From."""
     number = caller or (trunk.caller_id if trunk is not None else "")
-    if not number:
-        return Identity(ANONYMOUS, (("Privacy", "id"),)) if withheld else Identity()
+    if not number and not withheld and not account_user:
+        return Identity()
     host = (trunk.from_domain if trunk is not None else "") or public_address or host_port(_uri_host(address))[0]
     host = host_port(host)[0]
     host = f"[{host}]" if ":" in host else host
+    if not host:
+        return Identity()
+    if not number:
+        return Identity(ANONYMOUS, (("Privacy", "id"),)) if withheld else Identity(f"<sip:{account_user}@{host}>")
     uri = f"<sip:{number}@{host}>"
     if withheld:
         return Identity(ANONYMOUS, (("P-Asserted-Identity", uri), ("Privacy", "id")))

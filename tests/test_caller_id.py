@@ -40,13 +40,20 @@ def test_the_identity_of_an_outbound_call():
     # nothing configured: the account's own identity, or anonymous with nothing asserted
     bare = TrunkSpec("b", address=t.address)
     assert caller_identity(bare, "", False, "", bare.address) == Identity()
+    # through the default account (a URI, no trunk named): its user at the trunk's host, not the cell's
+    assert caller_identity(bare, "", False, "", bare.address, "trunkline") == Identity("<sip:trunkline@203.0.113.5>")
+    assert caller_identity(None, "", False, "", "sip:5551234@198.51.100.4:5060", "trunkline").from_uri == \
+        "<sip:trunkline@198.51.100.4>"
+    # no host to go by: the account's own From, never "sip:n@"
+    assert caller_identity(TrunkSpec("p", caller_id="123"), "", False, "", "") == Identity()
     assert caller_identity(bare, "", True, "", bare.address) == Identity(ANONYMOUS, (("Privacy", "id"),))
 
 
 @pytest.mark.parametrize("key,value", [("caller_id", "trunkline"), ("caller_id", "+1555\r\nX-Evil: 1"),
                                        ("caller_ids", ["+15550001111", "12"]), ("from_domain", "a.example>;x=1"),
                                        ("from_domain", "host:99999"), ("from_domain", "[::1"), ("from_domain", "2001:db8::1"),
-                                       ("from_domain", "[::1]x")])
+                                       ("from_domain", "[::1]x"), ("caller_id", "+15550001111\n"), ("from_domain", "a.example\n"),
+                                       ("from_domain", "[fe80::1%eth0]"), ("from_domain", "h:\u00b2")])
 def test_the_config_refuses_what_would_ride_into_headers(tmp_path, key, value):
     import json
     cfg = tmp_path / "c.toml"
@@ -69,26 +76,34 @@ def test_outbound_calls_present_the_trunks_numbers_and_only_those(cell_factory, 
     far = next_ports()
     host = "127.0.0.2"          # the carrier, on another address than the cell's (127.0.0.1)
     addr = f"{host}:{far['sipp']}"
-    uas = sipp("uas_answer.xml", "", tmp_path, local_port=far["sipp"], background=True, calls=4, timeout=40,
+    uas = sipp("uas_answer.xml", "", tmp_path, local_port=far["sipp"], background=True, calls=5, timeout=40,
                local_ip=host)
     time.sleep(0.3)
     cell = cell_factory(ECHO + f'[[trunks]]\nname = "carrier"\naddress = "sip:{addr}"\n'
                         'caller_id = "+15550001111"\ncaller_ids = ["+15550002222"]\nasserted_identity = true\n'
-                        f'[[trunks]]\nname = "plain"\naddress = "sip:{addr}"\n')
+                        f'[[trunks]]\nname = "plain"\naddress = "sip:{addr}"\n'
+                        f'[[trunks]]\nname = "other"\naddress = "sip:127.0.0.3:{far["sipp"]}"\n')
     api = Api(cell, create_key(cell.data))
     placed = []
     try:
         # a number the trunk does not own is refused before anything is sent; so is one without a trunk
-        for body in ({"to": "5551000", "trunk": "carrier", "from": "+19998887777"},
-                     {"to": "5551000", "trunk": "plain", "from": "+15550001111"},
-                     {"to": f"sip:5551000@{addr}", "from": "+15550001111"},
-                     {"to": "5551000", "trunk": "carrier", "from": "+1555 0001111"}):
+        for body, field in (({"to": "5551000", "trunk": "carrier", "from": "+19998887777"}, "from"),
+                            ({"to": "5551000", "trunk": "plain", "from": "+15550001111"}, "from"),
+                            ({"to": f"sip:5551000@{addr}", "from": "+15550001111"}, "from"),
+                            ({"to": "5551000", "trunk": "carrier", "from": "+1555 0001111"}, "from"),
+                            ({"to": "5551000", "trunk": "carrier", "from": "+15550001111\n"}, "from"),
+                            # the trunk's number toward another trunk's carrier
+                            ({"to": f"sip:5551000@127.0.0.3:{far['sipp']}", "trunk": "carrier",
+                              "from": "+15550001111"}, "from"),
+                            # nothing to assert: an anonymous call the carrier cannot trace
+                            ({"to": "5551000", "trunk": "plain", "withhold_caller_id": True}, "withhold_caller_id")):
             status, err, _ = api.post("/v1/calls", body)
-            assert status == 400 and err["error"]["field"] == "from", (body, err)
+            assert status == 400 and err["error"]["field"] == field, (body, err)
         for body in ({"to": "5551001", "trunk": "carrier"},
                      {"to": "5551002", "trunk": "carrier", "from": "+15550002222"},
                      {"to": "5551003", "trunk": "carrier", "withhold_caller_id": True},
-                     {"to": "5551004", "trunk": "plain"}):
+                     {"to": "5551004", "trunk": "plain"},
+                     {"to": f"sip:5551005@{addr}"}):
             status, out, _ = api.post("/v1/calls", body)
             assert status == 201, out
             placed.append(out["id"])
@@ -105,8 +120,8 @@ def test_outbound_calls_present_the_trunks_numbers_and_only_those(cell_factory, 
         if uas.poll() is None:
             uas.kill()
     invites = _invites(tmp_path)
-    assert [re.match(r"INVITE sip:(\d+)@", i).group(1) for i in invites] == ["5551001", "5551002", "5551003", "5551004"]
-    first, second, withheld, plain = invites
+    assert [re.match(r"INVITE sip:(\d+)@", i).group(1) for i in invites] == ["5551001", "5551002", "5551003", "5551004", "5551005"]
+    first, second, withheld, plain, uri = invites
     assert re.fullmatch(rf"<sip:\+15550001111@{re.escape(host)}>;tag=\S+", _header(first, "From")), first
     assert _header(first, "P-Asserted-Identity") == f"<sip:+15550001111@{host}>"
     assert _header(first, "Privacy") is None
@@ -119,6 +134,8 @@ def test_outbound_calls_present_the_trunks_numbers_and_only_those(cell_factory, 
     # (was sip:trunkline@127.0.0.1, the cell's host: on a box of several hosts, a private address)
     assert re.match(rf"<?sip:trunkline@{re.escape(host)}[>;]", _header(plain, "From")), plain
     assert _header(plain, "P-Asserted-Identity") is None
+    # a URI at a trunk's address, no trunk named: that trunk's number (the first trunk at the address)
+    assert _header(uri, "From").startswith(f"<sip:+15550001111@{host}>"), uri
     # the call record keeps what was presented
     assert "+15550001111" in placed[0]["from"] and "+15550002222" in placed[1]["from"]
     assert "anonymous" in placed[2]["from"]

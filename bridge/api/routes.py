@@ -258,7 +258,7 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         if app == "agent" and self.services.hub is None:
             raise ApiError(409, "no_speech_engines", f"app {app!r} needs the models (models.load)", "app")
         self._check_destination(body["to"], trunk)
-        caller = self._check_caller(body.get("from", ""), trunk)
+        caller = self._check_caller(body.get("from", ""), trunk, body["to"], bool(body.get("withhold_caller_id")))
         # the limits of the trunk the call goes through, named or not (a URI at a trunk's address)
         with self.trunk_limits.placing(trunk_of(body["to"], trunk, self._policy())):  # 429 over cps, 409 over max_calls
             try:
@@ -273,14 +273,23 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         out = {"id": call_id, "state": CallState.RINGING, "app": app}
         return 201, {**out, "context": context} if context else out
 
-    def _check_caller(self, number: str, trunk: str | None) -> str:
-        """POST /v1/calls's ``from``: one of the named trunk's numbers (``caller_id``, ``caller_ids``);
-        a key cannot make the box present any number it likes (caller-ID spoofing)."""
+    def _check_caller(self, number: str, trunk: str | None, to: str, withhold: bool) -> str:
+        """POST /v1/calls's ``from``: one of the named trunk's numbers (``caller_id``, ``caller_ids``),
+        on a call that goes to that trunk (a URI at another trunk's address would present this
+        trunk's number to a carrier that never issued it); a key cannot make the box present any
+        number it likes (caller-ID spoofing). ``withhold_caller_id`` needs a number to assert."""
+        spec = next((t for t in self.services.cfg.trunks if t.name == trunk), None) if trunk else None
+        if withhold and not (number or (spec is not None and spec.caller_id)):
+            raise ApiError(400, "invalid_field", "withhold_caller_id needs a number to assert to the carrier "
+                           "(from, or the trunk's caller_id)", "withhold_caller_id")
         if not number:
             return ""
-        spec = next((t for t in self.services.cfg.trunks if t.name == trunk), None) if trunk else None
         if spec is None:
             raise ApiError(400, "invalid_field", "from needs a trunk whose numbers include it", "from")
+        at = trunk_of(to, None, self._policy())
+        if at is not None and at != trunk:
+            raise ApiError(400, "invalid_field", f"the call goes to trunk {at!r}'s address, not trunk {trunk!r}'s: "
+                           "its numbers are not presented there", "from")
         allowed = [n for n in (spec.caller_id, *spec.caller_ids) if n]
         if number not in allowed:
             raise ApiError(400, "invalid_field", f"{number!r} is not one of trunk {trunk!r}'s numbers "

@@ -177,13 +177,13 @@ class Cell:
             self.services.hub = self.hub
             try:
                 await self.hub.start()
+                if "agent" in self.cfg.apps():      # the agent's VAD session, loaded now and off the loop
+                    from ai import vad_silero
+                    await self._loop.run_in_executor(None, vad_silero.warm, self.cfg.raw["agent"]["vad"])
             except BaseException:
                 await self.hub.stop()
                 await self.webhooks.stop()
                 raise
-            if "agent" in self.cfg.apps():      # the agent's VAD session, loaded now and off the loop
-                from ai import vad_silero
-                await self._loop.run_in_executor(None, vad_silero.warm, self.cfg.raw["agent"]["vad"])
         try:
             await self._loop.run_in_executor(None, self.engine.start)
         except BaseException:

@@ -83,7 +83,7 @@ def _address(v: Any) -> str:
         return v
     except ValueError:
         pass
-    if not _HOSTNAME.match(v) or v.replace(".", "").isdigit():
+    if not _HOSTNAME.fullmatch(v) or v.replace(".", "").isdigit():
         raise TypeError(f"expected an IP address or a host name without a port, got {v!r}")
     return v
 
@@ -126,7 +126,7 @@ CALLER_NUMBER = re.compile(r"^\+?[0-9]{3,20}$")
 def _caller_number(v: Any) -> str:
     """A number presented as the caller (From user, P-Asserted-Identity): digits, an optional
     leading ``+``; it goes into SIP headers, so nothing else may ride along."""
-    if not isinstance(v, str) or not (v == "" or CALLER_NUMBER.match(v)):
+    if not isinstance(v, str) or not (v == "" or CALLER_NUMBER.fullmatch(v)):
         raise TypeError(f"expected a phone number (3-20 digits, optional leading +), got {v!r}")
     return v
 
@@ -134,7 +134,7 @@ def _caller_number(v: Any) -> str:
 def _caller_numbers(v: Any) -> list[str]:
     v = _str_list(v)
     for x in v:
-        if not CALLER_NUMBER.match(x):
+        if not CALLER_NUMBER.fullmatch(x):
             raise TypeError(f"expected phone numbers (3-20 digits, optional leading +), got {x!r}")
     return v
 
@@ -156,16 +156,16 @@ def _sip_host(v: Any) -> str:
             raise TypeError(f"expected host[:port], got {v!r}")
     elif v.count(":") == 1:
         host, port = v.split(":")
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise TypeError(f"expected host[:port], got {v!r}")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        if v6 or not _HOSTNAME.match(host):
+        if v6 or not _HOSTNAME.fullmatch(host):
             raise TypeError(f"expected host[:port], got {v!r}") from None
     else:
-        if ip.version == 6 and not v6:
-            raise TypeError(f"expected host[:port] (IPv6 as [addr]), got {v!r}")
+        if (ip.version == 6 and not v6) or getattr(ip, "scope_id", None):
+            raise TypeError(f"expected host[:port] (IPv6 as [addr], no zone), got {v!r}")
     return v
 
 

@@ -311,7 +311,8 @@ class AgentStreams:
         self._thread.join(20)
 
     def live(self) -> list[str]:
-        return [c for c in self.agent_calls if c not in self.ended]
+        ended = dict(self.ended)                      # the tap thread adds to both while we read
+        return [c for c in list(self.agent_calls) if c not in ended]
 
     async def _run(self):
         import aiohttp
@@ -841,7 +842,7 @@ class Soak:
             out["caller_turns"] += caller
             out["agent_turns"] += agent
             out["summaries"] += cid in summaries
-            rec = self.taps.streams.get(cid, {}) if self.taps else {}
+            rec = dict(self.taps.streams.get(cid, {})) if self.taps else {}
             if rec.get("opened"):
                 st["opened"] += 1
                 for d in ("in", "out"):
