@@ -138,4 +138,4 @@ def test_outbound_calls_present_the_trunks_numbers_and_only_those(cell_factory, 
     assert _header(uri, "From").startswith(f"<sip:+15550001111@{host}>"), uri
     # the call record keeps what was presented
     assert "+15550001111" in placed[0]["from"] and "+15550002222" in placed[1]["from"]
-    assert "anonymous" in placed[2]["from"]
+    assert "anonymous" in placed[2]["from"] and placed[2]["sip"]["asserted_identity"] == "+15550001111"

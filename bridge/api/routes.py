@@ -269,6 +269,9 @@ class Api(MediaApi, PrivacyApi, ErasureApi, EventSocket):
         s = self.services.calls.get(call_id)       # offered before the engine answered the command
         if s is not None:
             s.set_context(context)
+            if body.get("withhold_caller_id"):      # From says anonymous: keep who the carrier was told
+                spec = next((t for t in self.services.cfg.trunks if t.name == trunk), None)
+                s.asserted = caller or (spec.caller_id if spec else "")
             s.profile, s.language = profile, language
         out = {"id": call_id, "state": CallState.RINGING, "app": app}
         return 201, {**out, "context": context} if context else out

@@ -44,6 +44,7 @@ class Session:
         self.language = ""
         self.address = ""             # outbound through a trunk: the address that answered
         self.failed_addresses: list[dict] = []     # outbound: the trunk addresses that failed, in order
+        self.asserted = ""            # outbound, caller ID withheld: the number asserted to the carrier
 
     def set_context(self, values: dict[str, str]) -> None:
         """Context given with the call (``POST /v1/calls {context}``, checked there), over the headers'."""
@@ -53,10 +54,11 @@ class Session:
     def sip_record(self) -> dict | None:
         """What the call record keeps of SIP beyond the parties, and the context the API gave the call
         (sealed at rest with them; the headers' context is theirs), or None."""
-        if not (self.sip_headers or self.address or self.failed_addresses or self.api_context):
+        if not (self.sip_headers or self.address or self.failed_addresses or self.api_context or self.asserted):
             return None
         return {"headers": self.sip_headers, "address": self.address or None, "failed": self.failed_addresses,
-                **({"context": dict(self.api_context)} if self.api_context else {})}
+                **({"context": dict(self.api_context)} if self.api_context else {}),
+                **({"asserted_identity": self.asserted} if self.asserted else {})}
 
     def attempt_failed(self, address: str, status: int, reason: str, next_address: str) -> None:
         """An outbound attempt at one trunk address failed: remember it, tell subscribers."""
