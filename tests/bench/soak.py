@@ -237,17 +237,17 @@ class WebhookReceiver:
             self.loop = None
 
 
-class EventSocket:
-    """A WebSocket consumer of every event that drops its connection every ``period`` s and
-    resumes from the last ``seq`` it saw, as a real consumer with a flaky link would."""
+class _Client:
+    """An API client running its own asyncio loop (``_run``) on a daemon thread until ``stop``."""
+    join_for = 15.0
 
-    def __init__(self, url: str, key: str, period: float):
-        self.url, self.key, self.period = url, key, period
-        self.seen: dict[int, str] = {}
-        self.reconnects = 0
+    def __init__(self):
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self):
+        raise NotImplementedError
 
     def start(self):
         self._thread.start()
@@ -255,7 +255,18 @@ class EventSocket:
 
     def stop(self):
         self._stop.set()
-        self._thread.join(15)
+        self._thread.join(self.join_for)
+
+
+class EventSocket(_Client):
+    """A WebSocket consumer of every event that drops its connection every ``period`` s and
+    resumes from the last ``seq`` it saw, as a real consumer with a flaky link would."""
+
+    def __init__(self, url: str, key: str, period: float):
+        super().__init__()
+        self.url, self.key, self.period = url, key, period
+        self.seen: dict[int, str] = {}
+        self.reconnects = 0
 
     async def _run(self):
         import aiohttp
@@ -285,7 +296,7 @@ class EventSocket:
 
 
 
-class AgentStreams:
+class AgentStreams(_Client):
     """A media-stream consumer on every agent call, as a customer's analytics or QA tap would be:
     it follows the event WebSocket, and when a call on the ``agent`` app is answered it opens a
     stream of both directions (``POST /v1/calls/{id}/streams``, G.711 µ-law) and reads it through
@@ -293,22 +304,14 @@ class AgentStreams:
     first message is ``start``, the last ``stop`` (its reason), ``sequence_number`` has no gap,
     and the frames per direction with what the 20 ms timestamps say was lost."""
 
+    join_for = 20.0
+
     def __init__(self, http: str, key: str):
+        super().__init__()
         self.http, self.key = http, key
         self.agent_calls: dict[str, float] = {}      # call id -> when it rang (agent app only)
         self.ended: dict[str, float] = {}
         self.streams: dict[str, dict] = {}           # call id -> what its stream delivered
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(20)
 
     def live(self) -> list[str]:
         ended = dict(self.ended)                      # the tap thread adds to both while we read
