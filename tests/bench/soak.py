@@ -535,7 +535,10 @@ class Soak:
         # webhook retries back off up to max_delay: the default 300 s in a long run, less in a short one
         # (the verdict waits for the last retry after the receiver's outage)
         max_delay = self.max_delay = min(300.0, max(10.0, self.duration / 10))
-        cfg = (f'[models]\nload = "{"auto" if self.agent else "never"}"\n[sip]\nrtp_timeout = 0\n'
+        # the product's rtp_timeout (30 s): a call whose caller is gone without a BYE (a fault lost it) is
+        # reaped as in production instead of holding its slot to the end; the drain at the end is not
+        # what the soak measures, so it is short
+        cfg = (f'drain_timeout = 15\n[models]\nload = "{"auto" if self.agent else "never"}"\n'
                '[http]\noutbound_allow = ["127.0.0.1/32"]\n'
                f'[recordings]\nenabled = true\nkey_file = "{keys}"\ncurrent_key = "k1"\n'
                f'[webhooks]\nmax_delay = {max_delay}\n')
@@ -550,10 +553,19 @@ class Soak:
         procs: list[subprocess.Popen] = []
         sock = None
         t0 = time.time()
+        self.phases: dict[str, float] = {}      # seconds each part of the run took (the result's "phases")
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            self.phases[name] = round(now - mark, 1)
+            mark = now
         try:
             self._box = box
             box.start(wait=False)
             box.wait_healthy(timeout=120 + 3 * self.cells)
+            phase("start")
             key = create_key(box.data, "control")
             api = self.api = Api(box, key)
             st, body, _ = api.post("/v1/webhooks", {"url": f"http://127.0.0.1:{hook.port}/hook",
@@ -595,6 +607,7 @@ class Soak:
                 procs.append(sipp(scen, box.sip, d, *args, "-trace_stat", "-fd", "1", local_port=lp, calls=n,
                                   background=True, timeout=self.duration + 120))
             self._loop(box, hook, t0, data)
+            phase("traffic")
             # traffic is paced to end with the run: wait for the last calls (bounded)
             for p in procs:
                 try:
@@ -602,9 +615,12 @@ class Soak:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
+            phase("last_calls")
             hook.up() if hook.loop is None else None
             time.sleep(3)
-            return self._verdict(box, hook, sock, tmp, t0, data)
+            res = self._verdict(box, hook, sock, tmp, t0, data)
+            phase("verdict")
+            return res
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -623,6 +639,7 @@ class Soak:
                 box.stop(timeout=60)
             except AssertionError:
                 pass
+            phase("stop")
             hook.down()
             # the logs outlive the run (the data directory may be a tmpfs that goes with it)
             (tmp / "logs").mkdir(exist_ok=True)
@@ -933,6 +950,7 @@ class Soak:
         answered_rows = db.execute("SELECT COUNT(*) FROM calls WHERE answered IS NOT NULL").fetchone()[0]
         # the clock_step fault: a record's times keep their true distances (no call an hour long)
         hour_long = db.execute("SELECT COUNT(*) FROM calls WHERE ended - answered > 1800").fetchone()[0]
+        reaped = db.execute("SELECT COUNT(*) FROM calls WHERE reason = 'rtp timeout'").fetchone()[0]
         # every finished turn is in the store: a transcript row for each transcript_created event
         lines = dict(db.execute("SELECT call_id, COUNT(*) FROM transcripts GROUP BY call_id").fetchall())
         told = dict(db.execute("SELECT call_id, COUNT(*) FROM events WHERE type = 'transcript_created' "
@@ -968,6 +986,7 @@ class Soak:
         return {"duration_s": self.duration, "cells": self.cells, "interval_s": self.interval, "calls": calls,
                 "answered_in_store": answered_rows, "call_hangup_events": len(ended),
                 "transcript_rows": sum(lines.values()), "transcript_events": len(turn_events), "agent": agent,
+                "ended_by_rtp_timeout": reaped,
                 "webhook_received": len(set(hook.got) & ended), "websocket_received": len(ws_seen & ended),
                 "websocket_reconnects": sock.reconnects,
                 "faults": [{"kind": f.kind, "at_s": round(f.at, 1), "length_s": f.length, "expect": f.expect,
@@ -1004,6 +1023,7 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         soak = Soak(a.duration, a.interval, a.cells, work, faults_on=not a.no_faults, agent=not a.no_agent)
         res = soak.run()
+    res["phases_s"] = soak.phases
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     if a.samples_out:
