@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 CONFIG ?= $(wildcard trunkline.toml)
 APP ?= agent
 ARGS ?=
+# `make test` runs its tests in this many pytest-xdist workers (most of a test is waiting on real
+# calls in real time, so 2 halve the suite on 2 cores; each worker has its own test ports).
+TEST_WORKERS ?= 2
 
 # Debian packages: what the bridge needs to run, and what the tests add.
 RUN_DEBS := libopus0 ca-certificates cmake build-essential kamailio kamailio-tls-modules rtpengine-daemon
@@ -41,7 +44,7 @@ run: deps
 # The default suite: everything but the tests marked slow, plus the slow
 # tests also marked `sample` (a real load/fault sample in every CI run).
 test: test-deps
-	$(BIN)/python -m pytest -q --durations=25 -m "not slow or sample" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 -m "not slow or sample" $(ARGS)
 
 test-all: test-deps
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -31,9 +31,15 @@ def needs_shared(*relative: str):
 
 # Test ports stay below the kernel's ephemeral range (32768+), so a listener never
 # collides with the source port of some outgoing connection.
-# TEST_PORT_BLOCK pins the first block, so two suites on one machine can be kept apart.
-_blocks = itertools.count(int(os.environ.get("TEST_PORT_BLOCK", (os.getpid() % 4) * 125)))
-_ports = (10000 + (n % 550) * 40 for n in _blocks)
+# TEST_PORT_BLOCK pins the first block, so two suites on one machine can be kept apart. Under
+# pytest-xdist (`make test` runs `-n 2`) each worker (gw0, gw1, ...) starts its own share of the 550
+# blocks from there and cycles inside it, so two workers never hand out the same ports.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+_workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+_first = int(os.environ.get("TEST_PORT_BLOCK", 0 if _worker else (os.getpid() % 4) * 125))
+_share = 550 // _workers if _worker[2:].isdigit() else 550
+_own = int(_worker[2:]) * _share if _worker[2:].isdigit() else 0
+_ports = (10000 + ((_first + _own + n % _share) % 550) * 40 for n in itertools.count())
 
 
 def next_ports() -> dict:
