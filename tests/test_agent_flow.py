@@ -23,6 +23,7 @@ class FakeHub:
         self.stt_reqs, self.llm_reqs, self.tts_reqs = [], [], []
         self.cancels = 0
         self.released = False
+        self.calls = set()                      # joined agent calls
         self.canned = {k: split_frames(bytes(3200), RATE) for k in
                        ("greeting", "reprompt_text", "goodbye_text", "not_understood_text", "apology_text")}
 
@@ -47,6 +48,15 @@ class FakeHub:
 
     def stt_backlog(self):
         return 0
+
+    def joined(self, call):
+        self.calls.add(call)
+
+    def left(self, call):
+        self.calls.discard(call)
+
+    def model_calls(self):
+        return len(self.calls)
 
     def release(self, call):
         self.released = True
@@ -290,3 +300,22 @@ def test_async_result_waits_for_the_caller_to_finish(tmp_path):
         assert [t["text"] for t in hub.tts_reqs] == ["Your payment is confirmed."]
         assert app.state is State.REPLYING
     asyncio.run(scenario())
+
+
+def test_an_agent_call_joins_the_hub_while_it_is_up(tmp_path):
+    """The hub counts the cell's agent calls (interim decodes only while there is one): an answered
+    call joins, its end leaves, so a call that has ended never keeps another call's interims off."""
+    cfg = copy.deepcopy(DEFAULTS["agent"])
+    cfg.update(greeting="", reprompt_after=0.0, hangup_after=0.0, call_summary=False)
+    hub = FakeHub()
+    apps = []
+    for n in range(2):
+        s = Session()
+        s.call_id = f"call-{n}"
+        apps.append(AgentApp(s, hub, cfg, Metrics(), CallRecords(str(tmp_path), name="turns.jsonl"), clock=Clock()))
+        apps[-1].on_answered()
+    assert hub.calls == {"call-0", "call-1"} and apps[0]._line().model_calls == 2
+    apps[1].on_end()
+    assert hub.calls == {"call-0"} and apps[0]._line().model_calls == 1
+    apps[0].on_end()
+    assert hub.calls == set()

@@ -135,6 +135,7 @@ class FakeHub:
     """The inference process's interface; the test plays the model."""
     def __init__(self):
         self.stt_reqs, self.llm_reqs, self.tts_reqs = [], [], []
+        self.calls = set()
         self.canned = {k: split_frames(bytes(3200), RATE) for k in
                        ("greeting", "reprompt_text", "goodbye_text", "not_understood_text", "apology_text")}
 
@@ -156,6 +157,15 @@ class FakeHub:
 
     def stt_backlog(self):
         return 0
+
+    def joined(self, call):
+        self.calls.add(call)
+
+    def left(self, call):
+        self.calls.discard(call)
+
+    def model_calls(self):
+        return len(self.calls)
 
     def to_frames(self, pcm, rate):
         return split_frames(pcm, RATE)

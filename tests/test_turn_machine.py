@@ -68,9 +68,10 @@ class Call:
         self.voiced_at: list[float] = []        # times of the frames the VAD called speech
         self.mark_sent_at = None
         self.synthesized: set[int] = set()     # Synthesize.seq already answered
+        self.model_calls = 1                    # the cell's agent calls (Line.model_calls)
 
     def line(self):
-        return A.Line(len(self.downlink), self.mark_time, 0)
+        return A.Line(len(self.downlink), self.mark_time, 0, self.model_calls)
 
     def do(self, actions):
         for a in actions:
@@ -190,6 +191,18 @@ def test_a_normal_turn_with_the_stored_utterance():
 
 
 # -- speculation ----------------------------------------------------------------------------
+@pytest.mark.parametrize("calls, interims", [(1, True), (2, False)])
+def test_interim_transcripts_only_while_the_call_is_the_cells_only_agent_call(calls, interims):
+    """A decode runs to its end, so an interim of one call started just before another call's caller
+    stops would hold that reply back: interims (a live view) run only while no other agent call could."""
+    c = Call(interim_every=0.5)
+    c.model_calls = calls
+    c.feed(SPEECH)                              # ~1.9 s of speech, no pause long enough to end it
+    assert bool(c.stt(interim=True)) is interims, c.stt(interim=True)
+    c.quiet(40)
+    assert c.stt(interim=False), "the end-of-turn decode is asked either way"
+
+
 def test_speculative_reply_is_held_then_released_at_once():
     c = Call(speculate=True)
     c.feed(SPEECH)

@@ -76,6 +76,7 @@ class AgentApp(ProfiledCall, App):       # ProfiledCall: the call's profile, con
 
     # -- App hooks ----------------------------------------------------------------------
     def on_answered(self) -> None:
+        self.hub.joined(self.call_key)              # left in on_end
         if self.hold_answer():           # the call's own greeting is still being rendered
             return
         self._run(self.machine.answered(self.clock()))
@@ -90,6 +91,7 @@ class AgentApp(ProfiledCall, App):       # ProfiledCall: the call's profile, con
         self._run(self.machine.tick(now, self._line()))
 
     def on_end(self) -> None:
+        self.hub.left(self.call_key)
         self._run(self.machine.ended(self.clock()))
         if self.cfg.get("call_summary", True):
             self._summarize()
@@ -106,7 +108,7 @@ class AgentApp(ProfiledCall, App):       # ProfiledCall: the call's profile, con
 
     def _line(self) -> Line:
         media = self.session.media
-        return Line(media.queued_out(), media.mark_time, self.hub.stt_backlog())
+        return Line(media.queued_out(), media.mark_time, self.hub.stt_backlog(), self.hub.model_calls())
 
     # -- carrying out actions --------------------------------------------------------------
     def _run(self, actions: list[Action]) -> None:

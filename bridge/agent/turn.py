@@ -91,6 +91,7 @@ class TurnMachine(BargeIn, ToolTurns):
         self._ids = itertools.count(1)
         self._queued = 0                       # frames in the downlink (last snapshot + what we pushed)
         self._stt_backlog = 0
+        self._model_calls = 1
         self._mark_out = False                 # a frame is marked and not seen sent
         self._mark_time: float | None = None
         self._out: list[Action] = []
@@ -124,6 +125,7 @@ class TurnMachine(BargeIn, ToolTurns):
     def _see(self, line: Line) -> None:
         self._queued = line.queued_out
         self._stt_backlog = line.stt_backlog
+        self._model_calls = line.model_calls
         if line.mark_time is not None:
             self._mark_out = False
         self._mark_time = line.mark_time
@@ -220,10 +222,13 @@ class TurnMachine(BargeIn, ToolTurns):
                 ep.reset()
                 self._end_of_turn(now, "digits" if self.turn_end.digits else "silence")
         if ep.in_speech and self.cfg["interim_every"] and self.decode is None and not self.interim_busy and \
-                self._stt_backlog == 0 and ep.last_voiced == f.t and \
+                self._stt_backlog == 0 and self._model_calls <= 1 and ep.last_voiced == f.t and \
                 f.t - max(self.last_interim, ep.speech_started or f.t) >= self.cfg["interim_every"]:
-            # Interim transcripts only while the caller talks, one at a time, and only when
-            # the STT engine is idle: end-of-turn decodes (any call's) are what is urgent.
+            # Interim transcripts only while the caller talks, one at a time, only when the STT
+            # engine is idle, and only while this is the cell's one call using the models: a decode
+            # runs to its end, so an interim started just before another call's caller stops holds
+            # that call's reply back by up to a whole decode (~0.3 s). End-of-turn decodes are
+            # what is urgent; interims are a live view.
             self.last_interim = f.t
             self.interim_busy = True
             self._act(RequestStt(next(self._ids), b"".join(self.utterance), interim=True))
