@@ -379,6 +379,8 @@ class Cell:
 
     def _ev_CallEnded(self, e: ev.CallEnded) -> None:
         s = self.sessions.pop(e.call_id, None)
+        if self.hub is not None:
+            self.hub.left(e.call_id)        # also when its agent failed and was dropped without on_end
         if s is not None:
             self._flush_timing(s)
             if s.app is not None:
