@@ -7,7 +7,9 @@ CONFIG ?= $(wildcard trunkline.toml)
 APP ?= agent
 ARGS ?=
 # `make test` runs its tests in this many pytest-xdist workers (most of a test is waiting on real
-# calls in real time, so 2 halve the suite on 2 cores; each worker has its own test ports).
+# calls in real time, so 2 halve the suite on 2 cores; each worker has its own test ports; 0 runs
+# them in this process). Tests marked with one xdist_group run in one worker, one after another:
+# a module's shared box or cell, and the SIPVicious scanners (they all send from 127.0.0.1:5060).
 TEST_WORKERS ?= 2
 
 # Debian packages: what the bridge needs to run, and what the tests add.
@@ -44,7 +46,7 @@ run: deps
 # The default suite: everything but the tests marked slow, plus the slow
 # tests also marked `sample` (a real load/fault sample in every CI run).
 test: test-deps
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 -m "not slow or sample" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 -m "not slow or sample" $(ARGS)
 
 test-all: test-deps
 	$(BIN)/python -m pytest -q $(ARGS)

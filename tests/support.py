@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import random
@@ -14,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,21 +30,43 @@ def needs_shared(*relative: str):
                               "(../shared is absent; set TRUNKLINE_SHARED to point at it)")
 
 # Test ports stay below the kernel's ephemeral range (32768+), so a listener never
-# collides with the source port of some outgoing connection.
-# TEST_PORT_BLOCK pins the first block, so two suites on one machine can be kept apart. Under
-# pytest-xdist (`make test` runs `-n 2`) each worker (gw0, gw1, ...) starts its own share of the 550
-# blocks from there and cycles inside it, so two workers never hand out the same ports.
+# collides with the source port of some outgoing connection: 550 blocks of 40 ports from 10000.
+# TEST_PORT_BLOCK pins the first block, so two suites on one machine can be kept apart (unset, a
+# suite starts at one of 4 places, from its pid or its pytest-xdist run id). Under pytest-xdist
+# (`make test` runs `-n 2`) each worker (gw0, gw1, ...) hands out only its own share of the blocks
+# and cycles inside it, and a run of blocks (``next_ports(blocks=k)``, a box) never crosses the end
+# of the share, so two workers never hand out the same ports.
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-_workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
-_first = int(os.environ.get("TEST_PORT_BLOCK", 0 if _worker else (os.getpid() % 4) * 125))
-_share = 550 // _workers if _worker[2:].isdigit() else 550
-_own = int(_worker[2:]) * _share if _worker[2:].isdigit() else 0
-_ports = (10000 + ((_first + _own + n % _share) % 550) * 40 for n in itertools.count())
+_index = int(_worker[2:]) if _worker[2:].isdigit() else None
+_workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)) if _index is not None else 1
+_seed = zlib.crc32(os.environ.get("PYTEST_XDIST_TESTRUNUID", "").encode()) if _index is not None else os.getpid()
+_first = int(os.environ.get("TEST_PORT_BLOCK", (_seed % 4) * 125))
+_share = 550 // _workers
+_own = (_index or 0) * _share
+_pos = 0                                  # the next block, counted inside this process's share
 
 
-def next_ports() -> dict:
-    """A fresh block of ports per cell so tests never trip over each other."""
-    base = next(_ports)
+def reset_ports() -> None:
+    """Hand out the same ports again from the first block (a benchmark that reuses them per size)."""
+    global _pos
+    _pos = 0
+
+
+def _take(blocks: int) -> int:
+    global _pos
+    if not 1 <= blocks <= _share:
+        raise ValueError(f"{blocks} port blocks do not fit in a share of {_share}")
+    if _pos % _share + blocks > _share:   # would cross the end of the share: start it again
+        _pos += _share - _pos % _share
+    p = _pos % _share
+    _pos += blocks
+    return 10000 + ((_first + _own + p) % 550) * 40
+
+
+def next_ports(blocks: int = 1) -> dict:
+    """A fresh block of ports per cell so tests never trip over each other; ``blocks`` 40-port
+    blocks in a row for a process that uses more (a box: its cells' ports follow its own)."""
+    base = _take(blocks)
     return {"sip": base, "http": base + 1, "sipp": base + 2, "rtp_peer": base + 4,
             "rtp_lo": base + 10, "rtp_hi": base + 38}
 
@@ -76,8 +98,8 @@ def step_clock(path: Path, seconds: float) -> None:
 
 
 class CellProcess:
-    def __init__(self, tmp: Path, config: str = "", args: tuple = (), env: dict | None = None):
-        self.ports = next_ports()
+    def __init__(self, tmp: Path, config: str = "", args: tuple = (), env: dict | None = None, blocks: int = 1):
+        self.ports = next_ports(blocks)
         self.tmp = tmp
         self.data = tmp / "data"
         self.log_path = tmp / f"cell-{self.ports['sip']}.log"
@@ -289,10 +311,10 @@ class BoxProcess(CellProcess):
     """``trunkline serve --cells N``: N cells behind Kamailio, one API."""
 
     def __init__(self, tmp: Path, cells: int, config: str = "", args: tuple = (), cells_extra: str = ""):
-        super().__init__(tmp, config, ("--cells", str(cells), "--app", "echo", *args))
+        # its cells' SIP/HTTP/RTP ports follow the box's own: enough 40-port blocks in a row to ourselves
+        super().__init__(tmp, config, ("--cells", str(cells), "--app", "echo", *args),
+                         blocks=1 + (100 + 22 * cells) // 40 + 1)
         base = self.ports["sip"]
-        for _ in range((100 + 22 * cells) // 40 + 1):       # keep enough 40-port blocks to ourselves
-            next(_ports)
         self.n = cells
         rtp = base + 100 + 2 * cells + (base + 100 + 2 * cells) % 2
         self.config_path.write_text(config + f"\n[cells]\nsip_base = {base + 100}\nhttp_base = {base + 100 + cells}\n"

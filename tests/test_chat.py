@@ -10,6 +10,8 @@ from billing import TOKEN, BillingApi, tools_toml
 from fake_llm import FakeLLM
 from support import ROOT
 
+pytestmark = pytest.mark.xdist_group("test_chat")
+
 
 def chat(tmp_path, config: str, lines: list[str], caller="+15551230001", timeout=240):
     secrets = tmp_path / "secrets.toml"

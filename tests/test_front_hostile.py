@@ -19,7 +19,8 @@ import pytest
 from sipwire import UdpPeer, request, status_of
 from support import next_ports
 
-pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed")
+pytestmark = [pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed"),
+              pytest.mark.xdist_group("sipvicious")]
 
 TRUNK_IP, VICTIM_IP, UNTRUSTED_IP, TRUNK2_IP = "127.0.0.5", "127.0.0.6", "127.0.0.9", "127.0.0.7"
 METHODS = ("INVITE", "OPTIONS", "MESSAGE", "SUBSCRIBE", "REGISTER", "NOTIFY", "REFER", "INFO",

@@ -28,6 +28,8 @@ from bridge.box.registrations import RegState, changed, last_replies, read_state
 from media import g711
 from support import Api, BoxProcess, RtpPeer, create_key, sipp, wait_until
 
+pytestmark = pytest.mark.xdist_group("test_front_register")
+
 PASSWORD = "s3cret"
 CARRIER_EXPIRES = 6          # what the carrier grants: the front refreshes every ~2 s
 RETRY = 3                    # trunk register_retry

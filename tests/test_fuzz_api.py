@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fuzz.targets import report
+from support import next_ports
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "fuzz" / "api_run.py"
@@ -69,7 +70,11 @@ def _run(tmp_path: Path, max_examples: int, checks: str, name: str) -> None:
              + " ".join(shlex_quote(x) for x in extra)
     cmd = (["unshare", "-n", "sh", "-c", f"ip link set lo up && FUZZ_NETNS=1 exec {script}"] if isolated
            else ["sh", "-c", f"exec {script}"])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    # the runner's cell takes its ports from a block reserved here (not this worker's first block,
+    # which a cell of this process may still hold)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env["TEST_PORT_BLOCK"] = str((next_ports(2)["sip"] - 10000) // 40)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
     assert (out / "summary.json").exists(), f"the Schemathesis run did not finish:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     summary = json.loads((out / "summary.json").read_text())
     fails = _failures(out)

@@ -9,6 +9,8 @@ import pytest
 from sipwire import UdpPeer, request
 from support import sipp, sipp_file
 
+pytestmark = pytest.mark.xdist_group("sipvicious")
+
 TRUSTED_ONLY = '[[trunks]]\nname = "carrier"\nallow = ["127.0.0.1/32"]\n'
 # svwar binds where it likes (its -b is ignored: it always sends from 127.0.0.1:5060), so
 # for an untrusted scan the trunk lives on 127.0.0.5 and the scanner's 127.0.0.1 is outside.

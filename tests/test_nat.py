@@ -24,6 +24,8 @@ from media import g711
 from netns import BOX_IP, CARRIER_IP, PUBLIC_IP, Nat, NetnsUnavailable, exec_prefix, in_netns
 from support import SCENARIOS, Api, BoxProcess, RtpPeer, create_key, next_ports, sipp, sipp_file
 
+pytestmark = pytest.mark.xdist_group("test_nat")
+
 PRIVATE = re.compile(r"10\.99\.\d+\.\d+")
 
 

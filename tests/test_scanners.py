@@ -23,8 +23,9 @@ from fuzz.runner import header, status_of
 from fuzz.targets import NO_MODELS, QUICK_RTP_TIMEOUT, BoxTarget, CellTarget, report, vm_rss_of, wait_idle
 from support import CellProcess, next_ports, sipp
 
-pytestmark = pytest.mark.skipif(not all(shutil.which(x) for x in ("svmap", "svwar", "svcrack")),
-                                reason="sipvicious (svmap/svwar/svcrack) is not installed")
+pytestmark = [pytest.mark.skipif(not all(shutil.which(x) for x in ("svmap", "svwar", "svcrack")),
+                                reason="sipvicious (svmap/svwar/svcrack) is not installed"),
+              pytest.mark.xdist_group("sipvicious")]
 
 SCANNER_IP = "127.0.0.1"          # where sipvicious sends from, whatever -b says
 ELSEWHERE = "127.0.0.5"           # the trunk's address when the scanner is untrusted

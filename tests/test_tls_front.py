@@ -25,7 +25,8 @@ import pytest
 from support import Api, BoxProcess, create_key, next_ports
 from tls_peer import Peer, TlsFront, make_ca, tls_options
 
-pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed")
+pytestmark = [pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed"),
+              pytest.mark.xdist_group("test_tls_front")]
 
 ROOT = Path(__file__).resolve().parent.parent
 

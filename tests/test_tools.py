@@ -20,6 +20,8 @@ from bridge.core.toolspec import ResultMap, ToolConfigError, load_toolbox
 from bridge.agent.tools.template import render_url
 from billing import TOKEN, BillingApi, tools_toml
 
+pytestmark = pytest.mark.xdist_group("test_tools")
+
 
 @pytest.fixture(scope="module")
 def billing():

@@ -28,6 +28,8 @@ from bridge.box import kamailio, sipaddr
 from media import g711
 from support import Api, BoxProcess, RtpPeer, create_key, next_ports, sipp, sipp_file, wait_until
 
+pytestmark = pytest.mark.xdist_group("test_topology")
+
 PRODUCT = re.compile(r"pjsip|pjsua|pjmedia|pjproject", re.I)
 ROUTING = ("via", "v", "record-route", "route", "contact", "m")      # headers that carry addresses
 

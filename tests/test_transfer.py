@@ -278,11 +278,13 @@ def test_nobody_answers_the_caller_is_back_with_the_agent(tmp_path):
         leg = session.services.calls["leg-1"]
         run(session, [TONE] * 200, leg)                                   # 4 s ringing
         assert handoff.phase is Phase.DIALING and events(session, "transfer_failed") == []
+        assert session.call_id not in hub.calls      # the paused agent needs no decodes: others get interims
         run(session, SILENCE[:60], leg)                                   # past ring_timeout (5 s)
         assert leg.hangups == ["no answer"]
         assert events(session, "transfer_failed") == [{"destination": "sales", "mode": "attended",
                                                        "reason": "no_answer"}]
         assert session.app is app and handoff.phase is Phase.IDLE
+        assert session.call_id in hub.calls          # the agent has the call again
         assert said(hub).endswith(DEFAULTS["transfer"]["no_answer_text"])     # the agent tells the caller
         assert app.history[-1]["role"] == "system" and "no_answer" in app.history[-1]["content"]
         assert events(session, "call_transferred") == []

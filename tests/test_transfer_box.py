@@ -34,6 +34,8 @@ from test_cells import _procs_with
 from test_transfer import (DESTS, HandoffLLM, Human, ask_blind_transfer, ask_for, caller_scenario, events, handoff_agent,
                            handoff_cell, until, wait_event_on_line)
 
+pytestmark = pytest.mark.xdist_group("test_transfer_box")
+
 PERSON_IP = "127.0.0.2"          # the person's phone: its own address, so the front tells it from the caller's trunk
 
 

@@ -230,6 +230,7 @@ class Handoff(App):
         s, d = self.session, self.dest
         if self.hub is not None:
             self.hub.cancel(s.call_id)            # late model answers for the paused agent are dropped
+            self.hub.left(s.call_id)              # and it needs no decodes (back in ``_fail``)
         s.media.flush_out()
         self.transfers += 1
         if d.mode == "blind":
@@ -382,6 +383,8 @@ class Handoff(App):
         agent, self.agent = self.agent, None
         if s.app is self:
             s.app = agent
+        if agent is not None and not s.ending and self.hub is not None:
+            self.hub.joined(s.call_id)            # the agent has the call again
         if agent is not None and not s.ending:
             agent.on_tool_result(NAME, {"status": "failed", "destination": d.name, "reason": reason},
                                  self.settings["no_answer_text"] or None)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import os
 import random
@@ -394,8 +393,7 @@ def run_mode(box: BoxProcess, pki: dict, mode: str, calls: int, seconds: float, 
 
 def size(tmp: Path, pki: dict, calls: int, seconds: float, modes=("srtp", "plain")) -> list[dict]:
     """One box of ceil(calls/3) echo cells with both trunks; ``calls`` calls in each mode, one after the other."""
-    block = int(os.environ.get("TEST_PORT_BLOCK", (os.getpid() % 4) * 125))      # as support.py
-    support._ports = (10000 + (n % 550) * 40 for n in itertools.count(block))    # every size reuses the same ports
+    support.reset_ports()                                                        # every size reuses the same ports
     cells = max(1, -(-calls // 3))
     front = support.next_ports()["sip"]
     edge = [support.next_ports()["sip"] for _ in range((4 * calls + 60) // 40 + 1)]
