@@ -18,7 +18,21 @@ from recorded import speech_frames, spoken, transcript
 RATE = 8000
 
 
-class FakeHub:
+class AgentCalls:
+    """The hub's count of a cell's agent calls (``AiHub.joined``/``left``/``model_calls``), for fakes."""
+    calls: set
+
+    def joined(self, call):
+        self.calls.add(call)
+
+    def left(self, call):
+        self.calls.discard(call)
+
+    def model_calls(self):
+        return len(self.calls)
+
+
+class FakeHub(AgentCalls):
     def __init__(self):
         self.stt_reqs, self.llm_reqs, self.tts_reqs = [], [], []
         self.cancels = 0
@@ -49,14 +63,6 @@ class FakeHub:
     def stt_backlog(self):
         return 0
 
-    def joined(self, call):
-        self.calls.add(call)
-
-    def left(self, call):
-        self.calls.discard(call)
-
-    def model_calls(self):
-        return len(self.calls)
 
     def release(self, call):
         self.released = True

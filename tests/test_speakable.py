@@ -13,6 +13,7 @@ from bridge.records.journal import CallRecords
 from media.callmedia import CallMedia
 from media.frames import split_frames
 from recorded import speech_frames, transcript
+from test_agent_flow import AgentCalls
 
 FB = "Could you tell me more?"
 
@@ -131,7 +132,7 @@ def test_unclosed_markup_is_dropped_at_the_end():
 RATE = 8000
 
 
-class FakeHub:
+class FakeHub(AgentCalls):
     """The inference process's interface; the test plays the model."""
     def __init__(self):
         self.stt_reqs, self.llm_reqs, self.tts_reqs = [], [], []
@@ -158,14 +159,6 @@ class FakeHub:
     def stt_backlog(self):
         return 0
 
-    def joined(self, call):
-        self.calls.add(call)
-
-    def left(self, call):
-        self.calls.discard(call)
-
-    def model_calls(self):
-        return len(self.calls)
 
     def to_frames(self, pcm, rate):
         return split_frames(pcm, RATE)
