@@ -27,7 +27,7 @@ class Line:
     queued_out: int = 0                # frames queued for the media clock, not sent yet
     mark_time: float | None = None     # when the clock sent the marked frame (voice-to-voice), if it did
     stt_backlog: int = 0               # STT requests out over all calls (interim decodes wait for 0)
-    model_calls: int = 1               # the cell's agent calls now (interim decodes only while 1)
+    model_calls: int = 1               # the cell's calls whose caller is transcribed (interims only while 1)
 
 
 @dataclass(frozen=True)

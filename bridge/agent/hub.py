@@ -89,7 +89,7 @@ class AiHub:
         self.wcfg = {**worker_config(cfg), "engines": list(engines)}
         self.client: InferenceClient | None = None
         self.pending: dict[int, Request] = {}
-        self.agent_calls: set[str] = set()   # the cell's agent calls now (``joined``/``left``)
+        self.listening: set[str] = set()     # calls whose caller is transcribed now (``joined``/``left``)
         self.canned: dict[str, list[bytes]] = {}
         self.rendered: dict[tuple[str, str, str], list[bytes]] = {}   # (text, voice, config) -> frames
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -191,15 +191,17 @@ class AiHub:
         return sum(1 for r in self.pending.values() if r.engine == "stt")
 
     def joined(self, call: str) -> None:
-        """An agent call of this cell is answered (``left`` when it ends)."""
-        self.agent_calls.add(call)
+        """A call of this cell has its caller transcribed from now on: an answered agent call, or an API
+        call's transcribe (``left`` when that ends; the cell also calls it when the call ends)."""
+        self.listening.add(call)
 
     def left(self, call: str) -> None:
-        self.agent_calls.discard(call)
+        self.listening.discard(call)
 
     def model_calls(self) -> int:
-        """The cell's agent calls now (each one's caller may stop talking and need a decode at once)."""
-        return len(self.agent_calls)
+        """Calls whose caller is transcribed now: each may stop talking and need a decode at once, and
+        a decode cannot be stopped, so interim decodes run only while there is one."""
+        return len(self.listening)
 
     def llm(self, call: str, messages: list[dict], params: dict, on_token, on_done, on_error,
             on_tool=None) -> int | None:

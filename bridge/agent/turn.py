@@ -225,7 +225,7 @@ class TurnMachine(BargeIn, ToolTurns):
                 self._stt_backlog == 0 and self._model_calls <= 1 and ep.last_voiced == f.t and \
                 f.t - max(self.last_interim, ep.speech_started or f.t) >= self.cfg["interim_every"]:
             # Interim transcripts only while the caller talks, one at a time, only when the STT
-            # engine is idle, and only while this is the cell's one call using the models: a decode
+            # engine is idle, and only while this is the cell's one call being transcribed: a decode
             # runs to its end, so an interim started just before another call's caller stops holds
             # that call's reply back by up to a whole decode (~0.3 s). End-of-turn decodes are
             # what is urgent; interims are a live view.

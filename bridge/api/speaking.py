@@ -38,6 +38,8 @@ class Transcriber:
         self.utterance: list[bytes] = []
         self.last_interim = 0.0
         self.interim_busy = False
+        if self.hears_caller():
+            hub.joined(session.call_id)        # the hub's count of calls being transcribed (interims)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "call_id": self.session.call_id, "direction": self.direction, "status": self.status}
@@ -62,7 +64,9 @@ class Transcriber:
                 self.hub.stt(self.key, pcm_all, False, self._final, on_error=lambda m: None)
             self.utterance = []
         elif self.ep.in_speech and self.interim_every and not self.interim_busy and self.hub.stt_backlog() == 0 \
+                and self.hub.model_calls() <= 1 \
                 and t - max(self.last_interim, self.ep.speech_started or t) >= self.interim_every:
+            # as the agent's (bridge/agent/turn.py): only while this is the one call being transcribed
             self.last_interim = t
             self.interim_busy = True
             self.hub.stt(self.key, b"".join(self.utterance), True, self._interim,
@@ -86,6 +90,8 @@ class Transcriber:
         if self.status == TranscribeState.ACTIVE:
             self.status = TranscribeState.STOPPED
             self.hub.cancel(self.key)
+            if not any(t.hears_caller() for t in self.session.transcribers.values()):
+                self.hub.left(self.session.call_id)
             self.emit("transcribe_stopped", {"transcribe_id": self.id})
 
 
