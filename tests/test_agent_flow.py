@@ -325,3 +325,21 @@ def test_an_agent_call_joins_the_hub_while_it_is_up(tmp_path):
     assert hub.calls == {"call-0"} and apps[0]._line().model_calls == 1
     apps[0].on_end()
     assert hub.calls == set()
+
+
+def test_a_failed_app_releases_its_model_state_and_leaves_the_hub():
+    """An app that raises is dropped without on_end (bridge/cell/cell.py ``_app_failed``): the cell
+    releases the call's model state in the inference process and takes it off the hub's count."""
+    from types import SimpleNamespace
+
+    from bridge.cell.cell import Cell
+    from bridge.core.metrics import Metrics as M
+    hub = FakeHub()
+    hub.released = []
+    hub.release = hub.released.append
+    hub.joined("call-9")
+    s = SimpleNamespace(call_id="call-9", app=object(), answered_at=1.0, hangups=[])
+    s.hangup = lambda reason, status=0: s.hangups.append((reason, status))
+    Cell._app_failed(SimpleNamespace(hub=hub, metrics=M()), s, RuntimeError("boom"))
+    assert s.app is None and s.hangups == [("app error", 0)]
+    assert hub.released == ["call-9"] and hub.calls == set()

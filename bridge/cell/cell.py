@@ -534,6 +534,9 @@ class Cell:
         log.error("app failed on call %s: %s", s.call_id, exc, exc_info=exc,
                   extra={"fields": {"call_id": s.call_id}})
         s.app = None
+        if self.hub is not None:
+            self.hub.release(s.call_id)     # no on_end will: the model's state for the call goes now
+            self.hub.left(s.call_id)
         s.hangup("app error", 500 if not s.answered_at else 0)
 
 
