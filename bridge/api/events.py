@@ -18,14 +18,16 @@ each commit (``EventBus.on_stored``) and the cell uses that to wake its tailer.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from typing import Callable
 
 from bridge.core import pii
-from bridge.records.store import Store, new_id, read_events
+from bridge.records.store import EventReader, Store, new_id
 from bridge.records.writer import InlineWriter
 
 log = logging.getLogger("trunkline.events")
@@ -71,9 +73,11 @@ class Tailer:
     the webhook dispatcher. Polling the shared store is what makes one box-wide,
     gapless stream out of many cell processes. Each poll first looks at the newest ``seq`` on the loop
     (an index read, ~3 us: polling stays cheap while nothing happens); new events are read, and their
-    sealed data opened, in a worker thread on a read-only connection of their own (``read_events``,
-    ~0.2 ms even when empty, so not for every poll), so a burst of events never holds up the cell's
-    loop. The listeners run on the loop, in ``seq`` order."""
+    sealed data opened, in the tailer's own thread on a read-only connection it keeps
+    (``EventReader``; not the loop's shared executor, which replays and API reads may fill), so a
+    burst of events never holds up the cell's loop. The listeners run on the loop, in ``seq`` order.
+    A caller erased through this store while a read was in flight is read again, so nothing of theirs
+    is handed out after the erasure returned."""
 
     def __init__(self, store: Store, interval: float = 0.05):
         self.store = store
@@ -82,6 +86,8 @@ class Tailer:
         self.last = store.last_event_seq()
         self.wanted: Callable[[], bool] = lambda: bool(self.listeners)
         self._wake = None      # an asyncio.Event once running: set when this process committed an event
+        self._pool: ThreadPoolExecutor | None = None     # the reader's one thread (started with the first read)
+        self._reader: EventReader | None = None          # owned by that thread
 
     def wake(self, *_) -> None:
         """Poll now rather than at the next interval (called on the loop after a commit)."""
@@ -89,7 +95,6 @@ class Tailer:
             self._wake.set()
 
     async def _pause(self, seconds: float) -> None:
-        import asyncio
         try:
             await asyncio.wait_for(self._wake.wait(), seconds)
         except asyncio.TimeoutError:
@@ -103,12 +108,27 @@ class Tailer:
         if fn in self.listeners:
             self.listeners.remove(fn)
 
+    def _read(self, since: int, limit: int) -> list[dict]:
+        if self._reader is None:
+            self._reader = EventReader(self.store.path)
+        return self._reader.read(since, limit)
+
     async def poll(self) -> int:
-        import asyncio
         if self.store.last_event_seq() <= self.last:     # nothing new: one look at the index (~3 us)
             return 0
-        rows = await asyncio.to_thread(read_events, self.store.path, self.last, 1000)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="event-tailer")
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            erased = self.store.erased
+            rows = await loop.run_in_executor(self._pool, self._read, self.last, 1000)
+            if self.store.erased == erased:
+                break
+        else:
+            return 0                                     # erasures kept coming: the next poll reads again
         for row in rows:
+            if row["seq"] <= self.last:                  # already handed out (a second poller)
+                continue
             ev = from_row(row)
             self.last = ev["seq"]
             for fn in list(self.listeners):
@@ -119,7 +139,6 @@ class Tailer:
         return len(rows)
 
     async def run(self) -> None:
-        import asyncio
         self._wake = asyncio.Event()
         while True:
             try:

@@ -31,6 +31,7 @@ import os
 import secrets
 import sqlite3
 import time
+from pathlib import Path
 
 from bridge.records import slowdisk
 from bridge.core.keys import KeyRingError
@@ -145,6 +146,7 @@ class Store:
         except KeyRingError:
             pass        # a store used only for API keys needs no records key ring; sealing says why
         self.unsaved_calls: dict[str, dict] = {}     # call rows handed to the writer, not yet committed
+        self.erased = 0                  # erasures committed through this store (a reader in flight reads again)
 
     @property
     def vault(self):
@@ -481,6 +483,7 @@ class Store:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self.erased += 1
         counts["caller_keys"] = self.vault.erase(ref, self.db)
         eid = new_id("era")
         self.db.execute("INSERT INTO erasures (id, at, by, caller_hash, counts) VALUES (?,?,?,?,?)",
@@ -500,18 +503,34 @@ def open_event_data(vault, data) -> str:
     return "{}" if text is None else text
 
 
+class EventReader:
+    """Reads stored events, their data opened, on a read-only connection of its own: for one worker
+    thread at a time (the event tailer keeps one for its life; ``read_events`` makes one per call)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        # a URI, so the path is escaped: a directory named "a#b" or "x%41" must not become another file
+        self.db = sqlite3.connect(Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True, timeout=15.0,
+                                  check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+
+    def read(self, since: int, limit: int) -> list[dict]:
+        rows = [dict(r) for r in self.db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                                 (since, limit)).fetchall()]
+        vault = vault_for(self.path)
+        for r in rows:
+            r["data"] = open_event_data(vault, r["data"])
+        return rows
+
+    def close(self) -> None:
+        self.db.close()
+
+
 def read_events(path: str, since: int, limit: int) -> list[dict]:
     """Stored events after ``since`` on a read-only connection of its own (for a worker thread),
     their data opened."""
-    import sqlite3 as _sqlite3
-    db = _sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=15.0)
+    reader = EventReader(path)
     try:
-        db.row_factory = _sqlite3.Row
-        rows = [dict(r) for r in db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                            (since, limit)).fetchall()]
+        return reader.read(since, limit)
     finally:
-        db.close()
-    vault = vault_for(path)
-    for r in rows:
-        r["data"] = open_event_data(vault, r["data"])
-    return rows
+        reader.close()
