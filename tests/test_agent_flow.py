@@ -338,8 +338,21 @@ def test_a_failed_app_releases_its_model_state_and_leaves_the_hub():
     hub.released = []
     hub.release = hub.released.append
     hub.joined("call-9")
-    s = SimpleNamespace(call_id="call-9", app=object(), answered_at=1.0, hangups=[])
+    stopped = []
+
+    class Resource:                               # an API transcribe or speaking on the call
+        def __init__(self, name, fails=False):
+            self.name, self.fails = name, fails
+
+        def stop(self):
+            stopped.append(self.name)
+            if self.fails:
+                raise RuntimeError("already broken")
+
+    s = SimpleNamespace(call_id="call-9", app=object(), answered_at=1.0, hangups=[],
+                        transcribers={"tr_1": Resource("tr_1", fails=True)}, speakings={"spk_1": Resource("spk_1")})
     s.hangup = lambda reason, status=0: s.hangups.append((reason, status))
     Cell._app_failed(SimpleNamespace(hub=hub, metrics=M()), s, RuntimeError("boom"))
     assert s.app is None and s.hangups == [("app error", 0)]
+    assert stopped == ["tr_1", "spk_1"], "each stopped, one failing does not keep the next"
     assert hub.released == ["call-9"] and hub.calls == set()

@@ -534,6 +534,11 @@ class Cell:
         log.error("app failed on call %s: %s", s.call_id, exc, exc_info=exc,
                   extra={"fields": {"call_id": s.call_id}})
         s.app = None
+        for r in [*getattr(s, "transcribers", {}).values(), *getattr(s, "speakings", {}).values()]:
+            try:
+                r.stop()                    # the API's transcribes and speakings: their queued model work goes
+            except Exception:  # noqa: BLE001
+                log.exception("stopping %s on call %s", type(r).__name__, s.call_id)
         if self.hub is not None:
             self.hub.release(s.call_id)     # no on_end will: the model's state for the call goes now
             self.hub.left(s.call_id)
