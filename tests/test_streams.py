@@ -166,24 +166,40 @@ def wire_pcm(encoding: str, msgs: list[dict]) -> np.ndarray:
 
 def aligned_block_corr(ref: np.ndarray, got: np.ndarray, block: int = 1600, slack: int = 400) -> np.ndarray:
     """Find where ``ref`` sits in ``got`` (FFT cross-correlation), then the normalized
-    correlation of each 200 ms block, each allowed to slip up to 50 ms: the jitter buffer
-    may drop or add a 20 ms frame when the machine stalls, and every later block moves with
-    it (a CI run saw the last 40 % of the blocks one frame off with a 5 ms slack)."""
+    correlation of each 200 ms block, each allowed to slip up to 50 ms from its neighbour: the
+    jitter buffer may drop or add a 20 ms frame when the machine stalls, and every later block
+    moves with it (a CI run saw the last 40 % of the blocks one frame off with a 5 ms slack; a
+    run sharing 2 cores with another test worker saw the first half of an Opus stream more than
+    50 ms off the rest, the buffer having grown and then shrunk). So the search follows the
+    slips outward from the block that matches best at the overall lag, one block at a time."""
     ref, got = ref.astype(float), got.astype(float)
     n = 1 << int(math.ceil(math.log2(ref.size + got.size)))
     xc = np.fft.irfft(np.fft.rfft(got, n) * np.conj(np.fft.rfft(ref, n)), n)
     lag = int(np.argmax(xc[:max(1, got.size - ref.size + 1)]))
-    out = []
-    for start in range(0, ref.size - block + 1, block):
+    starts = list(range(0, ref.size - block + 1, block))
+
+    def best_at(start: int, center: int) -> tuple[float, int]:
         a = ref[start:start + block]
-        best = 0.0
+        best, where = 0.0, center
         for d in range(-slack, slack + 1, 2):
-            s = lag + start + d
+            s = center + start + d
             if 0 <= s and s + block <= got.size:
                 b = got[s:s + block]
-                best = max(best, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-9)))
-        out.append(best)
-    return np.array(out)
+                c = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-9))
+                if c > best:
+                    best, where = c, center + d
+        return best, where
+
+    at_lag = [best_at(s, lag) for s in starts]
+    if not at_lag:
+        return np.array([])
+    k = int(np.argmax([c for c, _ in at_lag]))
+    out: dict[int, float] = {k: at_lag[k][0]}
+    for step in (1, -1):                        # outward from block k, each centred on its neighbour
+        center = at_lag[k][1]
+        for i in range(k + step, len(starts) if step > 0 else -1, step):
+            out[i], center = best_at(starts[i], center)
+    return np.array([out[i] for i in range(len(starts))])
 
 
 def envelope(x: np.ndarray, n: int = 160) -> np.ndarray:
