@@ -534,7 +534,7 @@ class Cell:
         log.error("app failed on call %s: %s", s.call_id, exc, exc_info=exc,
                   extra={"fields": {"call_id": s.call_id}})
         s.app = None
-        for r in [*getattr(s, "transcribers", {}).values(), *getattr(s, "speakings", {}).values()]:
+        for r in [*s.transcribers.values(), *s.speakings.values()]:
             try:
                 r.stop()                    # the API's transcribes and speakings: their queued model work goes
             except Exception:  # noqa: BLE001

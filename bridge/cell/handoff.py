@@ -383,9 +383,9 @@ class Handoff(App):
         agent, self.agent = self.agent, None
         if s.app is self:
             s.app = agent
-        if agent is not None and not s.ending and self.hub is not None:
-            self.hub.joined(s.call_id)            # the agent has the call again
         if agent is not None and not s.ending:
+            if self.hub is not None:
+                self.hub.joined(s.call_id)        # the agent has the call again
             agent.on_tool_result(NAME, {"status": "failed", "destination": d.name, "reason": reason},
                                  self.settings["no_answer_text"] or None)
 

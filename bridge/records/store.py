@@ -504,14 +504,14 @@ def open_event_data(vault, data) -> str:
 
 
 class EventReader:
-    """Reads stored events, their data opened, on a read-only connection of its own: for one worker
-    thread at a time (the event tailer keeps one for its life; ``read_events`` makes one per call)."""
+    """Reads stored events, their data opened, on a read-only connection of its own, in the thread
+    that made it (the event tailer's reader thread keeps one for its life; ``read_events`` makes one
+    per call)."""
 
     def __init__(self, path: str):
         self.path = path
         # a URI, so the path is escaped: a directory named "a#b" or "x%41" must not become another file
-        self.db = sqlite3.connect(Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True, timeout=15.0,
-                                  check_same_thread=False)
+        self.db = sqlite3.connect(Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True, timeout=15.0)
         self.db.row_factory = sqlite3.Row
 
     def read(self, since: int, limit: int) -> list[dict]:
