@@ -19,6 +19,7 @@ import time
 import types
 import urllib.request
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -154,14 +155,12 @@ class FakeWs:
     async def close(self):
         self.close_code = 1000
 
-    def __aiter__(self):
-        return self._messages()
-
-    async def _messages(self):
-        for m in self.script:
+    async def receive(self):
+        if self.script:
             await asyncio.sleep(0.01)
-            yield types.SimpleNamespace(type=__import__("aiohttp").WSMsgType.TEXT, data=json.dumps(m))
-        await self.done.wait()
+            return types.SimpleNamespace(type=aiohttp.WSMsgType.TEXT, data=json.dumps(self.script.pop(0)))
+        await self.done.wait()                       # then the peer goes away without a close frame
+        return types.SimpleNamespace(type=aiohttp.WSMsgType.CLOSED, data=None)
 
 
 def test_a_twilio_stream_driven_by_hand_speaks_the_protocol():

@@ -71,6 +71,30 @@ def backoff(attempt: int, base: float, cap: float, rnd: Callable[[], float] = ra
     return _backoff.delay(attempt - 1, base, cap, rnd)
 
 
+def connection_end(sender_done: bool, send_error: BaseException | None, peer_close: int | None,
+                   close_code: int | None, send_timeout: float) -> tuple[str, str]:
+    """How one connection ended: ``stopped`` (our sender sent ``stop`` and finished),
+    ``closed`` (the peer sent a close frame with 1000) or ``lost``, with a detail for the API.
+    ``peer_close`` is the code of the peer's close frame (None: none came; a dropped TCP
+    connection is not a close, though aiohttp reports its close code as 1000).
+
+    The peer's close wins over a send that failed at the same moment: once aiohttp has
+    read a close frame it refuses further writes, so a frame on its way out then fails."""
+    if sender_done and send_error is None:
+        return "stopped", ""
+    if peer_close == 1000:
+        return "closed", "closed by the peer"
+    if peer_close is not None:
+        return "lost", f"the peer closed with code {peer_close}"
+    if sender_done:
+        if isinstance(send_error, TimeoutError):
+            return "lost", f"consumer too slow: a send blocked for {send_timeout:g} s"
+        if isinstance(send_error, ConnectionError):
+            return "lost", "send failed: the connection broke"
+        return "lost", f"send failed: {failure_class(send_error)}"
+    return "lost", f"connection lost (close code {close_code})"
+
+
 class MediaStream:
     def __init__(self, manager, session, url: str | None, direction: str, encoding: str,
                  bidirectional: bool, protocol: str = "trunkline", parameters: dict | None = None,
@@ -385,15 +409,20 @@ class MediaStream:
                 self.stats["frames_sent"] += 1
                 self._m_sent.inc()
 
-    async def _recv_loop(self, ws) -> None:
-        async for msg in ws:
+    async def _recv_loop(self, ws) -> int | None:
+        """Read the peer's messages until the connection ends; returns the code of the
+        peer's close frame, or None when it ended without one (dropped, or closed by us)."""
+        while True:
+            msg = await ws.receive()
             if msg.type == WSMsgType.TEXT:
                 self.on_client_message(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 self.stats["messages_received"] += 1
                 self._client_error("invalid_message", "binary messages are not used: send JSON text")
-            elif msg.type == WSMsgType.ERROR:
-                return
+            elif msg.type == WSMsgType.CLOSE:
+                return msg.data
+            elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return None
 
     def _limit_socket_buffer(self, ws) -> None:
         """Size the kernel's send buffer like the stream's own buffer. Left to autotuning
@@ -430,22 +459,20 @@ class MediaStream:
         receiver = asyncio.create_task(self._recv_loop(ws))
         try:
             done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver not in done and not sender.cancelled() and sender.exception() is not None \
+                    and not isinstance(sender.exception(), TimeoutError):
+                # a write failed: if the peer closed at that moment, its close frame is being
+                # answered right now; let the receiver finish reading it
+                done |= (await asyncio.wait({receiver}, timeout=0.2))[0]
         finally:
             for t in (sender, receiver):
                 t.cancel()
             await asyncio.gather(sender, receiver, return_exceptions=True)
             self._ws = None
-        if sender in done and not sender.cancelled() and sender.exception() is None:
-            how, detail = "stopped", ""
-        elif sender in done and not sender.cancelled():
-            exc = sender.exception()
-            how = "lost"
-            detail = (f"consumer too slow: a send blocked for {self.cfg['send_timeout']:g} s"
-                      if isinstance(exc, TimeoutError) else f"send failed: {failure_class(exc)}")
-        elif ws.close_code == 1000:
-            how, detail = "closed", "closed by the peer"
-        else:
-            how, detail = "lost", f"connection lost (close code {ws.close_code})"
+        sent = sender in done and not sender.cancelled()
+        heard = receiver in done and not receiver.cancelled() and receiver.exception() is None
+        how, detail = connection_end(sent, sender.exception() if sent else None,
+                                     receiver.result() if heard else None, ws.close_code, self.cfg["send_timeout"])
         try:
             # a graceful close after ``stop``; a lost peer will not answer one (and a
             # cancelled close drops the connection, which is all that is left to do)

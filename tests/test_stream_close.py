@@ -1,0 +1,124 @@
+"""How a media stream's WebSocket connection ends, over real loopback sockets: a peer
+that closes with 1000 ends the stream (``client_closed``/``consumer_closed``) even when
+a frame was on its way out at that moment; a peer that drops the TCP connection or
+closes with another code is ``lost`` (the stream waits or reconnects).
+
+The server side is aiohttp with the real ``MediaStream._serve``; the stream is fed a
+frame on every turn of the event loop, so its sender is always mid-send when the
+peer's close arrives (the race a CI run hit once in the call-level test)."""
+import asyncio
+import base64
+import os
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bridge.api.streams import connection_end
+from test_streamcodec import hand_stream
+
+
+async def _serve_streams(results: list):
+    async def handler(request):
+        ws = web.WebSocketResponse(heartbeat=None)
+        await ws.prepare(request)
+        st, _, _ = hand_stream("in")
+
+        async def feed():
+            t = 0.0
+            while True:
+                st.on_audio([(t, bytes(640))], [], t)
+                t += 0.02
+                await asyncio.sleep(0)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            results.append(await st._serve(ws))
+        finally:
+            feeder.cancel()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    return runner, sock.getsockname()[1]
+
+
+async def _wait_for(results: list, n: int) -> None:
+    async with asyncio.timeout(10):
+        while len(results) < n:
+            await asyncio.sleep(0.005)
+
+
+def test_a_peer_closing_with_1000_while_frames_flow_is_a_close_every_time():
+    async def go():
+        results: list = []
+        runner, port = await _serve_streams(results)
+        try:
+            async with aiohttp.ClientSession() as http:
+                for i in range(30):
+                    ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws")
+                    for _ in range(2 + i % 5):                 # close at varying points of the flow
+                        assert (await ws.receive()).type == aiohttp.WSMsgType.TEXT
+                    await ws.close()
+                    await _wait_for(results, i + 1)
+        finally:
+            await runner.cleanup()
+        return results
+
+    results = asyncio.run(go())
+    assert results == [("closed", "closed by the peer")] * 30
+
+
+def test_a_dropped_connection_or_another_close_code_is_lost():
+    async def go():
+        results: list = []
+        runner, port = await _serve_streams(results)
+        try:
+            async with aiohttp.ClientSession() as http:
+                ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws")
+                await ws.receive()
+                await ws.close(code=1011)
+                await _wait_for(results, 1)
+            for _ in range(3):                                 # TCP gone without a close frame
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                key = base64.b64encode(os.urandom(16)).decode()
+                writer.write(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                             "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+                await reader.read(1000)                        # frames are flowing
+                writer.close()
+            await _wait_for(results, 4)
+        finally:
+            await runner.cleanup()
+        return results
+
+    results = asyncio.run(go())
+    assert results[0] == ("lost", "the peer closed with code 1011")
+    assert all(how == "lost" for how, _ in results[1:]), results
+
+
+@pytest.mark.parametrize("sender_done, error, peer, code, expected", [
+    (True, None, None, None, "stopped"),
+    (True, None, 1000, 1000, "stopped"),                        # we sent stop: ours, whatever came back
+    (True, ConnectionResetError("Cannot write to closing transport"), 1000, 1000, "closed"),
+    (False, None, 1000, 1000, "closed"),
+    (False, None, None, 1000, "lost"),                          # aiohttp's 1000 for a dropped TCP connection
+    (True, TimeoutError(), None, None, "lost"),
+    (True, ConnectionResetError(), None, 1006, "lost"),
+    (False, None, 1001, 1001, "lost"),
+])
+def test_connection_end_rules(sender_done, error, peer, code, expected):
+    how, detail = connection_end(sender_done, error, peer, code, 1.5)
+    assert how == expected
+    if isinstance(error, TimeoutError):
+        assert detail == "consumer too slow: a send blocked for 1.5 s"
+    elif expected == "lost" and sender_done:
+        assert detail == "send failed: the connection broke"
