@@ -170,9 +170,9 @@ def concurrent(cells: int, calls: int) -> dict:
                         background=True, timeout=120)
             time.sleep(calls / rate + 3)                    # all calls up
             pids = _tree(box.proc.pid)
-            c0, w0 = _cpu(pids), time.monotonic()
+            c0, g0, w0 = _cpu(pids), _cpu([proc.pid]), time.monotonic()
             time.sleep(8)
-            c1, w1 = _cpu(pids), time.monotonic()
+            c1, g1, w1 = _cpu(pids), _cpu([proc.pid]), time.monotonic()
             cell_rss = [_rss_mb(p) for p in _cell_pids(box)]
             out, _ = proc.communicate(timeout=180)
             ok, failed = _stats(out.decode(errors="replace"))
@@ -192,7 +192,32 @@ def concurrent(cells: int, calls: int) -> dict:
             "frame_gaps": sum(e["frame_gaps"] for e in ended),
             "mos_min": min((e["mos"] or 0 for e in ended), default=None),
             "box_cpu_pct": round(cpu, 1), "cpu_pct_per_call": round(cpu / max(1, ok), 2),
+            "sipp_cpu_pct": round(100 * (g1 - g0) / (w1 - w0), 1),
             "cell_rss_mb": round(sum(cell_rss) / max(1, len(cell_rss)), 1)}
+
+
+def curve(out_path: str, sizes=((34, 100), (50, 150), (67, 200), (84, 250)), repeats: int = 2) -> dict:
+    """The capacity curve: each size ``repeats`` times, one box after another, with the
+    machine's load average before and after each point and SIPp's own CPU (it generates
+    every call's RTP on the same cores)."""
+    res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine_cpus": os.cpu_count(),
+           "command": "python tests/bench/run.py --only boxcurve", "runs": []}
+    print(f"{'cells':>5} {'calls':>5} {'ok':>4} {'fail':>4} {'on time+MOS':>11} {'p99 ms':>6} {'gaps':>5} "
+          f"{'MOS min':>7} {'box CPU%':>8} {'CPU%/call':>9} {'SIPp CPU%':>9} {'load before':>11}")
+    for _ in range(repeats):
+        for cells, calls in sizes:
+            time.sleep(10)                                  # the last box's processes gone, load settling
+            before = os.getloadavg()[0]
+            r = concurrent(cells, calls)
+            r.update(when=time.strftime("%H:%M UTC", time.gmtime()), loadavg_before=round(before, 2),
+                     loadavg_after=round(os.getloadavg()[0], 2))
+            res["runs"].append(r)
+            print(f"{r['cells']:>5} {r['calls']:>5} {r['answered']:>4} {r['failed']:>4} {r['on_time_and_mos_ok']:>11} "
+                  f"{r['frame_p99_ms_max']:>6} {r['frame_gaps']:>5} {r['mos_min']:>7} {r['box_cpu_pct']:>8} "
+                  f"{r['cpu_pct_per_call']:>9} {r['sipp_cpu_pct']:>9} {r['loadavg_before']:>11}", flush=True)
+    Path(out_path).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"saved {out_path}")
+    return res
 
 
 def cps(cells: int, rate: int, seconds: int = 10) -> dict:

@@ -6,8 +6,9 @@ one cell (cell.json), the voice agent (agent.json), many cells behind Kamailio
 network impairment (impair.json), PESQ MOS of an Opus call through the edge against G.711 at
 0 and 1 % loss (opusmos.json), digit strings read slowly, cut off or not at the caller (digits.json),
 the box's concurrent calls with SRTP on against plain RTP (srtpbox.json).
-`--only cell|agent|box|tools|streams|pipecat|tls|impair|opusmos|digits|srtpbox` runs one part; `--only longcall`
-(a long agent call, ~10 minutes, longcall.json) runs only on request.
+`--only cell|agent|box|tools|streams|pipecat|tls|impair|opusmos|digits|srtpbox` runs one part; `--only boxcurve`
+(the capacity curve, 100-250 calls, each twice: boxcurve.json) and `--only longcall`
+(a long agent call, ~10 minutes, longcall.json) run only on request.
 
 Everything runs on 127.0.0.1 with real peers: a `trunkline serve` cell, SIPp
 for signalling and a Python RTP endpoint per call that streams G.711 at 50
@@ -138,7 +139,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "cell.json"))
     ap.add_argument("--only", choices=["cell", "agent", "box", "idle", "tools", "streams", "pipecat", "tls",
-                                       "longcall", "impair", "opusmos", "digits", "srtpbox"],
+                                       "longcall", "impair", "opusmos", "digits", "srtpbox", "boxcurve"],
                     help="run one part only (idle: the idle-cell and bridge-rate figures, also part of box)")
     args = ap.parse_args()
     if args.only in (None, "cell"):
@@ -151,8 +152,11 @@ def main() -> int:
         tools.main(str(HERE / "results" / "tools.json"))
     if args.only in (None, "box"):
         import box
-        box.main(str(HERE / "results" / "box.json"), sizes=((10, 30), (34, 100), (50, 150), (67, 200)),
+        box.main(str(HERE / "results" / "box.json"), sizes=((10, 30), (34, 100), (50, 150), (67, 200), (84, 250)),
                  rates=(50, 100, 150))
+    if args.only == "boxcurve":                  # the capacity curve, 100-250 calls, twice (~6 minutes)
+        import box
+        box.curve(str(HERE / "results" / "boxcurve.json"))
     if args.only == "idle":
         import box
         box.idle_main(str(HERE / "results" / "idle.json"))
