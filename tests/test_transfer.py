@@ -294,6 +294,62 @@ def test_nobody_answers_the_caller_is_back_with_the_agent(tmp_path):
     asyncio.run(scenario())
 
 
+def _fail_app(session):
+    """The cell dropping an app that raised (bridge/cell/cell.py ``_app_failed``)."""
+    from types import SimpleNamespace
+
+    from bridge.cell.cell import Cell
+    session.transcribers, session.speakings = {}, {}
+    session.answered_at = getattr(session, "answered_at", None) or 1.0
+    hub = FakeHub()
+    hub.release = lambda call: None
+    Cell._app_failed(SimpleNamespace(hub=hub, metrics=Metrics()), session, RuntimeError("boom"))
+
+
+@pytest.mark.parametrize("broken", ["caller", "person"])
+def test_a_side_whose_app_breaks_takes_the_other_call_down_with_it(tmp_path, broken):
+    """An app that raises is dropped without on_end; its ``on_failed`` still lets go of the other call:
+    a broken caller's side hangs up the person's call (not left up bridged to nobody), a broken
+    person's side hangs up the caller it was bridged to."""
+    async def scenario():
+        app, hub, session, handoff = handoff_agent(tmp_path, whisper=False)
+        await ask_for(app, hub, session, "sales")
+        until(session, hub, lambda: handoff.phase is not Phase.PENDING)
+        await asyncio.sleep(0.01)
+        leg = session.services.calls["leg-1"]
+        leg.answered_at = app.clock.t
+        for _ in range(400):
+            run(session, [TONE], leg)
+            if handoff.phase is Phase.BRIDGED:
+                break
+        assert handoff.phase is Phase.BRIDGED and leg.hangups == [] and session.hangups == []
+        if broken == "caller":
+            _fail_app(session)
+            assert session.app is None and session.hangups == ["app error"]
+            assert leg.hangups == ["transfer failed"]
+        else:
+            _fail_app(leg)
+            assert leg.app is None and leg.hangups == ["app error"]
+            assert session.hangups == ["transfer ended"]
+        assert events(session, "transfer_failed") == []           # it was transferred already
+    asyncio.run(scenario())
+
+
+def test_a_caller_side_that_breaks_while_dialing_hangs_up_the_leg_and_says_so(tmp_path):
+    async def scenario():
+        app, hub, session, handoff = handoff_agent(tmp_path)
+        await ask_for(app, hub, session, "sales")
+        until(session, hub, lambda: handoff.phase is not Phase.PENDING)
+        await asyncio.sleep(0.01)
+        leg = session.services.calls["leg-1"]
+        run(session, [TONE] * 10, leg)
+        assert handoff.phase is Phase.DIALING
+        _fail_app(session)
+        assert leg.hangups == ["transfer failed"]
+        assert events(session, "transfer_failed") == [{"destination": "sales", "mode": "attended", "reason": "error"}]
+    asyncio.run(scenario())
+
+
 def test_without_whisper_the_answer_bridges_at_once_and_a_destination_says_its_own_line(tmp_path):
     async def scenario():
         dests = {"sales": {**DESTS["sales"], "say": "Connecting you to our sales team."}}

@@ -533,7 +533,11 @@ class Cell:
         self.metrics.app_errors.inc()
         log.error("app failed on call %s: %s", s.call_id, exc, exc_info=exc,
                   extra={"fields": {"call_id": s.call_id}})
-        s.app = None
+        app, s.app = s.app, None
+        try:
+            app.on_failed()                 # e.g. a transfer's call to a person goes with the caller's
+        except Exception:  # noqa: BLE001
+            log.exception("cleanup of the failed app on call %s", s.call_id)
         for r in [*s.transcribers.values(), *s.speakings.values()]:
             try:
                 r.stop()                    # the API's transcribes and speakings: their queued model work goes

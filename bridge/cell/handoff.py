@@ -124,6 +124,10 @@ class LegApp(App):
         if self.owner is not None:
             self.owner.leg_ended(self)
 
+    def on_failed(self):
+        """This leg's app broke (its call is being hung up): the caller must not stay bridged to it."""
+        self.on_end()
+
 
 class Handoff(App):
     """One call's handoff to a person (see the module's docstring)."""
@@ -219,6 +223,15 @@ class Handoff(App):
         agent, self.agent = self.agent, None
         if agent is not None:
             agent.on_end()
+
+    def on_failed(self):
+        """The caller's side broke (the cell hangs the caller up): the person's call goes too,
+        instead of staying up bridged to nobody."""
+        if self.phase in (Phase.PENDING, Phase.DIALING, Phase.WHISPER, Phase.REFERRED):
+            self._event("transfer_failed", reason="error")
+        self.phase = Phase.DONE
+        self._end_whisper()
+        self._hangup_leg("transfer failed")
 
     # -- the steps ---------------------------------------------------------------------------
     def _agent_done(self) -> bool:

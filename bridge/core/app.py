@@ -29,3 +29,8 @@ class App:
 
     def on_end(self) -> None:
         pass
+
+    def on_failed(self) -> None:
+        """The app raised and is dropped; no other hook follows, ``on_end`` included. Let go
+        of what it holds beyond its own call (another call it set up). Must not raise."""
+        pass
