@@ -50,6 +50,17 @@ async def _serve_streams(results: list):
     return runner, sock.getsockname()[1]
 
 
+async def _raw_client(port: int):
+    """A WebSocket client by hand (handshake only), once frames are flowing: (reader, writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    await reader.read(1000)
+    return reader, writer
+
+
 async def _wait_for(results: list, n: int) -> None:
     async with asyncio.timeout(10):
         while len(results) < n:
@@ -76,7 +87,7 @@ def test_a_peer_closing_with_1000_while_frames_flow_is_a_close_every_time():
     assert results == [("closed", "closed by the peer")] * 30
 
 
-def test_a_dropped_connection_or_another_close_code_is_lost():
+def test_a_dropped_connection_or_another_close_code_is_lost_and_a_close_without_a_code_is_not():
     async def go():
         results: list = []
         runner, port = await _serve_streams(results)
@@ -87,22 +98,21 @@ def test_a_dropped_connection_or_another_close_code_is_lost():
                 await ws.close(code=1011)
                 await _wait_for(results, 1)
             for _ in range(3):                                 # TCP gone without a close frame
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                key = base64.b64encode(os.urandom(16)).decode()
-                writer.write(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                             "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-                await reader.read(1000)                        # frames are flowing
+                reader, writer = await _raw_client(port)
                 writer.close()
             await _wait_for(results, 4)
+            reader, writer = await _raw_client(port)           # a close frame with no status code
+            writer.write(b"\x88\x80" + os.urandom(4))            # FIN + close, masked, empty payload
+            await _wait_for(results, 5)
+            writer.close()
         finally:
             await runner.cleanup()
         return results
 
     results = asyncio.run(go())
     assert results[0] == ("lost", "the peer closed with code 1011")
-    assert all(how == "lost" for how, _ in results[1:]), results
+    assert all(how == "lost" for how, _ in results[1:4]), results
+    assert results[4] == ("closed", "closed by the peer")
 
 
 @pytest.mark.parametrize("sender_done, error, peer, code, expected", [
@@ -114,6 +124,7 @@ def test_a_dropped_connection_or_another_close_code_is_lost():
     (True, TimeoutError(), None, None, "lost"),
     (True, ConnectionResetError(), None, 1006, "lost"),
     (False, None, 1001, 1001, "lost"),
+    (False, None, 0, 1000, "closed"),                           # a close frame without a status code
 ])
 def test_connection_end_rules(sender_done, error, peer, code, expected):
     how, detail = connection_end(sender_done, error, peer, code, 1.5)

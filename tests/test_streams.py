@@ -544,6 +544,20 @@ def test_box_relays_an_inbound_stream_to_the_calls_cell(tmp_path):
         status, body, _ = api.post(f"/v1/calls/{call_id}/streams/{st['id']}/stop")
         assert status == 200 and body["reason"] == "api"
         client.wait(lambda m: m["event"] == "stop", 3)
+        # through the relay a client's close keeps its meaning: 1000 ends the stream, 4000 is a lost client
+        for code, status_after, reason in ((1000, "stopped", "client_closed"), (4000, "waiting", None)):
+            status, st, _ = api.post(f"/v1/calls/{call_id}/streams", {"encoding": "mulaw", "bidirectional": True})
+            assert status == 201, st
+            seen = len(client.messages)
+            assert client.connect(f"ws://127.0.0.1:{b.ports['http']}{st['ws_path']}", api.key) == 101
+            client.wait(lambda m: m["event"] == "start" and m["stream_id"] == st["id"], 3)
+            assert len(client.messages) > seen
+            client._run(client.ws.close(code=code))
+            path = f"/v1/calls/{call_id}/streams/{st['id']}"
+            deadline = time.monotonic() + 3
+            while api.get(path)[1]["status"] != status_after and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert api.get(path)[1]["status"] == status_after and api.get(path)[1]["reason"] == reason
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out.decode(errors="replace")[-1500:]
     finally:

@@ -213,6 +213,15 @@ def events(session, etype):
     return [d for e, d in session.events if e == etype]
 
 
+async def dialing(tmp_path, dests=DESTS, **settings):
+    """An agent asked for sales and its transfer has dialed the person: (app, hub, caller, handoff, leg)."""
+    app, hub, session, handoff = handoff_agent(tmp_path, dests, **settings)
+    await ask_for(app, hub, session, "sales")
+    until(session, hub, lambda: handoff.phase is not Phase.PENDING)
+    await asyncio.sleep(0.01)
+    return app, hub, session, handoff, session.services.calls["leg-1"]
+
+
 def test_attended_transfer_whispers_then_bridges_both_ways(tmp_path):
     async def scenario():
         app, hub, session, handoff = handoff_agent(tmp_path)
@@ -271,11 +280,7 @@ def test_attended_transfer_whispers_then_bridges_both_ways(tmp_path):
 
 def test_nobody_answers_the_caller_is_back_with_the_agent(tmp_path):
     async def scenario():
-        app, hub, session, handoff = handoff_agent(tmp_path)
-        await ask_for(app, hub, session, "sales")
-        until(session, hub, lambda: handoff.phase is not Phase.PENDING)
-        await asyncio.sleep(0.01)
-        leg = session.services.calls["leg-1"]
+        app, hub, session, handoff, leg = await dialing(tmp_path)
         run(session, [TONE] * 200, leg)                                   # 4 s ringing
         assert handoff.phase is Phase.DIALING and events(session, "transfer_failed") == []
         assert session.call_id not in hub.calls      # the paused agent needs no decodes: others get interims
@@ -312,11 +317,7 @@ def test_a_side_whose_app_breaks_takes_the_other_call_down_with_it(tmp_path, bro
     a broken caller's side hangs up the person's call (not left up bridged to nobody), a broken
     person's side hangs up the caller it was bridged to."""
     async def scenario():
-        app, hub, session, handoff = handoff_agent(tmp_path, whisper=False)
-        await ask_for(app, hub, session, "sales")
-        until(session, hub, lambda: handoff.phase is not Phase.PENDING)
-        await asyncio.sleep(0.01)
-        leg = session.services.calls["leg-1"]
+        app, hub, session, handoff, leg = await dialing(tmp_path, whisper=False)
         leg.answered_at = app.clock.t
         for _ in range(400):
             run(session, [TONE], leg)
@@ -335,17 +336,21 @@ def test_a_side_whose_app_breaks_takes_the_other_call_down_with_it(tmp_path, bro
     asyncio.run(scenario())
 
 
-def test_a_caller_side_that_breaks_while_dialing_hangs_up_the_leg_and_says_so(tmp_path):
+@pytest.mark.parametrize("broken", ["caller", "person"])
+def test_a_side_that_breaks_while_dialing_fails_the_transfer_with_reason_error(tmp_path, broken):
+    """While the person's phone rings: a broken caller's side hangs up the leg; a broken person's side
+    fails the transfer as ``error`` (not ``no_answer``) and the agent has the caller back."""
     async def scenario():
-        app, hub, session, handoff = handoff_agent(tmp_path)
-        await ask_for(app, hub, session, "sales")
-        until(session, hub, lambda: handoff.phase is not Phase.PENDING)
-        await asyncio.sleep(0.01)
-        leg = session.services.calls["leg-1"]
+        app, hub, session, handoff, leg = await dialing(tmp_path)
         run(session, [TONE] * 10, leg)
         assert handoff.phase is Phase.DIALING
-        _fail_app(session)
-        assert leg.hangups == ["transfer failed"]
+        if broken == "caller":
+            _fail_app(session)
+            assert leg.hangups == ["transfer failed"] and session.hangups == ["app error"]
+        else:
+            _fail_app(leg)
+            run(session, SILENCE[:2])
+            assert session.app is app and handoff.phase is Phase.IDLE and session.hangups == []
         assert events(session, "transfer_failed") == [{"destination": "sales", "mode": "attended", "reason": "error"}]
     asyncio.run(scenario())
 
@@ -370,11 +375,7 @@ def test_without_whisper_the_answer_bridges_at_once_and_a_destination_says_its_o
 @pytest.mark.parametrize("status,reason", [(486, "busy"), (603, "declined"), (404, "rejected")])
 def test_a_rejected_leg_is_a_failure_with_its_reason(tmp_path, status, reason):
     async def scenario():
-        app, hub, session, handoff = handoff_agent(tmp_path)
-        await ask_for(app, hub, session, "sales")
-        until(session, hub, lambda: handoff.phase is not Phase.PENDING)
-        await asyncio.sleep(0.01)
-        leg = session.services.calls["leg-1"]
+        app, hub, session, handoff, leg = await dialing(tmp_path)
         leg.app.on_call_ended(status, "rejected")
         leg.app.on_end()
         run(session, SILENCE[:2], leg)

@@ -71,10 +71,13 @@ def backoff(attempt: int, base: float, cap: float, rnd: Callable[[], float] = ra
     return _backoff.delay(attempt - 1, base, cap, rnd)
 
 
+NORMAL_CLOSES = (1000, 0)    # 0: a close frame with no status code (``close()`` without one, as browsers send)
+
+
 def connection_end(sender_done: bool, send_error: BaseException | None, peer_close: int | None,
                    close_code: int | None, send_timeout: float) -> tuple[str, str]:
     """How one connection ended: ``stopped`` (our sender sent ``stop`` and finished),
-    ``closed`` (the peer sent a close frame with 1000) or ``lost``, with a detail for the API.
+    ``closed`` (the peer sent a close frame with 1000 or no code) or ``lost``, with a detail for the API.
     ``peer_close`` is the code of the peer's close frame (None: none came; a dropped TCP
     connection is not a close, though aiohttp reports its close code as 1000).
 
@@ -82,7 +85,7 @@ def connection_end(sender_done: bool, send_error: BaseException | None, peer_clo
     read a close frame it refuses further writes, so a frame on its way out then fails."""
     if sender_done and send_error is None:
         return "stopped", ""
-    if peer_close == 1000:
+    if peer_close in NORMAL_CLOSES:
         return "closed", "closed by the peer"
     if peer_close is not None:
         return "lost", f"the peer closed with code {peer_close}"

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.api.routes import Api, ApiError, error_response
 from bridge.api.services import Services
 from bridge.api.events import Tailer
+from bridge.api.streams import NORMAL_CLOSES
 from bridge.api.http import CONSOLE, TLS, server_tls, start_http
 from bridge.core.metrics import Metrics
 from bridge.records.store import Store
@@ -209,12 +210,20 @@ class BoxApi(Api):
             await ws.prepare(request)
 
             async def pump(src, dst):
-                async for msg in src:
+                code = None                     # the code of src's close frame (not ``close_code``:
+                while True:                     # aiohttp turns it into 1006 when its reply fails)
+                    msg = await src.receive()
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         await dst.send_str(msg.data)
                     elif msg.type == aiohttp.WSMsgType.BINARY:
                         await dst.send_bytes(msg.data)
-                await dst.close(code=1000 if src.close_code == 1000 else 1001)   # only 1000 ends the stream
+                    elif msg.type == aiohttp.WSMsgType.CLOSE:
+                        code = msg.data
+                        break
+                    elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+                # a normal close ends the stream; anything else is a lost connection to the cell
+                await dst.close(code=1000 if code in NORMAL_CLOSES else 1001)
             await asyncio.gather(pump(ws, upstream), pump(upstream, ws), return_exceptions=True)
             return ws
         finally:

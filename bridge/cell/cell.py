@@ -534,10 +534,11 @@ class Cell:
         log.error("app failed on call %s: %s", s.call_id, exc, exc_info=exc,
                   extra={"fields": {"call_id": s.call_id}})
         app, s.app = s.app, None
-        try:
-            app.on_failed()                 # e.g. a transfer's call to a person goes with the caller's
-        except Exception:  # noqa: BLE001
-            log.exception("cleanup of the failed app on call %s", s.call_id)
+        if app is not None:                 # None: the app failed to start
+            try:
+                app.on_failed()             # e.g. a transfer's call to a person goes with the caller's
+            except Exception:  # noqa: BLE001
+                log.exception("cleanup of the failed app on call %s", s.call_id)
         for r in [*s.transcribers.values(), *s.speakings.values()]:
             try:
                 r.stop()                    # the API's transcribes and speakings: their queued model work goes

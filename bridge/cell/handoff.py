@@ -102,6 +102,7 @@ class LegApp(App):
         super().__init__(session)
         self.owner: Handoff | None = None
         self.ended: tuple[int, str] | None = None      # (SIP status, reason) once over
+        self.failed = False                             # over because this app broke
         self.born = clock()
 
     def on_frames(self, frames, now):
@@ -125,7 +126,11 @@ class LegApp(App):
             self.owner.leg_ended(self)
 
     def on_failed(self):
-        """This leg's app broke (its call is being hung up): the caller must not stay bridged to it."""
+        """This leg's app broke (its call is being hung up): the caller must not stay bridged to it,
+        and a transfer still dialing or whispering fails with reason ``error``."""
+        self.failed = True
+        if self.ended is None:
+            self.ended = (0, "app error")
         self.on_end()
 
 
@@ -297,7 +302,7 @@ class Handoff(App):
     def _dialing(self, now: float) -> None:
         leg = self.leg
         if leg is not None and leg.ended is not None:
-            self._fail(failure_reason(leg.ended[0]), leg.ended[0])
+            self._fail("error" if leg.failed else failure_reason(leg.ended[0]), leg.ended[0])
         elif leg is not None and leg.session.answered_at:
             self._answered(now)
         elif now > self.deadline:
@@ -333,7 +338,7 @@ class Handoff(App):
     def _whispering(self, now: float) -> None:
         leg = self.leg
         if leg.ended is not None:                 # the person hung up on the whisper
-            self._fail("declined", leg.ended[0])
+            self._fail("error" if leg.failed else "declined", leg.ended[0])
             return
         media = leg.session.media
         while self.whisper and media.queued_out() < PREBUFFER:
