@@ -8,6 +8,7 @@ frame on every turn of the event loop, so its sender is always mid-send when the
 peer's close arrives (the race a CI run hit once in the call-level test)."""
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 
@@ -19,7 +20,12 @@ from bridge.api.streams import connection_end
 from test_streamcodec import hand_stream
 
 
-async def _serve_streams(results: list):
+@contextlib.asynccontextmanager
+async def streams_server():
+    """A loopback WebSocket server running one MediaStream per connection: yields (results, port),
+    results getting each connection's (how, detail)."""
+    results: list = []
+
     async def handler(request):
         ws = web.WebSocketResponse(heartbeat=None)
         await ws.prepare(request)
@@ -45,9 +51,11 @@ async def _serve_streams(results: list):
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    return runner, sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    try:
+        yield results, sock.getsockname()[1]
+    finally:
+        await runner.cleanup()
 
 
 async def _raw_client(port: int):
@@ -69,18 +77,13 @@ async def _wait_for(results: list, n: int) -> None:
 
 def test_a_peer_closing_with_1000_while_frames_flow_is_a_close_every_time():
     async def go():
-        results: list = []
-        runner, port = await _serve_streams(results)
-        try:
-            async with aiohttp.ClientSession() as http:
-                for i in range(30):
-                    ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws")
-                    for _ in range(2 + i % 5):                 # close at varying points of the flow
-                        assert (await ws.receive()).type == aiohttp.WSMsgType.TEXT
-                    await ws.close()
-                    await _wait_for(results, i + 1)
-        finally:
-            await runner.cleanup()
+        async with streams_server() as (results, port), aiohttp.ClientSession() as http:
+            for i in range(30):
+                ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws")
+                for _ in range(2 + i % 5):                     # close at varying points of the flow
+                    assert (await ws.receive()).type == aiohttp.WSMsgType.TEXT
+                await ws.close()
+                await _wait_for(results, i + 1)
         return results
 
     results = asyncio.run(go())
@@ -89,9 +92,7 @@ def test_a_peer_closing_with_1000_while_frames_flow_is_a_close_every_time():
 
 def test_a_dropped_connection_or_another_close_code_is_lost_and_a_close_without_a_code_is_not():
     async def go():
-        results: list = []
-        runner, port = await _serve_streams(results)
-        try:
+        async with streams_server() as (results, port):
             async with aiohttp.ClientSession() as http:
                 ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws")
                 await ws.receive()
@@ -105,8 +106,6 @@ def test_a_dropped_connection_or_another_close_code_is_lost_and_a_close_without_
             writer.write(b"\x88\x80" + os.urandom(4))            # FIN + close, masked, empty payload
             await _wait_for(results, 5)
             writer.close()
-        finally:
-            await runner.cleanup()
         return results
 
     results = asyncio.run(go())
