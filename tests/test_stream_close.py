@@ -114,6 +114,59 @@ def test_a_dropped_connection_or_another_close_code_is_lost_and_a_close_without_
     assert results[4] == ("closed", "closed by the peer")
 
 
+def test_a_consumer_that_drops_every_connection_at_once_is_reconnected_ever_more_slowly(monkeypatch):
+    """An outbound stream to a consumer that accepts each WebSocket and closes it with 1011 at once:
+    every connection succeeds, so the stream never runs out of attempts, but it backs off as if
+    they had failed (the attempt number given to the backoff grows), instead of reconnecting every
+    base delay for the whole call."""
+    from bridge.api import streams
+    asked: list[int] = []
+    real = streams.backoff
+
+    def recording(attempt, base, cap, rnd=None):
+        asked.append(attempt)
+        return real(attempt, base, cap) if rnd is None else real(attempt, base, cap, rnd)
+    monkeypatch.setattr(streams, "backoff", recording)
+
+    async def go():
+        connections = 0
+
+        async def handler(request):
+            nonlocal connections
+            connections += 1
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.close(code=1011)
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/ws", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        st, _, events = hand_stream("in")
+        st.url = f"ws://127.0.0.1:{sock.getsockname()[1]}/ws"
+        st.cfg = {**st.cfg, "reconnect_base_delay": 0.05, "reconnect_max_delay": 0.4}
+        async with aiohttp.ClientSession() as http:
+            st.manager.http = lambda: http
+            st.session.add_tap = lambda tap: None
+            st.begin()
+            async with asyncio.timeout(20):
+                while connections < 7:
+                    await asyncio.sleep(0.01)
+            st.stop("api")
+        await runner.cleanup()
+        return events
+
+    events = asyncio.run(go())
+    assert asked[:6] == [1, 2, 3, 4, 5, 6], asked
+    reconnecting = [d for t, d in events if t == "stream_reconnecting"]
+    assert reconnecting and all(d["attempt"] == 1 for d in reconnecting)     # never "in a row": not exhausted
+    assert not any(t == "stream_failed" for t, _ in events)
+
+
 @pytest.mark.parametrize("sender_done, error, peer, code, expected", [
     (True, None, None, None, "stopped"),
     (True, None, 1000, 1000, "stopped"),                        # we sent stop: ours, whatever came back

@@ -71,6 +71,7 @@ def backoff(attempt: int, base: float, cap: float, rnd: Callable[[], float] = ra
     return _backoff.delay(attempt - 1, base, cap, rnd)
 
 
+STABLE_AFTER = 2.0           # s: a connection that stayed up this long resets the reconnect backoff
 NORMAL_CLOSES = (1000, 0)    # 0: a close frame with no status code (``close()`` without one, as browsers send)
 
 
@@ -487,7 +488,8 @@ class MediaStream:
 
     async def _run_outbound(self) -> None:
         cfg = self.cfg
-        attempt = 0
+        attempt = 0             # connects that failed in a row: ``reconnect_attempts`` of them end the stream
+        flaps = 0               # connections in a row the consumer dropped within STABLE_AFTER: they back off
         while not self._stopping:
             try:
                 async with asyncio.timeout(cfg["connect_timeout"]):
@@ -510,7 +512,9 @@ class MediaStream:
                 how, detail = "lost", f"connect failed: {cls}"
             else:
                 attempt = 0
+                up = time.monotonic()
                 how, detail = await self._serve(ws)
+                flaps = flaps + 1 if time.monotonic() - up < STABLE_AFTER else 0
             if self._stopping:
                 return
             if how == "closed":
@@ -520,7 +524,9 @@ class MediaStream:
             if attempt > cfg["reconnect_attempts"]:
                 self.stop("reconnect_exhausted", detail, failed=True)
                 return
-            delay = backoff(attempt, cfg["reconnect_base_delay"], cfg["reconnect_max_delay"])
+            # a consumer that takes each connection and drops it at once would otherwise be
+            # reconnected every base delay for the whole call (and each one is two events)
+            delay = backoff(max(attempt, flaps), cfg["reconnect_base_delay"], cfg["reconnect_max_delay"])
             self.status = StreamState.RECONNECTING
             self.stats["reconnects"] += 1
             self.manager.metrics.stream_reconnects.inc()
