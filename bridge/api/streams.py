@@ -80,7 +80,7 @@ def connection_end(sender_done: bool, send_error: BaseException | None, peer_clo
     """How one connection ended: ``stopped`` (our sender sent ``stop`` and finished),
     ``closed`` (the peer sent a close frame with 1000 or no code) or ``lost``, with a detail for the API.
     ``peer_close`` is the code of the peer's close frame (None: none came; a dropped TCP
-    connection is not a close, though aiohttp reports its close code as 1000).
+    connection is not a close, though aiohttp may report its close code as 1000).
 
     The peer's close wins over a send that failed at the same moment: once aiohttp has
     read a close frame it refuses further writes, so a frame on its way out then fails."""
