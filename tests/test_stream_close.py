@@ -20,6 +20,18 @@ from bridge.api.streams import connection_end
 from test_streamcodec import hand_stream
 
 
+async def _site(handler) -> tuple[web.AppRunner, int]:
+    """An aiohttp server on a free loopback port with ``handler`` at /ws: (runner, port)."""
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    return runner, sock.getsockname()[1]
+
+
 @contextlib.asynccontextmanager
 async def streams_server():
     """A loopback WebSocket server running one MediaStream per connection: yields (results, port),
@@ -45,15 +57,9 @@ async def streams_server():
             feeder.cancel()
         return ws
 
-    app = web.Application()
-    app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
+    runner, port = await _site(handler)
     try:
-        yield results, sock.getsockname()[1]
+        yield results, port
     finally:
         await runner.cleanup()
 
@@ -139,15 +145,9 @@ def test_a_consumer_that_drops_every_connection_at_once_is_reconnected_ever_more
             await ws.close(code=1011)
             return ws
 
-        app = web.Application()
-        app.router.add_get("/ws", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
+        runner, port = await _site(handler)
         st, _, events = hand_stream("in")
-        st.url = f"ws://127.0.0.1:{sock.getsockname()[1]}/ws"
+        st.url = f"ws://127.0.0.1:{port}/ws"
         st.cfg = {**st.cfg, "reconnect_base_delay": 0.05, "reconnect_max_delay": 0.4}
         async with aiohttp.ClientSession() as http:
             st.manager.http = lambda: http
