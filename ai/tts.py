@@ -40,23 +40,31 @@ def pieces(text: str, max_words: int = MAX_WORDS) -> list[str]:
     return out
 
 
+try:
+    _LIBC = ctypes.CDLL(None)
+    _TRIM = _LIBC.malloc_trim                   # glibc
+except (OSError, AttributeError):               # another libc: nothing to trim
+    _TRIM = None
+
+
 def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL(None).malloc_trim(0)       # glibc: give freed heap pages back to the system
-    except (OSError, AttributeError):           # another libc: nothing to do
-        pass
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class ArenaSession:
     """Piper's onnxruntime session, giving its memory back after a long input.
 
     onnxruntime's CPU arena keeps the high-water mark of the longest input ever run, so without
-    this an inference process grows in steps for hours (136 MB after loading the bundled voice,
-    ~430 MB after one 40-word sentence, ~570 MB after twenty different ones). A run of more than
-    ``keep`` phoneme ids shrinks the arena when it ends and ``malloc_trim`` hands the pages back
-    (glibc keeps them otherwise); shorter runs, most of an agent's sentences, reuse the arena and
-    pay nothing. Shrinking after every run would keep the voice at its load size but costs ~40 ms
-    on a 12-word sentence (whisper, llama.cpp and Smart Turn in the same process are untouched)."""
+    this an inference process grows in steps for hours (the bundled voice: 136 MB after loading,
+    ~430 MB after one 40-word sentence and ~570 MB after twenty different ones; figures in
+    ``tests/bench/ttsmem.py``). A run of more than ``keep`` phoneme ids shrinks the arena when it
+    ends, and ``malloc_trim`` hands the freed pages back (glibc keeps them otherwise). The trim
+    works on the whole process: it locks each malloc arena in turn, so whisper's and llama.cpp's
+    threads may wait for it briefly, and it returns their free pages too. Shorter runs, most of
+    an agent's sentences, reuse the arena and pay nothing. Shrinking after every run would keep
+    the voice at its load size but costs ~40 ms on a 12-word sentence. The session must have its
+    arena on (onnxruntime refuses a shrink otherwise); PiperTTS builds it so."""
 
     def __init__(self, session, keep: int = KEEP_PHONEMES):
         import onnxruntime
@@ -65,17 +73,18 @@ class ArenaSession:
         self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def __getattr__(self, name):
+        if name == "session":                   # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.session, name)
 
     def run(self, output_names, input_feed, run_options=None):
         ids = input_feed.get("input")
         if run_options is not None or ids is None or ids.shape[-1] <= self.keep:
             return self.session.run(output_names, input_feed, run_options)
-        try:
-            return self.session.run(output_names, input_feed, self.shrink)
-        finally:
-            self.shrinks += 1
-            _malloc_trim()
+        out = self.session.run(output_names, input_feed, self.shrink)
+        self.shrinks += 1
+        _malloc_trim()
+        return out
 
 
 class PiperTTS:

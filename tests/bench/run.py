@@ -5,8 +5,9 @@ one cell (cell.json), the voice agent (agent.json), many cells behind Kamailio
 (pipecat.json), TLS handshakes at the front (tls.json), call quality and STT under
 network impairment (impair.json), PESQ MOS of an Opus call through the edge against G.711 at
 0 and 1 % loss (opusmos.json), digit strings read slowly, cut off or not at the caller (digits.json),
-the box's concurrent calls with SRTP on against plain RTP (srtpbox.json).
-`--only cell|agent|box|tools|streams|pipecat|tls|impair|opusmos|digits|srtpbox` runs one part; `--only boxcurve`
+the box's concurrent calls with SRTP on against plain RTP (srtpbox.json), an inference process's
+memory with Piper's arena kept or shrunk (ttsmem.json).
+`--only cell|agent|box|tools|streams|pipecat|tls|impair|opusmos|digits|srtpbox|ttsmem` runs one part; `--only boxcurve`
 (the capacity curve, 100-250 calls, each twice: boxcurve.json) and `--only longcall`
 (a long agent call, ~10 minutes, longcall.json) run only on request.
 
@@ -139,7 +140,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "cell.json"))
     ap.add_argument("--only", choices=["cell", "agent", "box", "idle", "tools", "streams", "pipecat", "tls",
-                                       "longcall", "impair", "opusmos", "digits", "srtpbox", "boxcurve"],
+                                       "longcall", "impair", "opusmos", "digits", "srtpbox", "boxcurve", "ttsmem"],
                     help="run one part only (idle: the idle-cell and bridge-rate figures, also part of box)")
     args = ap.parse_args()
     if args.only in (None, "cell"):
@@ -181,6 +182,9 @@ def main() -> int:
     if args.only in (None, "srtpbox"):           # the box's concurrent calls with SRTP on vs plain RTP
         import srtpbox
         srtpbox.main(str(HERE / "results" / "srtpbox.json"))
+    if args.only in (None, "ttsmem"):            # Piper's arena kept / shrunk: RSS and speed (~4 minutes)
+        import ttsmem
+        ttsmem.main(str(HERE / "results" / "ttsmem.json"))
     if args.only == "longcall":                  # ~10 minutes: on request only (issue 14's long call)
         import longcall
         longcall.main(str(HERE / "results" / "longcall.json"))
