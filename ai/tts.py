@@ -41,8 +41,7 @@ def pieces(text: str, max_words: int = MAX_WORDS) -> list[str]:
 
 
 try:
-    _LIBC = ctypes.CDLL(None)
-    _TRIM = _LIBC.malloc_trim                   # glibc
+    _TRIM = ctypes.CDLL(None).malloc_trim       # glibc
 except (OSError, AttributeError):               # another libc: nothing to trim
     _TRIM = None
 
@@ -57,13 +56,13 @@ class ArenaSession:
 
     onnxruntime's CPU arena keeps the high-water mark of the longest input ever run, so without
     this an inference process grows in steps for hours (the bundled voice: 136 MB after loading,
-    ~430 MB after one 40-word sentence and ~570 MB after twenty different ones; figures in
-    ``tests/bench/ttsmem.py``). A run of more than ``keep`` phoneme ids shrinks the arena when it
+    ~430 MB after one 40-word sentence and ~570 MB after twenty different ones; the kept and
+    shrunk arenas side by side: ``tests/bench/ttsmem.py``). A run of more than ``keep`` phoneme ids shrinks the arena when it
     ends, and ``malloc_trim`` hands the freed pages back (glibc keeps them otherwise). The trim
     works on the whole process: it locks each malloc arena in turn, so whisper's and llama.cpp's
     threads may wait for it briefly, and it returns their free pages too. Shorter runs, most of
     an agent's sentences, reuse the arena and pay nothing. Shrinking after every run would keep
-    the voice at its load size but costs ~40 ms on a 12-word sentence. The session must have its
+    the voice near its load size but costs ~30 ms on a 12-word sentence (ttsmem: 139 vs 108 ms). The session must have its
     arena on (onnxruntime refuses a shrink otherwise); PiperTTS builds it so."""
 
     def __init__(self, session, keep: int = KEEP_PHONEMES):
